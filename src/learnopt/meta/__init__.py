@@ -1,0 +1,1 @@
+"""Meta-training: unrolls, gradient estimators, the outer learner, the training loop."""

@@ -1,0 +1,1 @@
+"""Hand-designed optimizers as optax transformations, with their search spaces."""

@@ -1,0 +1,1 @@
+"""Pretrained learned optimizers shipped with the package."""

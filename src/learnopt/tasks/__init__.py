@@ -1,0 +1,1 @@
+"""Tasks: the task contract, datasets, fixed tasks and sampled families."""

@@ -1,0 +1,1 @@
+"""Offline datasets: loaders and the data registry."""
