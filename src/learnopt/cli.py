@@ -1,8 +1,8 @@
 """The ``learnopt`` command line.
 
-    learnopt train --task fmnist_mlp_28x28 --optimizer adam --lr 1e-3 --steps 2000
-    learnopt tasks | optimizers | data
-    learnopt main            # the README's main job on its built-in default
+learnopt train --task fmnist_mlp_28x28 --optimizer adam --lr 1e-3 --steps 2000
+learnopt tasks | optimizers | data
+learnopt main            # the README's main job on its built-in default
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def run_training(task_name: str, optimizer: str, lr: float | None, steps: int, seed: int, out: Path):
+def run_training(
+    task_name: str, optimizer: str, lr: float | None, steps: int, seed: int, out: Path
+):
     """Train a named task with a named optimizer; write JSONL metrics, a PNG and a summary."""
     from learnopt.optimizers.registry import get_optimizer
     from learnopt.plotting import plot_training
