@@ -78,7 +78,8 @@ def _pick(task, name, settings, losses, params, seeds) -> OptimizerScore:
     norm = _normalised(task, losses)  # [H, S, T]
     scores = norm.mean(axis=(1, 2))
     best = int(np.nanargmin(scores))
-    tuning = [{"setting": s, "mean_train_loss": float(v)} for s, v in zip(settings, scores, strict=True)]
+    pairs = zip(settings, scores, strict=True)
+    tuning = [{"setting": s, "mean_train_loss": float(v)} for s, v in pairs]
     return OptimizerScore(
         name, settings[best], norm[best], _test_metrics(task, params, best, len(seeds)), tuning
     )
