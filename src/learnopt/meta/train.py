@@ -68,7 +68,7 @@ class MetaTrainConfig:
 def build_estimator(config: MetaTrainConfig, task, lopt):
     """The gradient estimator named by ``config.estimator`` over ``task`` and ``lopt``."""
     from learnopt.meta.estimators.pes import PES
-    from learnopt.meta.estimators.tbptt import TBPTT
+    from learnopt.meta.estimators.tbptt import TruncatedBPTT
     from learnopt.meta.unroll import TruncatedUnroll
 
     unroll = TruncatedUnroll(
@@ -82,7 +82,7 @@ def build_estimator(config: MetaTrainConfig, task, lopt):
     if config.estimator == "pes":
         return PES(unroll, std=config.std)
     if config.estimator == "tbptt":
-        return TBPTT(unroll)
+        return TruncatedBPTT(unroll)
     raise ValueError(f"unknown estimator {config.estimator!r}; valid: pes, tbptt")
 
 
@@ -182,7 +182,7 @@ class MetaTrainer:
         )
         t0 = time.perf_counter()
         seconds0 = float(state["seconds"])
-        with open(self.out / "metrics.jsonl", "a") as log:
+        with open(self.out / "metrics.jsonl", "a", buffering=1) as log:
             while state["step"] < cfg.outer_steps:
                 elapsed = seconds0 + time.perf_counter() - t0
                 if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:

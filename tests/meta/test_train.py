@@ -1,0 +1,126 @@
+"""The outer learner and the meta-training loop: clipping, NaN handling, exact resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from learnopt.meta.learner import Learner
+from learnopt.meta.train import MetaTrainConfig, MetaTrainer
+
+TINY = MetaTrainConfig(
+    task="quadratic_d10",
+    lopt="learnable_sgd",
+    estimator="pes",
+    num_tasks=4,
+    horizon=30,
+    trunc_length=5,
+    outer_lr=1e-2,
+    outer_steps=40,
+    checkpoint_every=4,
+    seed=3,
+)
+
+
+def test_learner_clips_each_value_at_3_then_applies_adam():
+    learner = Learner(learning_rate=0.1, clip=3.0)
+    a = b = learner.init({"w": jnp.zeros(2)})
+    for _ in range(3):
+        a, _ = learner.apply(a, {"w": jnp.asarray([10.0, -0.5])})
+        b, _ = learner.apply(b, {"w": jnp.asarray([3.0, -0.5])})
+    np.testing.assert_allclose(a.theta["w"], b.theta["w"], rtol=0, atol=0)
+    # Adam's first step is -lr * sign(g): check the value, not just the direction.
+    c, _ = Learner(learning_rate=0.1).apply(
+        Learner(0.1).init({"w": jnp.zeros(2)}), {"w": jnp.ones(2)}
+    )
+    np.testing.assert_allclose(c.theta["w"], [-0.1, -0.1], rtol=1e-5)
+    unclipped = Learner(learning_rate=0.1, clip=0.0)
+    u = unclipped.init({"w": jnp.zeros(2)})
+    v = unclipped.init({"w": jnp.zeros(2)})
+    u, _ = unclipped.apply(u, {"w": jnp.asarray([10.0, 1.0])})
+    u, _ = unclipped.apply(u, {"w": jnp.asarray([1.0, 1.0])})
+    v, _ = unclipped.apply(v, {"w": jnp.asarray([3.0, 1.0])})
+    v, _ = unclipped.apply(v, {"w": jnp.asarray([1.0, 1.0])})
+    assert not np.allclose(u.theta["w"], v.theta["w"])
+
+
+def test_learner_drops_and_counts_non_finite_gradients():
+    learner = Learner(learning_rate=0.1)
+    s = learner.init({"w": jnp.ones(3)})
+    s, ok = learner.apply(s, {"w": jnp.asarray([1.0, jnp.nan, 0.0])})
+    assert not ok and int(s.num_dropped) == 1 and int(s.step) == 0
+    np.testing.assert_array_equal(s.theta["w"], np.ones(3))
+    s, ok = learner.apply(s, {"w": jnp.asarray([1.0, 1.0, jnp.inf])})
+    assert not ok and int(s.num_dropped) == 2
+    s, ok = learner.apply(s, {"w": jnp.ones(3)})
+    assert ok and int(s.step) == 1
+    np.testing.assert_allclose(s.theta["w"], 0.9 * np.ones(3), rtol=1e-5)
+    mean, used = Learner(0.1, max_staleness=1).aggregate(
+        [
+            ({"w": jnp.ones(1)}, 5),
+            ({"w": 3 * jnp.ones(1)}, 4),
+            ({"w": jnp.ones(1)}, 2),
+            ({"w": jnp.full(1, jnp.nan)}, 5),
+        ],
+        current_step=5,
+    )
+    assert used == 2 and float(mean["w"][0]) == pytest.approx(2.0)
+
+
+def test_meta_training_improves_learnable_sgd_and_refuses_a_changed_config(tmp_path):
+    result = MetaTrainer(TINY, tmp_path).run(progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 41))
+    # The initial lr 0.01 is far too small for this quadratic: the meta-gradient raises it.
+    assert float(result["state"]["learner"].theta["log_lr"]) > np.log(0.01) + 0.2
+    with pytest.raises(ValueError, match="different config"):
+        MetaTrainer(dataclasses.replace(TINY, outer_lr=1e-3), tmp_path)
+
+
+def _launch(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "learnopt.meta.train", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_sigkill_then_resume_reaches_the_same_theta(tmp_path):
+    config = dataclasses.replace(TINY, outer_steps=1500, checkpoint_every=7)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for d in (full, killed):
+        d.mkdir()
+        (d / "config.json").write_text(config.to_json())
+    proc = _launch(killed)
+    deadline = time.time() + 120
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoint.msgpack").exists() and metrics.exists():
+            n = len(metrics.read_text().splitlines())
+            if n >= 20 and n % 7 != 0:  # mid-way between two checkpoints
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_at_kill = len(metrics.read_text().splitlines())
+    assert 0 < steps_at_kill < config.outer_steps
+    assert _launch(killed).wait() == 0
+    assert _launch(full).wait() == 0
+    assert (killed / "theta.msgpack").read_bytes() == (full / "theta.msgpack").read_bytes()
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, config.outer_steps + 1))
+    full_losses = [
+        json.loads(x)["meta_loss"] for x in (full / "metrics.jsonl").read_text().splitlines()
+    ]
+    killed_losses = [json.loads(x)["meta_loss"] for x in metrics.read_text().splitlines()]
+    assert full_losses == killed_losses
