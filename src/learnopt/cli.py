@@ -77,11 +77,95 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_main(args) -> int:
+def _meta_config(args):
+    from learnopt.meta.train import MetaTrainConfig
+
+    return MetaTrainConfig(
+        task=args.task,
+        lopt=args.lopt,
+        estimator=args.estimator,
+        num_tasks=args.num_tasks,
+        horizon=args.horizon,
+        trunc_length=args.trunc_length,
+        std=args.std,
+        outer_lr=args.outer_lr,
+        outer_steps=args.outer_steps,
+        max_seconds=args.max_seconds,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+
+
+def _cmd_meta_train(args) -> int:
+    from learnopt.meta.report import plot_meta_training
+    from learnopt.meta.train import MetaTrainer
+
     out = Path(args.out)
-    summary = run_training("fmnist_mlp_28x28", "adam", 1e-3, args.steps, 0, out)
-    print(json.dumps(summary, indent=2))
-    print(f"report: {out}/loss.png ({out}/summary.json, {out}/metrics.jsonl)")
+    MetaTrainer(_meta_config(args), out).run()
+    plot_meta_training(out)
+    print(f"wrote {out}/theta.msgpack, {out}/metrics.jsonl, {out}/meta_loss.png")
+    return 0
+
+
+def _load_lopt(run: str | None, pretrained: str | None):
+    """``(lopt, theta, label, default_task)`` from a run directory or a shipped name."""
+    from learnopt import pretrained as shipped
+    from learnopt.learned.registry import get_learned_optimizer
+    from learnopt.meta.train import MetaTrainConfig, load_theta
+
+    if (run is None) == (pretrained is None):
+        raise ValueError("give exactly one of --run DIR or --pretrained NAME")
+    if pretrained is not None:
+        lopt, theta, meta = shipped.load(pretrained)
+        return lopt, theta, pretrained, meta.get("task")
+    config = MetaTrainConfig.from_json((Path(run) / "config.json").read_text())
+    lopt = get_learned_optimizer(config.lopt)
+    return lopt, load_theta(run, lopt), f"{config.lopt} (meta-trained)", config.task
+
+
+def _cmd_evaluate(args) -> int:
+    from learnopt.bench.compare import compare_on_task
+
+    lopt, theta, label, default_task = _load_lopt(args.run, args.pretrained)
+    tasks = args.task or [default_task]
+    for task_name in tasks:
+        out = Path(args.out) / task_name
+        _, table = compare_on_task(
+            task_name, lopt, theta, label, out, args.seeds, args.steps, args.nadamw_trials
+        )
+        print(table.read_text())
+        print(f"wrote {out}/results.json, {out}/table.md, {out}/curves.png")
+    return 0
+
+
+def _cmd_main(args) -> int:
+    """Meta-train small_fc_lopt with PES for a bounded time, then evaluate it."""
+    from learnopt.bench.compare import compare_on_task
+    from learnopt.meta.report import plot_meta_training, write_main_report
+    from learnopt.meta.train import MetaTrainer, load_theta
+
+    out = Path(args.out)
+    config = _meta_config(args)
+    trainer = MetaTrainer(config, out / "meta")
+    trainer.run()
+    plot_meta_training(out / "meta")
+    theta = load_theta(out / "meta", trainer.lopt)
+    tables = []
+    for task_name in (config.task, args.heldout_task):
+        _, table = compare_on_task(
+            task_name,
+            trainer.lopt,
+            theta,
+            f"{config.lopt} (meta-trained)",
+            out / "eval" / task_name,
+            args.seeds,
+            config.horizon,
+            args.nadamw_trials,
+        )
+        tables.append(table)
+    report = write_main_report(out, config, tables)
+    print(report.read_text())
+    print(f"report: {report}")
     return 0
 
 
@@ -104,11 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output directory (default runs/train/...)")
     t.set_defaults(fn=_cmd_train)
 
-    m = sub.add_parser("main", help="the main job on its built-in default")
+    mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable)")
+    _add_meta_args(mt, outer_steps=100_000, max_seconds=None)
+    mt.add_argument("--out", required=True, help="run directory (resumes if it has a checkpoint)")
+    mt.set_defaults(fn=_cmd_meta_train)
+
+    ev = sub.add_parser("evaluate", help="a learned optimizer vs LR-tuned Adam (and NAdamW)")
+    ev.add_argument("--run", default=None, help="a meta-training run directory")
+    ev.add_argument("--pretrained", default=None, help="a shipped pretrained name")
+    ev.add_argument("--task", action="append", help="task(s) (default: the meta-training task)")
+    ev.add_argument("--seeds", type=int, default=5)
+    ev.add_argument("--steps", type=int, default=2000)
+    ev.add_argument("--nadamw-trials", type=int, default=0)
+    ev.add_argument("--out", default="runs/evaluate")
+    ev.set_defaults(fn=_cmd_evaluate)
+
+    m = sub.add_parser("main", help="the main job: meta-train small_fc_lopt, then evaluate it")
+    _add_meta_args(m, outer_steps=100_000, max_seconds=600.0)
+    m.add_argument("--heldout-task", default="digits_mlp_8x8")
+    m.add_argument("--seeds", type=int, default=5)
+    m.add_argument("--nadamw-trials", type=int, default=0)
     m.add_argument("--out", default="runs/main")
-    m.add_argument("--steps", type=int, default=2000)
     m.set_defaults(fn=_cmd_main)
     return p
+
+
+def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: float | None):
+    p.add_argument("--task", default="fmnist_mlp_8x8")
+    p.add_argument("--lopt", default="small_fc_lopt")
+    p.add_argument("--estimator", default="pes", choices=["pes", "tbptt"])
+    p.add_argument("--num-tasks", type=int, default=8)
+    p.add_argument("--horizon", type=int, default=2000, help="inner training length")
+    p.add_argument("--trunc-length", type=int, default=20)
+    p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
+    p.add_argument("--outer-lr", type=float, default=3e-4)
+    p.add_argument("--outer-steps", type=int, default=outer_steps)
+    p.add_argument("--max-seconds", type=float, default=max_seconds, help="wall-time budget")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

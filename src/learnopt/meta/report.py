@@ -1,0 +1,57 @@
+"""Reports of meta-training runs: the meta-loss curve and the main job's summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_meta_training(run_dir: str | os.PathLike) -> Path:
+    """``meta_loss.png``: meta-loss per outer step (raw and moving average)."""
+    from learnopt.plotting import plot_curves
+    from learnopt.training import smooth
+
+    rows = read_metrics(run_dir)
+    loss = np.asarray([r["meta_loss"] for r in rows], np.float64)
+    out = Path(run_dir) / "meta_loss.png"
+    window = max(1, len(loss) // 50)
+    plot_curves(
+        out,
+        {"meta-loss (moving average)": smooth(loss, window)},
+        f"meta-training: {len(loss)} outer steps",
+        ylabel="mean normalised training loss over a truncation",
+    )
+    return out
+
+
+def write_main_report(out: Path, config, tables: list[Path]) -> Path:
+    """``report.md``: the meta-training config and wall time, then each task's table."""
+    rows = read_metrics(out / "meta")
+    last = rows[-1] if rows else {}
+    lines = [
+        "# learnopt main job",
+        "",
+        f"Meta-trained `{config.lopt}` with `{config.estimator}` on `{config.task}` for "
+        f"{last.get('step', 0)} outer steps in {last.get('seconds', 0.0):.0f} s "
+        f"({last.get('num_dropped', 0)} non-finite meta-gradients dropped).",
+        "",
+        "Config: `" + json.dumps(dataclasses.asdict(config)) + "`",
+        "",
+        "Meta-loss curve: `meta/meta_loss.png`.",
+        "",
+    ]
+    for table in tables:
+        rel = table.parent.relative_to(out)
+        lines += [table.read_text(), f"Learning curves: `{rel}/curves.png`.", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
