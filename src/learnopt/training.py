@@ -128,7 +128,9 @@ def train(
     losses = np.zeros(num_steps, np.float32)
     evals: list[dict[str, float]] = []
     log = open(log_path, "w") if log_path else None  # noqa: SIM115
-    bar = tqdm(total=num_steps, disable=not progress, desc=desc or task.name, leave=False)
+    bar = tqdm(
+        total=num_steps, disable=not progress, desc=desc or task.name, leave=False, mininterval=1.0
+    )
     start = time.perf_counter()
     try:
         for i in range(num_steps):

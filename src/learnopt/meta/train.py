@@ -178,6 +178,7 @@ class MetaTrainer:
             total=cfg.outer_steps,
             initial=start_step,
             disable=not progress,
+            mininterval=1.0,
             desc=f"meta-train {cfg.lopt} ({cfg.estimator})",
         )
         t0 = time.perf_counter()
