@@ -124,6 +124,7 @@ class MetaTrainer:
                 )
         else:
             cfg_path.write_text(config.to_json())
+            (self.out / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
         self.task = task if task is not None else get_task(config.task)
         self.lopt = lopt if lopt is not None else get_learned_optimizer(config.lopt)
         self.estimator = build_estimator(config, self.task, self.lopt)

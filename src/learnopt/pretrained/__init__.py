@@ -67,3 +67,49 @@ def optimizer(name: str, num_steps: int) -> optax.GradientTransformationExtraArg
     """The pretrained optimizer as an optax transformation (pass ``loss=`` to update)."""
     lopt, theta, _ = load(name)
     return lopt.optimizer(theta, num_steps)
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    name: str,
+    command: str,
+    evaluation: dict[str, Any] | None = None,
+) -> Path:
+    """Ship the theta of a meta-training run as ``pretrained/NAME.msgpack``.
+
+    The metadata records the architecture, the run's full config (task,
+    estimator, truncation, outer optimizer), outer steps and wall time from
+    its metrics, the machine it ran on, ``command`` (which reproduces it)
+    and, if given, the evaluation it passed.
+    """
+    from learnopt.learned.registry import get_learned_optimizer
+    from learnopt.meta.report import read_metrics
+    from learnopt.meta.train import MetaTrainConfig, load_theta, machine_info
+
+    run = Path(run_dir)
+    config = MetaTrainConfig.from_json((run / "config.json").read_text())
+    lopt = get_learned_optimizer(config.lopt)
+    last = read_metrics(run)[-1]
+    machine_path = run / "machine.json"
+    metadata = {
+        "architecture": config.lopt,
+        "architecture_hyperparameters": {
+            k: v for k, v in vars(lopt).items() if isinstance(v, int | float | str | tuple)
+        },
+        "num_meta_params": lopt.num_meta_params(),
+        "task": config.task,
+        "estimator": config.estimator,
+        "meta_train_config": json.loads(config.to_json()),
+        "outer_steps": last["step"],
+        "wall_seconds": last["seconds"],
+        "dropped_nonfinite_gradients": last.get("num_dropped", 0),
+        "final_meta_loss": last["meta_loss"],
+        "machine": json.loads(machine_path.read_text())
+        if machine_path.exists()
+        else machine_info(),
+        "command": command,
+        "evaluation": evaluation or {},
+    }
+    path = HERE / f"{name}{SUFFIX}"
+    save(path, load_theta(run, lopt), metadata)
+    return path
