@@ -184,3 +184,13 @@ def test_task_registry_names_and_unknown_name_error():
     with pytest.raises(ValueError, match="valid tasks: fmnist_mlp_8x8"):
         get_task("mnist_mlp")
     assert get_task("quadratic_d10").num_params() == 10
+
+
+def test_sampling_first_used_under_jit_does_not_leak_tracers():
+    split = ArraySplit({"x": np.arange(10.0)}, batch_size=3)
+    first = jax.jit(lambda k: split.sample(k)["x"])(jax.random.PRNGKey(0))
+    again = jax.jit(lambda k: split.sample(k)["x"] * 1.0)(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(first, again)
+    seq = text_datasets(np.arange(100) % 5, 5, batch_size=2, seq_len=3).train
+    jax.jit(lambda k: seq.sample(k)["tokens"])(jax.random.PRNGKey(0))
+    assert jax.jit(lambda k: seq.sample(k)["tokens"])(jax.random.PRNGKey(1)).shape == (2, 4)

@@ -59,8 +59,9 @@ class ArraySplit:
         self._device_arrays: dict[str, jax.Array] | None = None
 
     def _device(self) -> dict[str, jax.Array]:
-        if self._device_arrays is None:
-            self._device_arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
+        if self._device_arrays is None:  # concrete arrays, even if first used under a trace
+            with jax.ensure_compile_time_eval():
+                self._device_arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
         return self._device_arrays
 
     def sample(self, key: jax.Array) -> dict[str, jax.Array]:
@@ -111,7 +112,8 @@ class SequenceSplit:
 
     def sample(self, key: jax.Array) -> dict[str, jax.Array]:
         if self._device_tokens is None:
-            self._device_tokens = jnp.asarray(self.tokens)
+            with jax.ensure_compile_time_eval():
+                self._device_tokens = jnp.asarray(self.tokens)
         starts = jax.random.randint(key, (self.batch_size,), 0, self.num_windows)
         return {"tokens": self._windows(jnp, self._device_tokens, starts)}
 
