@@ -1,0 +1,293 @@
+"""``small_fc_lopt``: the tiny per-parameter MLP learned optimizer with AdaFactor features.
+
+Paper: Metz, Freeman, Harrison, Maheswaranathan, Sohl-Dickstein, "Practical tradeoffs between
+memory, compute, and performance in learned optimizers" (2022), seed
+``shared/seeds/004_aa8a7462e59e5e47.txt``: §2.2 ("New per-parameter learned optimizer"),
+App. A (features and step), §4.2 / Fig. 3b (matmul vs elementwise implementations). The exact
+recipe is ``shared/spec/tradeoffs.md`` §1.6 (the released ``AdafacMLPLOpt``, which matches the
+paper's 197 meta-parameters), with the discrepancies of §7 resolved as listed below.
+
+Per tensor, after updating the accumulators with the current gradient (``common.py``), 28
+features are built, in this order (K = 3 timescales each)::
+
+    g, p, m_k, rms, m_k * rsqrt(rms + 1e-6), rsqrt(rms + 1e-6), fac_g_k,
+    row_k, col_k, rsqrt(row_k + 1e-8), rsqrt(col_k + 1e-8), fac_mom_k
+
+``row_k`` / ``col_k`` are the AdaFactor row / column accumulators broadcast back to the tensor's
+shape (for rank < 2 tensors both are the full ``v_k``), ``fac_mom_k = m_k * row_factor_k *
+col_factor_k`` (for rank < 2: ``m_k * (v_k + 1e-6) ** -0.5``). Each feature is normalised to a
+unit second moment over the tensor, ``x * rsqrt(1e-5 + mean(x^2))``; the 11 time features
+``tanh(t / x - 1)`` are appended un-normalised (39 inputs). A ReLU MLP 39 -> 4 -> 4 -> 2 gives a
+direction ``d`` and a magnitude ``m``; the parameter moves by ``-d * exp(0.001 m) * 0.001``
+(this module returns that as an optax update to *add*). The 7 accumulator decays are
+meta-learned as offsets ``theta`` in log(1 - beta) space:
+``beta = 1 - (1 - beta_init) exp(10 theta)``, ``theta`` initialised at 0, so the initial decays
+are momentum (0.9, 0.99, 0.999), rms (0.999,), AdaFactor (0.9, 0.99, 0.999). Meta-parameters:
+190 MLP weights + 7 decay offsets = 197.
+
+Two compute paths (``compute=``), which agree to ~1e-7 (tested):
+
+- ``"concat"`` (the paper's "matrix hardware" path and the released code's default): build the
+  ``[..., 28]`` feature tensor, normalise it, tile and append the time features to
+  ``[..., 39]`` and run the MLP with matmuls.
+- ``"elementwise"`` (Fig. 3b's "vector hardware" path, seed 004 §4.2): every hidden unit is
+  ``relu(sum_v s_v w[v, o] f_v + c_o)``, a plain sum of full-shape arrays. No concatenated
+  tensor is made: the per-tensor normaliser ``s_v`` is folded into the weight (a scalar), and
+  the time features, shared by all parameters, are folded into the first-layer bias
+  ``c_o = b[o] + sum_t time_t w[28 + t, o]``. Measured on this project's CPU machine
+  (``benchmarks/small_fc_lopt_step.py``) it is faster, so it is the default.
+
+Choices where the paper, the released code and this implementation differ (spec §7):
+
+1. Hidden layers: 2 hidden layers of 4 (App. A and the 197 count), not the "1 hidden layer" of
+   §2.2.
+2. The raw gradient ``g`` is a feature (released code; needed for 39 inputs), although App. A's
+   list omits it.
+3. Time features ``tanh(t / x - 1)`` (code) rather than the paper's ``tanh(t / x)``; ``t`` is the
+   iteration count before this update. ``num_steps`` is stored in the state but, as in the
+   released code, not used as a feature.
+4. ``fac_mom`` of rank < 2 tensors uses ``(v + 1e-6) ** -0.5`` (a later commit of the released
+   code) instead of ``v ** -0.5`` (the paper's commit), which is unbounded for zero gradients.
+5. Decays: momentum decays are not clipped, rms and AdaFactor decays are clipped to [0, 1] inside
+   their accumulators (as in the code). No bias correction.
+6. Interface: an optax ``GradientTransformationExtraArgs`` returning updates to add, with the
+   parameters passed to ``update`` rather than kept in the optimizer state (seed 000 §3 layering,
+   ``learned/base.py``). Accumulators are float32; updates are cast to the parameter dtype.
+7. The concat path's matmuls use ``Precision.HIGHEST`` so both paths agree on accelerators too.
+8. Default compute path: elementwise (faster here); the released code defaulted to concat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learnopt.learned import common
+from learnopt.learned.base import LearnedOptimizer, MetaParams
+
+ComputePath = Literal["concat", "elementwise"]
+_PATHS = ("concat", "elementwise")
+
+
+# -------------------------------------------------------------------------------------------
+# The two compute paths: per-tensor feature blocks (each ``shape + (k,)``) -> (d, m).
+
+
+def mlp_concat(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
+               time: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Matmul path: concatenate, normalise, append tiled time features, MLP."""
+    shape = blocks[0].shape[:-1]
+    x = jnp.concatenate(blocks, axis=-1)
+    x = common.second_moment_normalize(x, axis=tuple(range(len(shape))))
+    x = jnp.concatenate([x, jnp.broadcast_to(time, shape + time.shape)], axis=-1)
+    out = common.apply_mlp(nn, x)
+    return out[..., 0], out[..., 1]
+
+
+@jax.custom_jvp
+def mlp_elementwise(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
+                    time: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Elementwise path: each hidden unit is a sum of full-shape arrays times scalars.
+
+    The per-tensor normaliser of feature ``v`` is a scalar, folded into the weight; the time
+    features are folded into the first-layer bias. Under autodiff the derivative is taken from
+    :func:`mlp_concat` (same function): differentiating the unrolled scalar graph made XLA
+    compile meta-gradients ~6x slower.
+    """
+    chans = [b[..., i] for b in blocks for i in range(b.shape[-1])]
+    nf = len(chans)
+    scales = [jax.lax.rsqrt(common.NORMALIZER_EPS + jnp.mean(jnp.square(c))) for c in chans]
+    w0 = nn["w0"]
+    bias = nn["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST)
+    hidden: list[jax.Array] = []
+    for o in range(w0.shape[1]):
+        acc = bias[o]
+        for v in range(nf):
+            acc = acc + chans[v] * (scales[v] * w0[v, o])
+        hidden.append(acc)
+    for i in range(1, common.mlp_num_layers(nn)):
+        hidden = [jax.nn.relu(h) for h in hidden]
+        w, b = nn[f"w{i}"], nn[f"b{i}"]
+        nxt = []
+        for o in range(w.shape[1]):
+            acc = b[o]
+            for v, h in enumerate(hidden):
+                acc = acc + h * w[v, o]
+            nxt.append(acc)
+        hidden = nxt
+    return hidden[0], hidden[1]
+
+
+@mlp_elementwise.defjvp
+def _mlp_elementwise_jvp(primals, tangents):
+    _, tangent_out = jax.jvp(mlp_concat, primals, tangents)
+    return mlp_elementwise(*primals), tangent_out
+
+
+class SmallFcLOptState(NamedTuple):
+    """Optimizer state of ``small_fc_lopt`` (the parameters are not part of it)."""
+
+    momentum: common.MomentumState
+    rms: common.RMSState
+    factored: common.FactoredState
+    iteration: jax.Array  # int32 scalar, steps taken so far
+    num_steps: jax.Array  # int32 scalar, the training horizon (stored, unused)
+
+
+class SmallFcLOpt(LearnedOptimizer):
+    """The 197-parameter ``small_fc_lopt`` of seed 004 (``AdafacMLPLOpt`` in learned_optimization).
+
+    Args:
+      hidden_size: width of each hidden layer (4 in the paper).
+      hidden_layers: number of hidden layers (2 in the paper).
+      exp_mult, step_mult: ``step = d * exp(exp_mult * m) * step_mult`` (both 0.001).
+      initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: decays at
+        ``theta = init``; momentum and AdaFactor need the same count (they are paired in
+        ``fac_mom``) and there is exactly one rms decay.
+      compute: ``"elementwise"`` (default) or ``"concat"``; see the module docstring.
+    """
+
+    name = "small_fc_lopt"
+
+    def __init__(
+        self,
+        hidden_size: int = 4,
+        hidden_layers: int = 2,
+        exp_mult: float = 0.001,
+        step_mult: float = 0.001,
+        initial_momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        initial_rms_decays: Sequence[float] = (0.999,),
+        initial_adafactor_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        compute: ComputePath = "elementwise",
+    ):
+        if compute not in _PATHS:
+            raise ValueError(f"compute must be one of {_PATHS}; got {compute!r}")
+        if hidden_size < 1 or hidden_layers < 0:
+            raise ValueError(f"need hidden_size >= 1 and hidden_layers >= 0; got {hidden_size}, "
+                             f"{hidden_layers}")
+        if len(initial_rms_decays) != 1:
+            raise ValueError("small_fc_lopt takes exactly one rms decay (it scales every "
+                             f"momentum); got {tuple(initial_rms_decays)}")
+        if len(initial_momentum_decays) != len(initial_adafactor_decays):
+            raise ValueError("momentum and AdaFactor decays must have the same count (fac_mom "
+                             f"pairs them); got {tuple(initial_momentum_decays)} and "
+                             f"{tuple(initial_adafactor_decays)}")
+        for what, ds in (("momentum", initial_momentum_decays), ("rms", initial_rms_decays),
+                         ("adafactor", initial_adafactor_decays)):
+            if not all(0.0 <= d < 1.0 for d in ds):
+                raise ValueError(f"initial {what} decays must lie in [0, 1); got {tuple(ds)}")
+        self.hidden_size = hidden_size
+        self.hidden_layers = hidden_layers
+        self.exp_mult = exp_mult
+        self.step_mult = step_mult
+        self.initial_momentum_decays = tuple(float(d) for d in initial_momentum_decays)
+        self.initial_rms_decays = tuple(float(d) for d in initial_rms_decays)
+        self.initial_adafactor_decays = tuple(float(d) for d in initial_adafactor_decays)
+        self.compute = compute
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def num_tensor_features(self) -> int:
+        """Normalised per-parameter features (28 with the defaults)."""
+        km, kf = len(self.initial_momentum_decays), len(self.initial_adafactor_decays)
+        return 2 + km + 1 + km + 1 + kf + 4 * kf + km
+
+    @property
+    def num_inputs(self) -> int:
+        """MLP input width: tensor features plus time features (39 with the defaults)."""
+        return self.num_tensor_features + len(common.TIME_SCALES)
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (self.num_inputs,) + (self.hidden_size,) * self.hidden_layers + (2,)
+
+    def init(self, key: jax.Array) -> MetaParams:
+        return {
+            "momentum_decays": jnp.zeros((len(self.initial_momentum_decays),), jnp.float32),
+            "rms_decays": jnp.zeros((len(self.initial_rms_decays),), jnp.float32),
+            "adafactor_decays": jnp.zeros((len(self.initial_adafactor_decays),), jnp.float32),
+            "nn": common.init_mlp(key, self.layer_sizes),
+        }
+
+    def decays(self, theta: MetaParams) -> dict[str, jax.Array]:
+        """The accumulator decays ``theta`` encodes."""
+        return {
+            "momentum": common.offset_decays(self.initial_momentum_decays,
+                                             theta["momentum_decays"]),
+            "rms": common.offset_decays(self.initial_rms_decays, theta["rms_decays"]),
+            "adafactor": common.offset_decays(self.initial_adafactor_decays,
+                                              theta["adafactor_decays"]),
+        }
+
+    # ---------------------------------------------------------------------------------------
+    def _blocks(self, p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
+        """The 28 features of one tensor, as blocks of shape ``p.shape + (k,)``."""
+        g = jnp.asarray(g, jnp.float32)
+        p = jnp.asarray(p, jnp.float32)
+        r = jax.lax.rsqrt(rms + 1e-6)
+        blocks = [g[..., None], p[..., None], m, rms, m * r, r, fac_g]
+        shape = p.shape
+        if common.factored_dims(shape) is not None:
+            row, col = common.factored_tiles(v_row, v_col, shape)
+            rrow, rcol = common.factored_tiles(jax.lax.rsqrt(v_row + 1e-8),
+                                               jax.lax.rsqrt(v_col + 1e-8), shape)
+            row_f, col_f = common.factored_preconditioners(v_row, v_col, shape)
+            fac_mom = m * row_f * col_f
+        else:
+            row = col = v_full
+            rrow = rcol = jax.lax.rsqrt(v_full + 1e-8)
+            fac_mom = m * (v_full + 1e-6) ** -0.5
+        return blocks + [row, col, rrow, rcol, fac_mom]
+
+    def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
+        orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
+        if not orig_shape:  # scalars are processed as shape [1], as in the released code
+            p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
+                                           for x in (p, g, m, rms, fac_g, v_full))
+        blocks = self._blocks(p, g, m, rms, fac_g, v_row, v_col, v_full)
+        mlp = mlp_concat if self.compute == "concat" else mlp_elementwise
+        d, mag = mlp(nn, blocks, time)
+        step = d * jnp.exp(mag * self.exp_mult) * self.step_mult
+        return jnp.reshape(-step, orig_shape).astype(orig_dtype)
+
+    # ---------------------------------------------------------------------------------------
+    def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        decays = self.decays(theta)
+        nn = theta["nn"]
+        km, kr, kf = (len(self.initial_momentum_decays), len(self.initial_rms_decays),
+                      len(self.initial_adafactor_decays))
+
+        def init_fn(params: Any) -> SmallFcLOptState:
+            return SmallFcLOptState(
+                momentum=common.momentum_init(params, km),
+                rms=common.rms_init(params, kr),
+                factored=common.factored_init(params, kf),
+                iteration=jnp.zeros([], jnp.int32),
+                num_steps=jnp.asarray(num_steps, jnp.int32),
+            )
+
+        def update_fn(updates: Any, state: SmallFcLOptState, params: Any = None, *,
+                      loss: jax.Array | None = None, **extra_args: Any):
+            del loss, extra_args  # small_fc_lopt has no loss feature
+            grads = updates
+            common.check_same_structure(grads, params, self.name)
+            mom = common.momentum_update(state.momentum, grads, decays["momentum"])
+            rms = common.rms_update(state.rms, grads, decays["rms"])
+            fac, fac_g = common.factored_update(state.factored, grads, decays["adafactor"])
+            time = common.tanh_time_features(state.iteration)
+
+            def leaf(p, g, m, r, fg, vr, vc, vf):
+                return self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf)
+
+            new_updates = jax.tree.map(leaf, params, grads, mom.m, rms.rms, fac_g,
+                                       fac.v_row, fac.v_col, fac.v_full)
+            new_state = SmallFcLOptState(momentum=mom, rms=rms, factored=fac,
+                                         iteration=state.iteration + 1,
+                                         num_steps=state.num_steps)
+            return new_updates, new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

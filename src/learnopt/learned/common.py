@@ -1,0 +1,351 @@
+"""Shared pieces of per-parameter learned optimizers: accumulators, normalisation, time features.
+
+Paper: Metz, Freeman, Harrison, Maheswaranathan, Sohl-Dickstein, "Practical tradeoffs between
+memory, compute, and performance in learned optimizers" (2022), seed
+``shared/seeds/004_aa8a7462e59e5e47.txt``, §2.1 (accumulators, AdaFactor-style factored
+statistics), §4.2 (multi-timescale accumulators) and App. A (feature normalisation, time
+features). The exact recipe follows ``shared/spec/tradeoffs.md`` §1.4, §1.6 and §7, which record
+the released code at the commits the paper links.
+
+Everything here is a pure function over pytrees. Accumulators for several decays are kept in
+one array per tensor with a *trailing decay axis* of size ``K`` (momentum ``m`` of a tensor of
+shape ``S`` has shape ``S + (K,)``); the decays are traced arrays, so they can be meta-learned
+and differentiated through.
+
+Accumulator equations (no bias correction anywhere; all are updated with the current gradient
+before any feature is computed)::
+
+    m_k   <- b_k m_k + (1 - b_k) g                      momentum_update (b not clipped)
+    rms_k <- c_k rms_k + (1 - c_k) g^2                  rms_update (c clipped to [0, 1])
+    g2     = g^2 + 1e-30
+    rank >= 2, (d1, d0) = factored_dims(shape) (2nd largest, largest):
+      v_row_k <- a_k v_row_k + (1 - a_k) mean(g2, axis=d0)   (shape: d0 removed)
+      v_col_k <- a_k v_col_k + (1 - a_k) mean(g2, axis=d1)   (shape: d1 removed)
+      fac_g_k  = g * rsqrt(v_row_k / mean(v_row_k over the d1 axis)) * rsqrt(v_col_k)
+    rank < 2:
+      v_k     <- a_k v_k + (1 - a_k) g2
+      fac_g_k  = g * rsqrt(v_k + 1e-9)
+    (a clipped to [0, 1]; every rsqrt of a factored quantity is floored: rsqrt(max(x, 1e-9)))
+
+Choices and departures (seed 004 vs released code vs here):
+
+- Decays are vectorised by broadcasting against the trailing decay axis instead of
+  ``jax.vmap(..., out_axes=-1)`` as in the released code; the numbers are the same.
+- Factored dims: the two largest dims of the tensor, ties broken by a *stable* argsort of the
+  shape (the released code used NumPy's default argsort, whose tie order is unspecified). For a
+  square matrix ``(n, n)`` this gives ``d1 = 0`` (rows) and ``d0 = 1``. On a conv kernel
+  ``(3, 3, 8, 16)`` the factored dims are 2 and 3; ``v_row`` has shape ``(3, 3, 8, K)`` and the
+  row-mean normaliser is taken over axis 2 of ``v_row`` (``d1`` shifted only when ``d1 > d0``).
+  A public port once normalised over the wrong axis here and collapsed the row factors to 1 on
+  conv weights; ``tests/learned/test_common.py`` checks the rank-4 values against NumPy.
+- State placeholders: for a tensor that is not factored, ``v_row`` / ``v_col`` hold an empty
+  ``(0, K)`` array, and for a factored one ``v_full`` does (as the released code did with
+  ``[]``), so the three state pytrees keep the parameters' structure and survive jit and vmap.
+- Accumulators are float32 whatever the parameter dtype (the released code forces float32 for
+  the factored ones only).
+- Time features: the released code computes ``tanh(t / x - 1)`` with ``t`` the iteration count
+  before the increment; the paper (App. A) writes ``tanh(t / x)``. We follow the code (default
+  ``shift=1.0``) so that meta-parameters trained with it transfer; ``shift=0.0`` gives the
+  paper's formula. Neither uses the training horizon ``num_steps``.
+- Feature normalisation ``x * rsqrt(1e-5 + mean(x^2))``: the mean is over all axes of the
+  parameter tensor, separately for each feature channel (the trailing axis); the time features
+  are not normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+#: Timescales of the 11 tanh time features (seed 004 App. A; spec §1.4 and §1.6).
+TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5)
+
+#: Floors and epsilons of the released code (spec §7.5).
+GRAD_SQ_EPS = 1e-30
+SAFE_RSQRT_FLOOR = 1e-9
+NORMALIZER_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Decay parameterisation (spec §1.6 "Meta-learned decays").
+
+
+def decay_to_param(decay: jax.Array | float) -> jax.Array:
+    """``log(1 - decay) / 10``: the log(1 - beta) coordinates meta-learned decays live in."""
+    return jnp.log(1.0 - jnp.asarray(decay, jnp.float32)) / 10.0
+
+
+def param_to_decay(param: jax.Array | float) -> jax.Array:
+    """Inverse of :func:`decay_to_param`: ``1 - exp(10 * param)``."""
+    return 1.0 - jnp.exp(10.0 * jnp.asarray(param, jnp.float32))
+
+
+def offset_decays(initial: Sequence[float], offset: jax.Array) -> jax.Array:
+    """Decays ``1 - (1 - initial) * exp(10 * offset)``; ``offset = 0`` gives ``initial``."""
+    return param_to_decay(decay_to_param(jnp.asarray(initial, jnp.float32)) + offset)
+
+
+def _check_decays(decays: jax.Array, what: str) -> jax.Array:
+    decays = jnp.asarray(decays, jnp.float32)
+    if decays.ndim != 1:
+        raise ValueError(f"{what} decays must be a 1-D array (one per timescale); got shape "
+                         f"{decays.shape}")
+    return decays
+
+
+# --------------------------------------------------------------------------------------------
+# Momentum and second-moment accumulators.
+
+
+class MomentumState(NamedTuple):
+    """Momenta at ``K`` decays: each leaf has the parameter's shape plus a trailing ``K``."""
+
+    m: PyTree
+
+
+class RMSState(NamedTuple):
+    """Second moments (EMA of g^2) at ``K`` decays, leaves shaped like the parameter plus ``K``."""
+
+    rms: PyTree
+
+
+def _zeros_with_decay_axis(params: PyTree, num_decays: int) -> PyTree:
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), jnp.float32), params)
+
+
+def momentum_init(params: PyTree, num_decays: int) -> MomentumState:
+    """Zero momenta, one per decay."""
+    return MomentumState(m=_zeros_with_decay_axis(params, num_decays))
+
+
+def momentum_update(state: MomentumState, grads: PyTree, decays: jax.Array) -> MomentumState:
+    """``m_k <- b_k m_k + (1 - b_k) g`` for every decay ``b_k`` (not clipped, as in the code)."""
+    b = _check_decays(decays, "momentum")
+    m = jax.tree.map(lambda m, g: b * m + (1.0 - b) * jnp.asarray(g, jnp.float32)[..., None],
+                     state.m, grads)
+    return MomentumState(m=m)
+
+
+def rms_init(params: PyTree, num_decays: int) -> RMSState:
+    """Zero second moments, one per decay."""
+    return RMSState(rms=_zeros_with_decay_axis(params, num_decays))
+
+
+def rms_update(state: RMSState, grads: PyTree, decays: jax.Array) -> RMSState:
+    """``rms_k <- c_k rms_k + (1 - c_k) g^2`` with ``c_k`` clipped to [0, 1]."""
+    c = jnp.clip(_check_decays(decays, "rms"), 0.0, 1.0)
+
+    def one(v, g):
+        g = jnp.asarray(g, jnp.float32)[..., None]
+        return c * v + (1.0 - c) * (g * g)
+
+    return RMSState(rms=jax.tree.map(one, state.rms, grads))
+
+
+# --------------------------------------------------------------------------------------------
+# AdaFactor-style factored second moments.
+
+
+def safe_rsqrt(x: jax.Array) -> jax.Array:
+    """``rsqrt(max(x, 1e-9))``."""
+    return jax.lax.rsqrt(jnp.maximum(x, SAFE_RSQRT_FLOOR))
+
+
+def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
+    """``(d1, d0)``: the 2nd-largest and largest dims of a rank >= 2 shape, else ``None``.
+
+    Ties are broken by a stable sort: among equal sizes the later axis counts as larger.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        return None
+    order = np.argsort(np.asarray(shape), kind="stable")
+    return int(order[-2]), int(order[-1])
+
+
+class FactoredState(NamedTuple):
+    """AdaFactor accumulators at ``K`` decays; each field has the parameters' tree structure.
+
+    For a rank >= 2 tensor of shape ``S`` with ``(d1, d0) = factored_dims(S)``: ``v_row`` has
+    shape ``S`` without axis ``d0`` plus ``(K,)``, ``v_col`` has ``S`` without ``d1`` plus
+    ``(K,)``, and ``v_full`` is an empty ``(0, K)`` placeholder. For rank < 2, ``v_full`` has
+    shape ``S + (K,)`` and ``v_row`` / ``v_col`` are the placeholders.
+    """
+
+    v_row: PyTree
+    v_col: PyTree
+    v_full: PyTree
+
+
+def factored_state_shapes(
+    shape: Sequence[int], num_decays: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Shapes of ``(v_row, v_col, v_full)`` for one tensor of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    k = (num_decays,)
+    dims = factored_dims(shape)
+    if dims is None:
+        return (0,) + k, (0,) + k, shape + k
+    d1, d0 = dims
+    row = tuple(s for i, s in enumerate(shape) if i != d0)
+    col = tuple(s for i, s in enumerate(shape) if i != d1)
+    return row + k, col + k, (0,) + k
+
+
+def factored_init(params: PyTree, num_decays: int) -> FactoredState:
+    """Zero factored accumulators (see :class:`FactoredState` for the shapes)."""
+
+    def shapes(p):
+        return factored_state_shapes(jnp.shape(p), num_decays)
+
+    def zeros(i):
+        return jax.tree.map(lambda p: jnp.zeros(shapes(p)[i], jnp.float32), params)
+
+    return FactoredState(v_row=zeros(0), v_col=zeros(1), v_full=zeros(2))
+
+
+def factored_preconditioners(
+    v_row: jax.Array, v_col: jax.Array, shape: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
+    """Row and column factors of a rank >= 2 tensor, broadcastable to ``shape + (K,)``.
+
+    ``row = rsqrt(v_row / mean(v_row over the d1 axis))`` expanded at ``d0``, and
+    ``col = rsqrt(v_col)`` expanded at ``d1``, so ``row * col ~ rsqrt(E[g^2])`` elementwise.
+    """
+    dims = factored_dims(shape)
+    if dims is None:
+        raise ValueError(f"tensor of shape {tuple(shape)} is not factored (rank < 2)")
+    d1, d0 = dims
+    # v_row lacks axis d0, so d1 moves down by one when it came after d0.
+    d1_in_row = d1 - 1 if d1 > d0 else d1
+    row_mean = jnp.mean(v_row, axis=d1_in_row, keepdims=True)
+    row = safe_rsqrt(v_row / (row_mean + SAFE_RSQRT_FLOOR))
+    col = safe_rsqrt(v_col)
+    return jnp.expand_dims(row, d0), jnp.expand_dims(col, d1)
+
+
+def factored_tiles(
+    v_row: jax.Array, v_col: jax.Array, shape: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
+    """``v_row`` and ``v_col`` broadcast back to the full ``shape + (K,)``."""
+    dims = factored_dims(shape)
+    if dims is None:
+        raise ValueError(f"tensor of shape {tuple(shape)} is not factored (rank < 2)")
+    d1, d0 = dims
+    full = tuple(shape) + v_row.shape[-1:]
+    return (jnp.broadcast_to(jnp.expand_dims(v_row, d0), full),
+            jnp.broadcast_to(jnp.expand_dims(v_col, d1), full))
+
+
+def factored_update_leaf(
+    v_row: jax.Array, v_col: jax.Array, v_full: jax.Array, g: jax.Array, decays: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One tensor's factored update: ``(v_row, v_col, v_full, fac_g)``.
+
+    ``fac_g`` is the AdaFactor-preconditioned gradient, shape ``g.shape + (K,)``.
+    """
+    a = jnp.clip(_check_decays(decays, "adafactor"), 0.0, 1.0)
+    g = jnp.asarray(g, jnp.float32)
+    g2 = g * g + GRAD_SQ_EPS
+    dims = factored_dims(g.shape)
+    if dims is None:
+        v_full = a * v_full + (1.0 - a) * g2[..., None]
+        return v_row, v_col, v_full, g[..., None] * safe_rsqrt(v_full + SAFE_RSQRT_FLOOR)
+    d1, d0 = dims
+    v_row = a * v_row + (1.0 - a) * jnp.mean(g2, axis=d0)[..., None]
+    v_col = a * v_col + (1.0 - a) * jnp.mean(g2, axis=d1)[..., None]
+    row, col = factored_preconditioners(v_row, v_col, g.shape)
+    return v_row, v_col, v_full, g[..., None] * row * col
+
+
+def factored_update(
+    state: FactoredState, grads: PyTree, decays: jax.Array
+) -> tuple[FactoredState, PyTree]:
+    """Update every tensor's factored accumulators; also return the preconditioned gradients."""
+    treedef = jax.tree.structure(grads)
+    g_leaves = treedef.flatten_up_to(grads)
+    rows = treedef.flatten_up_to(state.v_row)
+    cols = treedef.flatten_up_to(state.v_col)
+    fulls = treedef.flatten_up_to(state.v_full)
+    out = [factored_update_leaf(r, c, f, g, decays)
+           for r, c, f, g in zip(rows, cols, fulls, g_leaves, strict=True)]
+    new = FactoredState(*(treedef.unflatten([o[i] for o in out]) for i in range(3)))
+    return new, treedef.unflatten([o[3] for o in out])
+
+
+# --------------------------------------------------------------------------------------------
+# Feature normalisation and time features.
+
+
+def second_moment_normalize(x: jax.Array, axis: int | Sequence[int] | None = None,
+                            eps: float = NORMALIZER_EPS) -> jax.Array:
+    """``x * rsqrt(eps + mean(x^2, axis))``; the mean keeps dims so it broadcasts back.
+
+    For per-tensor features laid out as ``shape + (F,)`` pass ``axis=tuple(range(len(shape)))``
+    (all tensor axes, each feature channel separately); ``axis=None`` normalises over all axes.
+    """
+    return x * jax.lax.rsqrt(eps + jnp.mean(jnp.square(x), axis=axis, keepdims=True))
+
+
+def tanh_time_features(iteration: jax.Array | int, timescales: Sequence[float] = TIME_SCALES,
+                       shift: float = 1.0) -> jax.Array:
+    """``tanh(t / x - shift)`` for each timescale ``x``: shape ``(len(timescales),)``."""
+    t = jnp.asarray(iteration, jnp.float32)
+    return jnp.tanh(t / jnp.asarray(timescales, jnp.float32) - shift)
+
+
+# --------------------------------------------------------------------------------------------
+# Small MLP helpers and sizes.
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, jax.Array]:
+    """Weights ``w{i}`` (fan_in, fan_out) and biases ``b{i}`` of an MLP with layer ``sizes``.
+
+    Weights are ``TruncatedNormal(stddev=1/sqrt(fan_in))`` cut at two standard deviations (Haiku's
+    default for ``hk.Linear``, used by the released code); biases are zero.
+    """
+    params: dict[str, jax.Array] = {}
+    keys = jax.random.split(key, len(sizes) - 1)
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        w = jax.random.truncated_normal(keys[i], -2.0, 2.0, (fan_in, fan_out), jnp.float32)
+        params[f"w{i}"] = w / math.sqrt(fan_in)
+        params[f"b{i}"] = jnp.zeros((fan_out,), jnp.float32)
+    return params
+
+
+def mlp_num_layers(params: dict[str, jax.Array]) -> int:
+    return sum(1 for k in params if k.startswith("w"))
+
+
+def apply_mlp(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """ReLU MLP over the trailing axis of ``x`` (no activation after the last layer)."""
+    n = mlp_num_layers(params)
+    for i in range(n):
+        x = jnp.matmul(x, params[f"w{i}"], precision=jax.lax.Precision.HIGHEST) + params[f"b{i}"]
+        if i != n - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Total bytes of the array leaves of ``tree`` (works on ``jax.eval_shape`` output too)."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def check_same_structure(grads: PyTree, params: PyTree, who: str) -> None:
+    """Raise a ValueError naming both structures when grads and params do not match."""
+    if params is None:
+        raise ValueError(f"{who} needs the current parameters: call "
+                         "update(grads, state, params, loss=...) with params.")
+    gs, ps = jax.tree.structure(grads), jax.tree.structure(params)
+    if gs != ps:
+        raise ValueError(f"{who}: gradients and parameters have different tree structures: "
+                         f"{gs} vs {ps}")

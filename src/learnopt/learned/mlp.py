@@ -1,0 +1,134 @@
+"""``fc_lopt``: the per-parameter MLP learned optimizer of Metz et al. (2019a), as in seed 004.
+
+Papers: Metz, Maheswaranathan, Nixon, Freeman, Sohl-Dickstein, "Understanding and correcting
+pathologies in the training of learned optimizers" (ICML 2019, "Metz et al. 2019a"), used as the
+``fc_lopt`` baseline of Metz et al., "Practical tradeoffs between memory, compute, and
+performance in learned optimizers" (2022), seed ``shared/seeds/004_aa8a7462e59e5e47.txt`` §4
+(Figs. 1-4). The exact recipe is ``shared/spec/tradeoffs.md`` §1.4 (the released
+``MLPLOpt``, "LOLv2"):
+
+- 6 momentum accumulators with fixed decays (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999), updated with
+  the current gradient first (6 floats of state per parameter; ``common.momentum_update``).
+- 19 inputs per parameter: ``g``, ``p`` and the 6 momenta, each normalised to a unit second
+  moment over the tensor (``x * rsqrt(1e-5 + mean(x^2))``), then the 11 time features
+  ``tanh(t / x - 1)``, ``x`` in 1 ... 1e5, un-normalised.
+- A ReLU MLP 19 -> 32 -> 32 -> 2 (1,762 meta-parameters, all of theta; the decays are fixed).
+- Output direction ``d`` and magnitude ``m``; the parameter moves by
+  ``-d * exp(0.001 m) * 0.001``, returned here as an optax update to add.
+
+Choices and departures:
+
+1. Time features ``tanh(t / x - 1)`` as in the released code (the 2022 paper's App. A writes
+   ``tanh(t / x)`` for small_fc_lopt; spec §7.3). ``t`` is the iteration before this update.
+   ``num_steps`` is stored in the state but not used, as in the code.
+2. Interface: optax ``GradientTransformationExtraArgs`` returning updates to add; parameters are
+   passed to ``update`` instead of living in the optimizer state (``learned/base.py``).
+   Accumulators are float32; updates are cast to the parameter dtype. Scalars are processed as
+   shape [1], as in the code.
+3. Weight init ``TruncatedNormal(1/sqrt(fan_in))``, zero biases (Haiku's ``hk.nets.MLP``
+   default, which the released code used).
+4. Only the matmul path: at width 32 the elementwise expansion of ``small_fc_lopt`` would unroll
+   ~1,700 multiply-adds per parameter into the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learnopt.learned import common
+from learnopt.learned.base import LearnedOptimizer, MetaParams
+
+#: Fixed momentum decays of fc_lopt (spec §1.4).
+FC_LOPT_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+
+
+class FcLOptState(NamedTuple):
+    """Optimizer state of ``fc_lopt`` (the parameters are not part of it)."""
+
+    momentum: common.MomentumState
+    iteration: jax.Array  # int32 scalar
+    num_steps: jax.Array  # int32 scalar (stored, unused)
+
+
+class FcLOpt(LearnedOptimizer):
+    """Per-parameter MLP learned optimizer ``fc_lopt`` (``MLPLOpt`` in learned_optimization).
+
+    Args:
+      hidden_size, hidden_layers: MLP widths (32, 2 in the paper).
+      exp_mult, step_mult: ``step = d * exp(exp_mult * m) * step_mult`` (both 0.001).
+      decays: fixed momentum decays.
+    """
+
+    name = "fc_lopt"
+
+    def __init__(
+        self,
+        hidden_size: int = 32,
+        hidden_layers: int = 2,
+        exp_mult: float = 0.001,
+        step_mult: float = 0.001,
+        decays: Sequence[float] = FC_LOPT_DECAYS,
+    ):
+        if hidden_size < 1 or hidden_layers < 0:
+            raise ValueError(f"need hidden_size >= 1 and hidden_layers >= 0; got {hidden_size}, "
+                             f"{hidden_layers}")
+        if not decays or not all(0.0 <= d <= 1.0 for d in decays):
+            raise ValueError(f"decays must be a non-empty list in [0, 1]; got {tuple(decays)}")
+        self.hidden_size = hidden_size
+        self.hidden_layers = hidden_layers
+        self.exp_mult = exp_mult
+        self.step_mult = step_mult
+        self.momentum_decays = tuple(float(d) for d in decays)
+
+    @property
+    def num_inputs(self) -> int:
+        """19 with the defaults: g, p, 6 momenta and 11 time features."""
+        return 2 + len(self.momentum_decays) + len(common.TIME_SCALES)
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (self.num_inputs,) + (self.hidden_size,) * self.hidden_layers + (2,)
+
+    def init(self, key: jax.Array) -> MetaParams:
+        return common.init_mlp(key, self.layer_sizes)
+
+    def _leaf_update(self, theta, time, p, g, m) -> jax.Array:
+        orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
+        p = jnp.asarray(p, jnp.float32).reshape(orig_shape or (1,))
+        g = jnp.asarray(g, jnp.float32).reshape(p.shape)
+        m = jnp.reshape(m, p.shape + m.shape[-1:])
+        x = jnp.concatenate([g[..., None], p[..., None], m], axis=-1)
+        x = common.second_moment_normalize(x, axis=tuple(range(p.ndim)))
+        x = jnp.concatenate([x, jnp.broadcast_to(time, p.shape + time.shape)], axis=-1)
+        out = common.apply_mlp(theta, x)
+        step = out[..., 0] * jnp.exp(out[..., 1] * self.exp_mult) * self.step_mult
+        return jnp.reshape(-step, orig_shape).astype(orig_dtype)
+
+    def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
+        decays = jnp.asarray(self.momentum_decays, jnp.float32)
+
+        def init_fn(params: Any) -> FcLOptState:
+            return FcLOptState(
+                momentum=common.momentum_init(params, len(self.momentum_decays)),
+                iteration=jnp.zeros([], jnp.int32),
+                num_steps=jnp.asarray(num_steps, jnp.int32),
+            )
+
+        def update_fn(updates: Any, state: FcLOptState, params: Any = None, *,
+                      loss: jax.Array | None = None, **extra_args: Any):
+            del loss, extra_args  # fc_lopt has no loss feature
+            grads = updates
+            common.check_same_structure(grads, params, self.name)
+            mom = common.momentum_update(state.momentum, grads, decays)
+            time = common.tanh_time_features(state.iteration)
+            new_updates = jax.tree.map(lambda p, g, m: self._leaf_update(theta, time, p, g, m),
+                                       params, grads, mom.m)
+            return new_updates, FcLOptState(momentum=mom, iteration=state.iteration + 1,
+                                            num_steps=state.num_steps)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,76 @@
+"""The GradientEstimator interface and helpers shared by the estimators.
+
+A gradient estimator turns the current meta-parameters ``theta`` and its own
+persistent state (inner runs in progress, PES accumulators) into one estimate
+of the meta-gradient, the layering of learned_optimization's
+``GradientEstimator`` (spec/anchors.md §1.2) without its worker-weights and
+outer-state plumbing:
+
+    est = PES(TruncatedUnroll(task, lopt, num_tasks=8, horizon=2000, trunc_length=20))
+    state = est.init_state(theta, key)
+    meta_loss, grad, state, metrics = est.estimate(theta, state, key)
+
+``grad`` has the structure of ``theta``. ``metrics`` is a flat dict of scalars.
+The meta-objective is the one of seed 004 App. D.1: the mean normalised training
+loss over inner training (``meta.unroll.meta_loss``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from learnopt.learned.base import MetaParams
+
+
+class Estimate(NamedTuple):
+    """One meta-gradient estimate; unpacks as ``(meta_loss, grad, state, metrics)``."""
+
+    meta_loss: jax.Array
+    grad: MetaParams
+    state: Any
+    metrics: dict[str, jax.Array]
+
+
+class GradientEstimator(abc.ABC):
+    """``init_state(theta, key)`` once, then ``estimate(theta, state, key)`` per meta-step."""
+
+    name: str = "gradient_estimator"
+
+    @abc.abstractmethod
+    def init_state(self, theta: MetaParams, key: jax.Array) -> Any:
+        """The estimator's persistent state (inner runs, accumulators)."""
+
+    @abc.abstractmethod
+    def estimate(self, theta: MetaParams, state: Any, key: jax.Array) -> Estimate:
+        """``(meta_loss, grad, state, metrics)`` for one truncation."""
+
+
+def sample_perturbations(theta: MetaParams, key: jax.Array, std: float, num: int) -> MetaParams:
+    """``num`` Gaussian perturbations ``eps ~ N(0, std^2 I)`` shaped like ``theta``.
+
+    Every leaf gets a leading ``[num]`` axis and an independent key.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    keys = jax.random.split(key, len(leaves))
+    eps = [
+        std * jax.random.normal(k, (num, *jnp.shape(x)), jnp.result_type(x, jnp.float32))
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, eps)
+
+
+def batched_theta(theta: MetaParams, delta: MetaParams, sign: float = 1.0) -> MetaParams:
+    """``theta + sign * delta_i`` for each ``i`` of ``delta``'s leading axis."""
+    return jax.tree_util.tree_map(lambda t, d: t[None] + sign * d, theta, delta)
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """True when every leaf of ``tree`` is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -1,0 +1,74 @@
+"""Truncated backpropagation through time (TBPTT) over the unroll.
+
+The gradient of the truncation's meta-loss (the mean normalised training loss
+over its steps, seed 004 App. D.1; ``meta.unroll.meta_loss``) with respect to
+``theta``, by ``jax.value_and_grad`` through the ``lax.scan`` of the truncation
+(whose body is wrapped in ``jax.checkpoint`` by ``TruncatedUnroll``, see
+shared/spec/data-and-cpu.md §2). The inner state carried from one truncation to
+the next is ``stop_gradient``-ed: the estimate ignores how earlier truncations'
+theta shaped the state it starts from, which biases it toward short horizons
+(Vicol et al. 2021, §2; the reason seed 004 trains with PES). With
+``trunc_length == horizon`` and no random offset, one call is the exact
+gradient of the full-run meta-loss: learned_optimization's ``FullGrad`` /
+``TruncatedGrad`` with ``loss_type='avg'`` (spec/anchors.md §1.2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from learnopt.learned.base import MetaParams
+from learnopt.meta.estimators.base import Estimate, GradientEstimator, tree_all_finite
+from learnopt.meta.unroll import TruncatedUnroll, UnrollState, meta_loss
+
+
+class TBPTTState(NamedTuple):
+    """The inner state of the unroll's tasks."""
+
+    unroll_state: UnrollState
+
+
+class TruncatedBPTT(GradientEstimator):
+    """Backprop through one truncation of ``unroll``; the state between truncations is constant.
+
+    Args:
+      unroll: the truncated unroll (one shared ``theta`` for all its tasks).
+      jit: compile :meth:`init_state` and :meth:`estimate`.
+    """
+
+    name = "tbptt"
+
+    def __init__(self, unroll: TruncatedUnroll, jit: bool = True):
+        self.unroll = unroll
+        self._init = jax.jit(self._init_state) if jit else self._init_state
+        self._estimate = jax.jit(self._estimate_impl) if jit else self._estimate_impl
+
+    def init_state(self, theta: MetaParams, key: jax.Array) -> TBPTTState:
+        return self._init(theta, key)
+
+    def estimate(self, theta: MetaParams, state: TBPTTState, key: jax.Array) -> Estimate:
+        return self._estimate(theta, state, key)
+
+    def _init_state(self, theta: MetaParams, key: jax.Array) -> TBPTTState:
+        return TBPTTState(self.unroll.init_state(theta, key))
+
+    def _estimate_impl(self, theta: MetaParams, state: TBPTTState, key: jax.Array) -> Estimate:
+        start = jax.lax.stop_gradient(state.unroll_state)
+
+        def loss_fn(th):
+            new_state, out = self.unroll.unroll(th, start, key)
+            return meta_loss(out), (new_state, out)
+
+        (loss, (new_state, out)), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta)
+        new_state = jax.lax.stop_gradient(new_state)
+        metrics = {
+            "tbptt/meta_loss": loss,
+            "tbptt/num_resets": jnp.sum(out.is_reset),
+            "tbptt/nonfinite_inner_losses": jnp.sum(~jnp.isfinite(out.raw_losses)),
+            "tbptt/grad_finite": tree_all_finite(grad),
+            "tbptt/mean_inner_step": jnp.mean(new_state.step.astype(jnp.float32)),
+        }
+        return Estimate(loss, grad, TBPTTState(new_state), metrics)

@@ -1,0 +1,251 @@
+"""Truncated, vectorised, resumable inner training: the unroll under every estimator.
+
+Meta-training (seed 004 App. D.1; Vicol et al. 2021 for PES) trains a learned
+optimizer on inner runs of ``horizon`` steps (2,000 in seed 004) that are cut
+into truncations of ``trunc_length`` steps (20 in seed 004). A gradient
+estimator sees one truncation at a time and carries the inner state over to
+the next. This module is that inner training, for ``num_tasks`` independent
+inner runs of ONE task (same structure, different initialisations and data),
+vectorised over tasks. It is the layering of learned_optimization's
+``TruncatedStep`` / ``VectorizedLOptTruncatedStep`` (spec/anchors.md §1.2),
+written over pure functions and optax optimizers.
+
+**One step of one task** (inner step ``s`` of its current run):
+
+1. if the run has finished (``s == horizon``) it is reset first: fresh
+   parameters ``task.init(k_init)``, a fresh optimizer state and ``s = 0``
+   (flagged ``is_reset``);
+2. a training batch ``task.datasets.train.sample(k_data)``;
+3. ``loss, grads = value_and_grad(task.loss)(params, k_loss, batch)``;
+4. ``updates, opt_state = opt.update(grads, opt_state, params, loss=loss)`` and
+   ``params = optax.apply_updates(params, updates)``, with
+   ``opt = lopt.optimizer(theta, horizon)``;
+5. the recorded loss is ``task.normalizer(loss)``, the training loss at the
+   parameters *before* the update. A run therefore records the losses at its
+   iterates ``x_0 .. x_{horizon-1}``.
+
+The reset is lazy (at the start of the step after the run's last one), so the
+fresh optimizer state is built with the ``theta`` of the truncation that uses
+it; a state returned between truncations can hold ``step == horizon``.
+
+**Meta-loss** (seed 004 §3.2 and App. D.1): the mean normalised training loss
+over the truncation's valid steps, per task, then averaged over tasks
+(:func:`meta_loss`). Summed over the truncations of a run, this is the mean
+training loss over the course of inner training, clipped by the task's
+normaliser (``ln 10`` in the paper, ``1.5 ln 10`` in its code, see
+``tasks.base.clip_normalizer``). In this unroll every step is valid (``mask``
+is all true); the mask is part of the contract so that estimators stay correct
+for unrolls that pad or drop steps.
+
+**Keys.** Every random choice of a step (reset initialisation, batch, loss
+key) comes from the ``key`` passed to :meth:`TruncatedUnroll.unroll`: step ``t``
+of task ``i`` uses ``split(split(split(key, T)[t], N)[i], 3)``. Nothing depends
+on ``theta``, so two unrolls called with the same key and the same state see
+identical batches and identical resets: the antithetic pairs of ES/PES
+(seed 004 App. D.1: "the same data batches and RNG keys").
+
+**Random initial offsets** (learned_optimization's
+``random_initial_iteration_offset``; spec/tradeoffs.md §3.2): with
+``random_offset=True`` each task starts at a random step in ``[0, horizon)``
+with freshly initialised parameters and optimizer state, so its first run is
+shorter and the tasks reset out of lockstep. As in the reference, only the step
+counter is offset: the optimizer's own state starts from ``opt.init``. After
+every task's first reset (at most ``horizon`` steps) the inner step of each task
+is uniform over ``[0, horizon)``.
+
+**Cost** (shared/spec/data-and-cpu.md §2): the scan body is wrapped in
+``jax.checkpoint`` (``checkpoint=True``): backprop through the unroll then
+stores one state per step instead of every intermediate, 3 to 6x less memory
+and faster on CPU. Tasks are vectorised with ``vmap`` (``task_map="vmap"``,
+best for tiny tasks) or looped with ``lax.map`` (``task_map="map"``, better
+for tasks of about 100k parameters, whose vmapped per-parameter feature tensors
+become memory bound). Every step also computes the fresh initialisation used by
+a reset (a select under vmap); this is cheap next to the optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learnopt.learned.base import LearnedOptimizer, MetaParams
+from learnopt.tasks.base import Task
+
+Params = Any
+
+
+class UnrollState(NamedTuple):
+    """The inner state of ``N`` tasks; every leaf has a leading task axis ``[N]``.
+
+    ``step`` is the inner step of each task's current run, in ``[0, horizon]``
+    (``horizon`` means the run has finished and resets on its next step).
+    """
+
+    params: Params
+    opt_state: Any
+    step: jax.Array
+
+
+class UnrollOutput(NamedTuple):
+    """What one truncation records; every field is ``[T, N]`` (steps x tasks)."""
+
+    losses: jax.Array  # normalised training loss before each update (float32)
+    raw_losses: jax.Array  # the task's loss, unnormalised (may be non-finite)
+    mask: jax.Array  # bool, the step counts in the meta-loss
+    is_reset: jax.Array  # bool, the task was re-initialised at the start of this step
+    step: jax.Array  # int32, the inner step of the recorded loss, in [0, horizon)
+
+
+def meta_loss_per_task(output: UnrollOutput) -> jax.Array:
+    """Mean normalised training loss over each task's valid steps: ``[N]``."""
+    mask = output.mask.astype(output.losses.dtype)
+    total = jnp.sum(jnp.where(output.mask, output.losses, 0.0), axis=0)
+    return total / jnp.maximum(jnp.sum(mask, axis=0), 1.0)
+
+
+def meta_loss(output: UnrollOutput) -> jax.Array:
+    """The truncation's meta-loss: :func:`meta_loss_per_task` averaged over tasks."""
+    return jnp.mean(meta_loss_per_task(output))
+
+
+def _where_tree(cond: jax.Array, a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+class TruncatedUnroll:
+    """Truncated inner training of ``num_tasks`` copies of ``task`` (see the module docstring).
+
+    Args:
+      task: the task; every copy shares its structure and data source.
+      lopt: the learned optimizer; the inner optimizer is
+        ``lopt.optimizer(theta, horizon)``.
+      num_tasks: ``N``, the number of independent inner runs.
+      horizon: length of a whole inner run (seed 004: 2,000).
+      trunc_length: ``T``, steps per call to :meth:`unroll` (seed 004: 20).
+      random_offset: start each task at a random step in ``[0, horizon)``.
+      checkpoint: wrap the scan body in ``jax.checkpoint``.
+      task_map: ``"vmap"`` or ``"map"`` (``lax.map``) over tasks.
+
+    ``theta_batched=True`` (in :meth:`init_state` and :meth:`unroll`) means
+    ``theta`` has a leading ``[N]`` axis: one (perturbed) theta per task.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        lopt: LearnedOptimizer,
+        num_tasks: int,
+        horizon: int,
+        trunc_length: int,
+        random_offset: bool = True,
+        checkpoint: bool = True,
+        task_map: Literal["vmap", "map"] = "vmap",
+    ):
+        for name, value in (
+            ("num_tasks", num_tasks),
+            ("horizon", horizon),
+            ("trunc_length", trunc_length),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if task_map not in ("vmap", "map"):
+            raise ValueError(f"task_map must be 'vmap' or 'map', got {task_map!r}")
+        self.task = task
+        self.lopt = lopt
+        self.num_tasks = num_tasks
+        self.horizon = horizon
+        self.trunc_length = trunc_length
+        self.random_offset = bool(random_offset)
+        self.checkpoint = bool(checkpoint)
+        self.task_map = task_map
+
+    # -- single task -------------------------------------------------------------------
+
+    def _init_one(self, theta: MetaParams, key: jax.Array) -> tuple[Params, Any]:
+        params = self.task.init(key)
+        opt_state = self.lopt.optimizer(theta, self.horizon).init(params)
+        return params, opt_state
+
+    def _step_one(
+        self, theta: MetaParams, params: Params, opt_state: Any, step: jax.Array, key: jax.Array
+    ) -> tuple[tuple[Params, Any, jax.Array], tuple[jax.Array, ...]]:
+        k_init, k_data, k_loss = jax.random.split(key, 3)
+        opt = self.lopt.optimizer(theta, self.horizon)
+        is_reset = step >= self.horizon
+        fresh_params, fresh_opt_state = self._init_one(theta, k_init)
+        params = _where_tree(is_reset, fresh_params, params)
+        opt_state = _where_tree(is_reset, fresh_opt_state, opt_state)
+        step = jnp.where(is_reset, jnp.zeros_like(step), step)
+
+        batch = self.task.datasets.train.sample(k_data)
+        loss, grads = jax.value_and_grad(self.task.loss)(params, k_loss, batch)
+        updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
+        params = optax.apply_updates(params, updates)
+        norm_loss = jnp.asarray(self.task.normalizer(loss), jnp.float32)
+        record = (norm_loss, loss, jnp.ones((), bool), is_reset, step)
+        return (params, opt_state, step + 1), record
+
+    # -- over tasks --------------------------------------------------------------------
+
+    def _over_tasks(self, fn, theta: MetaParams, theta_batched: bool, *xs: Any) -> Any:
+        """``fn(theta_i, *x_i)`` for every task ``i`` (``xs`` carry a leading ``[N]``)."""
+        if self.task_map == "vmap":
+            return jax.vmap(fn, in_axes=(0 if theta_batched else None,) + (0,) * len(xs))(
+                theta, *xs
+            )
+        if theta_batched:
+            return jax.lax.map(lambda args: fn(*args), (theta, *xs))
+        return jax.lax.map(lambda args: fn(theta, *args), tuple(xs))
+
+    def _check_theta(self, theta: MetaParams, theta_batched: bool) -> None:
+        if not theta_batched:
+            return
+        for leaf in jax.tree_util.tree_leaves(theta):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != self.num_tasks:
+                raise ValueError(
+                    "theta_batched=True needs every theta leaf to have a leading axis of "
+                    f"num_tasks={self.num_tasks}, got shape {jnp.shape(leaf)}"
+                )
+
+    def init_state(
+        self, theta: MetaParams, key: jax.Array, theta_batched: bool = False
+    ) -> UnrollState:
+        """Fresh parameters and optimizer states; steps at 0 or at random offsets."""
+        self._check_theta(theta, theta_batched)
+        k_init, k_offset = jax.random.split(key)
+        keys = jax.random.split(k_init, self.num_tasks)
+        params, opt_state = self._over_tasks(self._init_one, theta, theta_batched, keys)
+        if self.random_offset:
+            step = jax.random.randint(k_offset, (self.num_tasks,), 0, self.horizon, jnp.int32)
+        else:
+            step = jnp.zeros((self.num_tasks,), jnp.int32)
+        return UnrollState(params, opt_state, step)
+
+    def unroll(
+        self,
+        theta: MetaParams,
+        state: UnrollState,
+        key: jax.Array,
+        theta_batched: bool = False,
+    ) -> tuple[UnrollState, UnrollOutput]:
+        """Train every task ``trunc_length`` steps from ``state``.
+
+        Returns the new state and the per-step records, each ``[T, N]``. The
+        same ``key`` and ``state`` give the same batches and resets whatever
+        ``theta`` is.
+        """
+        self._check_theta(theta, theta_batched)
+        step_keys = jax.random.split(key, self.trunc_length)
+
+        def body(carry: UnrollState, step_key: jax.Array):
+            task_keys = jax.random.split(step_key, self.num_tasks)
+            new, record = self._over_tasks(self._step_one, theta, theta_batched, *carry, task_keys)
+            return UnrollState(*new), record
+
+        if self.checkpoint:
+            body = jax.checkpoint(body)
+        state, records = jax.lax.scan(body, state, step_keys)
+        return state, UnrollOutput(*records)
