@@ -83,6 +83,9 @@ def test_meta_training_improves_learnable_sgd_and_refuses_a_changed_config(tmp_p
     assert float(result["state"]["learner"].theta["log_lr"]) > np.log(0.01) + 0.2
     with pytest.raises(ValueError, match="different config"):
         MetaTrainer(dataclasses.replace(TINY, outer_lr=1e-3), tmp_path)
+    # A longer budget resumes from step 40 and runs 5 more steps.
+    more = MetaTrainer(dataclasses.replace(TINY, outer_steps=45), tmp_path).run(progress=False)
+    assert more["resumed"] and more["start_step"] == 40 and more["state"]["step"] == 45
 
 
 def _launch(out: Path) -> subprocess.Popen:

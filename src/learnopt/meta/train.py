@@ -65,6 +65,10 @@ class MetaTrainConfig:
         return cls(**data)
 
 
+# Fields that say how long to run, not what is run: a resumed run may change them.
+BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every")
+
+
 def build_estimator(config: MetaTrainConfig, task, lopt):
     """The gradient estimator named by ``config.estimator`` over ``task`` and ``lopt``."""
     from learnopt.meta.estimators.pes import PES
@@ -118,10 +122,14 @@ class MetaTrainer:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
             saved = MetaTrainConfig.from_json(cfg_path.read_text())
-            if saved != config:
+            budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
+            if dataclasses.replace(saved, **budget) != config:
                 raise ValueError(
-                    f"{cfg_path} holds a different config; use a new directory or the same config"
+                    f"{cfg_path} holds a different config; use a new directory or the same "
+                    f"config (only {', '.join(BUDGET_FIELDS)} may change on resume)"
                 )
+            if saved != config:  # a longer (or shorter) budget for a resumed run
+                cfg_path.write_text(config.to_json())
         else:
             cfg_path.write_text(config.to_json())
             (self.out / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
