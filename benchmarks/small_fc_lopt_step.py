@@ -10,7 +10,9 @@ softmax cross-entropy. A training step is ``value_and_grad`` + optimizer ``updat
 ``optax.apply_updates``; ``--steps`` steps run inside one jitted ``lax.scan``. Each optimizer is
 compiled and warmed up first, then the timed calls are interleaved round-robin across optimizers
 (so drift on the shared machine hits all of them alike) and the median is reported.
-Optimizer-state bytes are the summed sizes of the state pytree's arrays.
+Optimizer-state bytes are the summed sizes of the state pytree's arrays. The machine's load
+average is recorded at the start and the end: on a shared machine the absolute times move a lot,
+the same-run ratios much less.
 
 Usage: ``python benchmarks/small_fc_lopt_step.py [--quick] [--out PATH]``.
 Writes ``benchmarks/results/small_fc_lopt_step.json``.
@@ -86,6 +88,7 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "system": platform.platform(),
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (3 if args.quick else 10)
     steps = args.steps or (50 if args.quick else 100)
 
+    machine_at_start = machine_info()
     params, loss_fn = make_task(jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(1)
     small_concat = SmallFcLOpt(compute="concat")
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "protocol": {"steps_per_scan": steps, "repeats": repeats, "statistic": "median",
                      "step": "value_and_grad + update + apply_updates, jit(lax.scan)",
                      "order": "round-robin across optimizers", "quick": args.quick},
-        "machine": machine_info(),
+        "machine": machine_at_start,
+        "load_average_at_end": machine_info()["load_average_1_5_15min"],
         "results": results,
         "faster_small_fc_lopt_path": faster,
         "default_small_fc_lopt_path": SmallFcLOpt().compute,

@@ -49,21 +49,32 @@ def _run(lopt: SmallFcLOpt):
 
 
 RUN = {"concat": jax.jit(_run(CONCAT)), "elementwise": jax.jit(_run(ELEMENTWISE))}
+INIT = jax.jit(ELEMENTWISE.init)  # both paths share theta's layout; compile it once
 
 
 def _with_decay_offsets(theta):
-    return dict(theta, momentum_decays=jnp.full((3,), LOG2), rms_decays=jnp.zeros((1,)),
-                adafactor_decays=jnp.full((3,), -LOG2))
+    return dict(theta, momentum_decays=jnp.full((3,), LOG2, jnp.float32),
+                rms_decays=jnp.zeros((1,), jnp.float32),
+                adafactor_decays=jnp.full((3,), -LOG2, jnp.float32))
+
+
+def _perturb(theta, seed: int, scale: float):
+    """theta plus NumPy noise (NumPy, so no per-shape eager compilation)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), jnp.float32), theta)
 
 
 def _select_theta(k: int, magnitude_bias: float = 0.0):
     """A theta whose MLP outputs direction d = (normalised) input k and magnitude m = bias:
     d = relu(relu(x_k)) - relu(relu(-x_k)) = x_k."""
-    w0 = jnp.zeros((39, 4)).at[k, 0].set(1.0).at[k, 1].set(-1.0)
-    w1 = jnp.zeros((4, 4)).at[0, 0].set(1.0).at[1, 1].set(1.0)
-    w2 = jnp.zeros((4, 2)).at[0, 0].set(1.0).at[1, 0].set(-1.0)
-    nn = {"w0": w0, "b0": jnp.zeros(4), "w1": w1, "b1": jnp.zeros(4), "w2": w2,
-          "b2": jnp.array([0.0, magnitude_bias])}
+    w0, w1, w2 = np.zeros((39, 4)), np.zeros((4, 4)), np.zeros((4, 2))
+    w0[k, 0], w0[k, 1] = 1.0, -1.0
+    w1[0, 0] = w1[1, 1] = 1.0
+    w2[0, 0], w2[1, 0] = 1.0, -1.0
+    nn = {"w0": w0, "b0": np.zeros(4), "w1": w1, "b1": np.zeros(4), "w2": w2,
+          "b2": np.array([0.0, magnitude_bias])}
+    nn = {name: jnp.asarray(x, jnp.float32) for name, x in nn.items()}
     return _with_decay_offsets({"nn": nn})
 
 
@@ -119,7 +130,7 @@ def test_meta_parameter_count_is_197():
 
 
 def test_init_decays_and_weights():
-    theta = jax.jit(ELEMENTWISE.init)(jax.random.PRNGKey(0))
+    theta = INIT(jax.random.PRNGKey(0))
     decays = ELEMENTWISE.decays(theta)
     np.testing.assert_allclose(decays["momentum"], [0.9, 0.99, 0.999], rtol=1e-6)
     np.testing.assert_allclose(decays["rms"], [0.999], rtol=1e-6)
@@ -136,12 +147,11 @@ def test_init_decays_and_weights():
 def test_every_feature_by_hand(path):
     """Select each of the 39 inputs in turn: the update must be -0.001 * that input."""
     thetas = [_select_theta(k) for k in range(39)] + [_select_theta(0, magnitude_bias=500.0)]
-    batch = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
-    updates, state = jax.vmap(RUN[path], in_axes=(0, None, None, None))(batch, PARAMS, G1, G2)
-    assert np.all(np.asarray(state.iteration) == 2)
+    outs = [RUN[path](theta, PARAMS, G1, G2) for theta in thetas]
+    assert all(int(state.iteration) == 2 for _, state in outs)
     for name, shape in SHAPES.items():
         feats = _numpy_features(PARAMS[name], G1[name], G2[name], FACTORED.get(name))
-        got = np.asarray(updates[name], np.float64).reshape((40,) + (shape or (1,)))
+        got = np.stack([np.asarray(u[name], np.float64).reshape(shape or (1,)) for u, _ in outs])
         for k in range(28):
             np.testing.assert_allclose(got[k], -1e-3 * feats[..., k], rtol=2e-5, atol=1e-10,
                                        err_msg=f"feature {k} of {name}")
@@ -153,11 +163,10 @@ def test_every_feature_by_hand(path):
 
 
 def test_compute_paths_agree():
-    theta = jax.jit(CONCAT.init)(jax.random.PRNGKey(3))
+    theta = INIT(jax.random.PRNGKey(3))
     # a generic theta: perturbed weights, nonzero biases and decay offsets
-    theta = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(4), x.shape),
-                         theta)
-    for th in (jax.jit(CONCAT.init)(jax.random.PRNGKey(5)), theta):
+    theta = _perturb(theta, seed=4, scale=0.3)
+    for th in (INIT(jax.random.PRNGKey(5)), theta):
         ua, sa = RUN["concat"](th, PARAMS, G1, G2)
         ub, sb = RUN["elementwise"](th, PARAMS, G1, G2)
         for name in SHAPES:
@@ -168,7 +177,7 @@ def test_compute_paths_agree():
 
 
 def test_state_shapes_and_jit():
-    opt = ELEMENTWISE.optimizer(ELEMENTWISE.init(jax.random.PRNGKey(0)), num_steps=7)
+    opt = ELEMENTWISE.optimizer(INIT(jax.random.PRNGKey(0)), num_steps=7)
     state = jax.jit(opt.init)(PARAMS)
     assert isinstance(state, SmallFcLOptState)
     assert state.momentum.m["k"].shape == (5, 2, 3, 4, 3)
@@ -177,7 +186,7 @@ def test_state_shapes_and_jit():
     assert state.factored.v_col["k"].shape == (5, 2, 3, 3)  # 2nd largest (axis 3) removed
     assert state.factored.v_full["b"].shape == (3, 3)
     assert int(state.num_steps) == 7 and int(state.iteration) == 0
-    _, state2 = RUN["elementwise"](ELEMENTWISE.init(jax.random.PRNGKey(0)), PARAMS, G1, G2)
+    _, state2 = RUN["elementwise"](INIT(jax.random.PRNGKey(0)), PARAMS, G1, G2)
     assert jax.tree.structure(state2) == jax.tree.structure(state)
     assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(state),
                                                   jax.tree.leaves(state2), strict=True))
@@ -185,8 +194,7 @@ def test_state_shapes_and_jit():
 
 def test_vmap_over_thetas_and_param_sets():
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
-    thetas = [jax.tree.map(lambda x, k=k: x + 0.1 * jax.random.normal(k, x.shape),
-                           ELEMENTWISE.init(k)) for k in keys]
+    thetas = [_perturb(INIT(k), seed=i, scale=0.1) for i, k in enumerate(keys)]
     params = [_tree(10 + i) for i in range(3)]
     grads = [(_tree(20 + i), _tree(30 + i)) for i in range(3)]
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
@@ -202,11 +210,10 @@ def test_vmap_over_thetas_and_param_sets():
 def _quadratic_loss(params):
     x = jnp.arange(12.0).reshape(3, 4) / 12.0
     y = jnp.array([1.0, -1.0, 0.5, 2.0])
-    return (jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-            + (params["s"] - 1.0) ** 2)
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
-QPARAMS = {"w": jnp.full((4, 4), 0.5), "b": jnp.zeros(4), "s": jnp.asarray(0.0)}
+QPARAMS = {"w": jnp.full((4, 4), 0.5, jnp.float32), "b": jnp.zeros(4, jnp.float32)}
 
 
 def _train_like_adam(opt: optax.GradientTransformationExtraArgs, steps: int):
@@ -237,7 +244,6 @@ def test_user_trains_like_with_adam():
     assert np.all(np.diff(lopt) < 0)
 
 
-@jax.jit
 def _unroll_loss(theta):
     opt = ELEMENTWISE.optimizer(theta, num_steps=3)
 
@@ -252,10 +258,9 @@ def _unroll_loss(theta):
 
 
 def test_init_theta_finite_and_meta_gradient():
-    theta = ELEMENTWISE.init(jax.random.PRNGKey(0))
-    _, losses = _unroll_loss(theta)
+    theta = INIT(jax.random.PRNGKey(0))
+    (_, losses), grad = jax.jit(jax.value_and_grad(_unroll_loss, has_aux=True))(theta)
     assert np.all(np.isfinite(np.asarray(losses)))
-    grad = jax.jit(jax.grad(lambda th: _unroll_loss(th)[0]))(theta)
     leaves = jax.tree.leaves(grad)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
     assert np.abs(np.asarray(grad["nn"]["w0"])).max() > 0
@@ -263,7 +268,7 @@ def test_init_theta_finite_and_meta_gradient():
 
 
 def test_bad_input_errors():
-    opt = CONCAT.optimizer(CONCAT.init(jax.random.PRNGKey(0)), 10)
+    opt = CONCAT.optimizer(INIT(jax.random.PRNGKey(0)), 10)
     state = opt.init(QPARAMS)
     with pytest.raises(ValueError, match="needs the current parameters"):
         opt.update(QPARAMS, state)
