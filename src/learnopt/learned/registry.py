@@ -8,10 +8,14 @@ from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGDM
 from learnopt.learned.mlp import FcLOpt
+from learnopt.learned.nn_adam import NNAdam
+from learnopt.learned.rnn_mlp import RnnFcLOpt
 
 LEARNED: dict[str, tuple[Callable[[], LearnedOptimizer], str]] = {
     "small_fc_lopt": (SmallFcLOpt, "per-parameter 39->4->4->2 MLP, 197 meta-params (seed 004)"),
     "fc_lopt": (FcLOpt, "per-parameter 19->32->32->2 MLP, 1762 meta-params (seed 004)"),
+    "nn_adam": (NNAdam, "per-tensor LSTM setting Adam's hyperparameters (seed 004 App. C)"),
+    "rnn_fc_lopt": (RnnFcLOpt, "per-tensor LSTM + per-parameter MLP, LSTM_FF (seed 000 App. C)"),
     "learnable_sgd": (LearnableSGD, "SGD with a meta-learned learning rate"),
     "learnable_sgdm": (LearnableSGDM, "SGD with meta-learned learning rate and momentum"),
     "learnable_adam": (LearnableAdam, "Adam with meta-learned lr, betas and eps"),
