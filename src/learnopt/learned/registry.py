@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.hierarchical_rnn import HierarchicalRNN
 from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGDM
 from learnopt.learned.mlp import FcLOpt
 from learnopt.learned.nn_adam import NNAdam
@@ -16,6 +17,7 @@ LEARNED: dict[str, tuple[Callable[[], LearnedOptimizer], str]] = {
     "fc_lopt": (FcLOpt, "per-parameter 19->32->32->2 MLP, 1762 meta-params (seed 004)"),
     "nn_adam": (NNAdam, "per-tensor LSTM setting Adam's hyperparameters (seed 004 App. C)"),
     "rnn_fc_lopt": (RnnFcLOpt, "per-tensor LSTM + per-parameter MLP, LSTM_FF (seed 000 App. C)"),
+    "hierarchical_rnn": (HierarchicalRNN, "3-level GRU hierarchy, 8093 meta-params (seed 002)"),
     "learnable_sgd": (LearnableSGD, "SGD with a meta-learned learning rate"),
     "learnable_sgdm": (LearnableSGDM, "SGD with meta-learned learning rate and momentum"),
     "learnable_adam": (LearnableAdam, "Adam with meta-learned lr, betas and eps"),
