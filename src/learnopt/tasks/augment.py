@@ -1,0 +1,807 @@
+"""Task augmentations of VeLO meta-training (seed 001 App. C.5; shared/spec/velo.md §3.4).
+
+Each augmentation is a function ``Task -> Task`` that returns a wrapped task
+with different optimization dynamics. The seven of C.5, with the probabilities
+the paper states (they match the released ``parametric.py``):
+
+1. weight reparameterisation (:func:`reparameterize`, :func:`reparameterize_random`):
+   level uniform over ``[None, None, global, global, tensor, tensor, parameter]``;
+   the scale range one of (0.001, 1000), (0.01, 100), (0.1, 10), then every
+   global / tensor / parameter scale log-uniform inside it;
+2. ES gradient estimates (:func:`es_gradient`), p = 0.08: std log-uniform in
+   [0.001, 0.1], antithetic pairs in {1, 2, 4, 8, 16};
+3. batch-size reduction (:func:`reduce_batch_size`), p = 0.2: the batch times a
+   factor uniform in [0.01, 1.0] (at least one example);
+4. bfloat16 training (:func:`to_bfloat16`), p = 0.2;
+5. gradient normalisation (:func:`normalize_gradient`), p = 0.05;
+6. directional-gradient subspace (:func:`directional_gradient`), p = 0.08: the
+   average of 1-1024 (log-uniform) directional derivatives, with probability
+   0.5 only their sign;
+7. delayed (asynchronous) gradients (:func:`delayed_gradients`), p = 0.05: a
+   delay log-uniform in 1-8 steps.
+
+:func:`sample_augmentation` draws an :class:`AugmentationConfig` with these
+probabilities and :func:`apply` wraps a task with it.
+
+How gradients reach an optimizer
+--------------------------------
+Augmentations 1-4 change the task's ``init``/``loss``/``datasets`` only, so
+``jax.value_and_grad(task.loss)`` is their exact gradient.
+
+Augmentations 2, 5 and 6 replace the *gradient* but keep the loss: they are
+written with ``jax.custom_vjp`` on ``loss``. The forward value is the inner
+task's loss; the backward pass returns the modified gradient (ES estimate,
+normalised gradient, subspace estimate). So the existing inner loops
+(``training.make_train_step``, ``meta.unroll``, ``bench.curves``), which call
+``jax.value_and_grad(task.loss)(params, key, batch)``, apply them unchanged. The
+randomness of the estimate comes from the loss ``key`` (folded with a constant,
+so the inner loss still sees ``key`` itself): same key, same estimate.
+Differentiating through these gradients (meta-gradients through an unroll)
+differentiates the estimator as written (e.g. through the ES loss
+evaluations), not the true gradient.
+
+Augmentation 7 needs state across steps (a buffer of past parameters), which a
+loss cannot carry. A delayed task sets ``has_gradient_state = True`` and exposes
+``grad_state_init(params)`` and
+``value_and_grad(params, key, batch, state) -> ((loss, grads), state)``. Its
+``loss`` is the plain inner loss (right for evaluation), so calling
+``jax.value_and_grad(task.loss)`` on it silently drops the delay. A loop that
+must support every task uses :func:`task_value_and_grad`::
+
+    tg = task_value_and_grad(task)          # works for plain and augmented tasks
+    gstate = tg.init(params)                # again whenever params are re-initialised
+    (loss, grads), gstate = tg.value_and_grad(params, key, batch, gstate)
+    updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
+
+For a task without gradient state ``tg.init`` returns ``()`` and
+``tg.value_and_grad`` is ``jax.value_and_grad(task.loss)``, so the state costs
+nothing. Wrappers other than :func:`delayed_gradients` refuse to wrap a task
+with gradient state (apply the delay last, as :func:`apply` does).
+
+Order in :func:`apply` (inner to outer): batch-size reduction, bfloat16,
+reparameterisation, ES estimate, directional subspace, gradient normalisation,
+delay. So ES and the subspace estimate act on the optimizer's (reparameterised)
+parameters, the optimizer always sees a unit-norm gradient when normalisation is
+on, and the delay holds back whatever gradient results.
+
+Departures and choices (the paper gives no more detail than the above):
+
+* Reparameterisation stores ``v = w0 / s`` and uses ``w = s * v`` (the code's
+  ``param_scale``; the paper's ``c`` is ``1 / s``, and the sampled ranges are
+  symmetric in ``log s``, so the distributions agree). Tensor and parameter
+  scales are generated from a seed inside the computation, so a config stays
+  small and large models carry no large constants.
+* ES: ``g = 1/(2 sigma n) sum_i [f(x + sigma e_i) - f(x - sigma e_i)] e_i`` with
+  ``e_i ~ N(0, I)`` over all parameters and the same key and batch for every
+  evaluation; unbiased on quadratics. Perturbations are evaluated one after the
+  other (``fori_loop``) so memory does not grow with the number of pairs.
+* Gradient normalisation divides by the global norm over all tensors (the
+  released code); ``mode="tensor"`` normalises each tensor instead. A zero
+  gradient stays zero.
+* Directional subspace: ``n`` directions ``u_i`` uniform on the unit sphere of all
+  parameters (normalised Gaussians, as in the code), the estimate
+  ``(1/n) sum_i <g, u_i> u_i``, or ``(1/n) sum_i sign(<g, u_i>) u_i``. The paper
+  says "average"; the released code sums (``n`` times larger). Its expectation
+  is ``g / d`` (``d`` parameters), or ``c_d g / ||g||`` with the sign, where
+  ``c_d = Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)) = E|u_1|``; see
+  :func:`directional_expectation_factor`.
+* Delay: as in the released ``AsyncDelayedGradients``, the gradient (and the
+  loss) at step ``t`` is evaluated at the parameters of step ``t - k`` on the
+  current batch and key (an asynchronous worker reading stale weights); steps
+  before the first ``k`` use the initial parameters. The reported loss is the
+  stale one too (one forward/backward per step).
+* bfloat16: parameters and floating-point data are cast to bfloat16; integer
+  data (labels, tokens) is untouched; the returned loss is cast to float32 for
+  the normaliser and meta-objective (its value is the bfloat16 computation).
+* Batch-size reduction acts on all four splits (as the released code), giving
+  ``max(1, int(batch_size * fraction))``; the code does not apply it to
+  learned-optimizer tasks, which this function does not know about: the caller
+  decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from learnopt.tasks.base import (
+    ArraySplit,
+    Datasets,
+    NoDataSplit,
+    SequenceSplit,
+    Task,
+)
+
+Params = Any
+Batch = Any
+GradFn = Callable[[Params, jax.Array], Params]
+
+REPARAM_LEVELS = ("none", "global", "tensor", "parameter")
+REPARAM_LEVEL_CHOICES = ("none", "none", "global", "global", "tensor", "tensor", "parameter")
+REPARAM_RANGES = ((0.001, 1000.0), (0.01, 100.0), (0.1, 10.0))
+ES_PAIRS = (1, 2, 4, 8, 16)
+PROBABILITIES = {
+    "es": 0.08,
+    "batch": 0.2,
+    "bf16": 0.2,
+    "normalize": 0.05,
+    "directional": 0.08,
+    "delay": 0.05,
+}
+
+# Constants folded into the loss key so estimator noise is independent of the key the
+# inner loss itself receives.
+_ES_TAG = 0x5E5
+_GRAD_TAG = 0xD1C
+_REPARAM_TAG = 0x5CA
+
+
+# -- the gradient protocol ------------------------------------------------------------------
+
+
+class TaskGradient(NamedTuple):
+    """``init(params) -> state`` and ``value_and_grad(params, key, batch, state)``.
+
+    ``value_and_grad`` returns ``((loss, grads), state)``. See the module docstring.
+    """
+
+    init: Callable[[Params], Any]
+    value_and_grad: Callable[[Params, jax.Array, Batch, Any], tuple[tuple[jax.Array, Params], Any]]
+
+
+def has_gradient_state(task: Task) -> bool:
+    """Whether ``task`` needs :func:`task_value_and_grad` (delayed gradients)."""
+    return bool(getattr(task, "has_gradient_state", False))
+
+
+def task_value_and_grad(task: Task) -> TaskGradient:
+    """The gradient function for any task, plain or augmented (module docstring)."""
+    if has_gradient_state(task):
+        return TaskGradient(task.grad_state_init, task.value_and_grad)
+    vg = jax.value_and_grad(task.loss)
+
+    def value_and_grad(params, key, batch, state):
+        return vg(params, key, batch), state
+
+    return TaskGradient(lambda params: (), value_and_grad)
+
+
+# -- tree helpers -----------------------------------------------------------------------------
+
+
+def _tree_dot(a: Params, b: Params) -> jax.Array:
+    parts = [
+        jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    ]
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+def _tree_norm(tree: Params) -> jax.Array:
+    return jnp.sqrt(_tree_dot(tree, tree))
+
+
+def _safe_inverse(norm: jax.Array) -> jax.Array:
+    return jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def unflatten_vector(vector: jax.Array, like: Params) -> Params:
+    """Cut a flat vector into leaves shaped like ``like`` (in ``tree_leaves`` order)."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        size = math.prod(jnp.shape(leaf))
+        out.append(vector[start : start + size].reshape(jnp.shape(leaf)))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def normal_tree(key: jax.Array, like: Params) -> Params:
+    """Standard normal float32 leaves shaped like ``like``, from one draw (cheap to compile)."""
+    return unflatten_vector(jax.random.normal(key, (num_parameters(like),)), like)
+
+
+def uniform_tree(key: jax.Array, like: Params) -> Params:
+    """Uniform [0, 1) float32 leaves shaped like ``like``, from one draw."""
+    return unflatten_vector(jax.random.uniform(key, (num_parameters(like),)), like)
+
+
+def _cast_like(tree: Params, like: Params) -> Params:
+    return jax.tree_util.tree_map(lambda x, y: jnp.asarray(x, jnp.result_type(y)), tree, like)
+
+
+def num_parameters(params: Params) -> int:
+    """Total number of entries over all leaves (arrays or shape structs)."""
+    return int(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
+
+
+# -- the wrapper base -----------------------------------------------------------------------
+
+
+class TaskWrapper(Task):
+    """A task delegating everything to ``task``; augmentations override parts."""
+
+    tag = "wrapped"
+
+    def __init__(self, task: Task):
+        if not isinstance(task, Task):
+            raise TypeError(f"augmentations wrap a Task, got {type(task).__name__}")
+        if has_gradient_state(task):
+            raise ValueError(
+                f"{type(self).__name__} cannot wrap {task.name!r}, which has gradient state "
+                "(delayed gradients); apply delayed_gradients last (outermost)"
+            )
+        self.task = task
+        self.name = f"{task.name}+{self.tag}"
+        self.datasets = task.datasets
+
+    def init(self, key: jax.Array) -> Params:
+        return self.task.init(key)
+
+    def loss(self, params: Params, key: jax.Array, batch: Batch) -> jax.Array:
+        return self.task.loss(params, key, batch)
+
+    def normalizer(self, loss: jax.Array) -> jax.Array:
+        return self.task.normalizer(loss)
+
+    def metrics(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
+        return self.task.metrics(params, batch)
+
+
+# -- 1. weight reparameterisation -----------------------------------------------------------
+
+
+class ReparameterizedTask(TaskWrapper):
+    """``w = s * v``: the optimizer trains ``v``, initialised at ``w0 / s`` (C.5 item 1).
+
+    The loss at initialisation equals the inner task's; the gradient is
+    ``dL/dv = s * dL/dw`` (chain rule).
+    """
+
+    def __init__(self, task: Task, scale_fn: Callable[[], Params], level: str):
+        self.tag = f"reparam_{level}"
+        super().__init__(task)
+        self._scale_fn = scale_fn
+        self.level = level
+
+    def scales(self) -> Params:
+        """The scale ``s`` per leaf (a scalar per leaf at global/tensor level)."""
+        return self._scale_fn()
+
+    def inner_params(self, params: Params) -> Params:
+        """The inner task's parameters ``w = s * v``."""
+        return jax.tree_util.tree_map(
+            lambda v, s: v * jnp.asarray(s, v.dtype), params, self._scale_fn()
+        )
+
+    def init(self, key: jax.Array) -> Params:
+        w0 = self.task.init(key)
+        return jax.tree_util.tree_map(
+            lambda w, s: w / jnp.asarray(s, w.dtype), w0, self._scale_fn()
+        )
+
+    def loss(self, params, key, batch):
+        return self.task.loss(self.inner_params(params), key, batch)
+
+    def metrics(self, params, batch):
+        return self.task.metrics(self.inner_params(params), batch)
+
+
+def _abstract_params(task: Task) -> Params:
+    return jax.eval_shape(task.init, jax.random.PRNGKey(0))
+
+
+def reparameterize(task: Task, scales: float | Params) -> ReparameterizedTask:
+    """Reparameterise with explicit scales: one float, or a pytree like the parameters.
+
+    Tree leaves may be scalars (one scale per tensor) or arrays of the leaf's shape
+    (one per parameter).
+    """
+    abstract = _abstract_params(task)
+    if isinstance(scales, int | float):
+        if not scales > 0:
+            raise ValueError(f"reparameterisation scale must be > 0, got {scales}")
+        tree = jax.tree_util.tree_map(lambda _: np.float32(scales), abstract)
+        return ReparameterizedTask(task, lambda: tree, "global")
+    if jax.tree_util.tree_structure(scales) != jax.tree_util.tree_structure(abstract):
+        raise ValueError(
+            "scales must be a float or a pytree with the parameters' structure "
+            f"{jax.tree_util.tree_structure(abstract)}, got {jax.tree_util.tree_structure(scales)}"
+        )
+    tree = jax.tree_util.tree_map(lambda s: np.asarray(s, np.float32), scales)
+    return ReparameterizedTask(task, lambda: tree, "explicit")
+
+
+def reparameterize_random(
+    task: Task, level: str, scale_range: tuple[float, float], seed: int
+) -> Task:
+    """Reparameterise with scales log-uniform in ``scale_range`` (C.5 item 1).
+
+    ``level``: ``"none"`` (the task itself), ``"global"`` (one scale),
+    ``"tensor"`` (one per leaf) or ``"parameter"`` (one per entry). The scales are
+    a deterministic function of ``seed`` and the parameter structure.
+    """
+    if level not in REPARAM_LEVELS:
+        raise ValueError(f"reparam level must be one of {REPARAM_LEVELS}, got {level!r}")
+    lo, hi = (float(v) for v in scale_range)
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
+    if level == "none":
+        return task
+    abstract = _abstract_params(task)
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    log_lo, log_hi = math.log(lo), math.log(hi)
+
+    def scale_fn():
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), _REPARAM_TAG)
+        if level == "parameter":
+            u = uniform_tree(key, abstract)
+        else:
+            draws = jax.random.uniform(key, (1 if level == "global" else len(leaves),))
+            u = jax.tree_util.tree_unflatten(
+                treedef, [draws[0 if level == "global" else i] for i in range(len(leaves))]
+            )
+        return jax.tree_util.tree_map(lambda x: jnp.exp(log_lo + (log_hi - log_lo) * x), u)
+
+    return ReparameterizedTask(task, scale_fn, level)
+
+
+# -- gradient replacement through custom_vjp -------------------------------------------------
+
+
+class GradientModifiedTask(TaskWrapper):
+    """The inner loss with its gradient replaced by ``estimate(params, key, batch, g)``.
+
+    ``estimate`` receives a zero-argument function ``g`` giving the true gradient
+    (its backward pass is only run when called) and returns the gradient the
+    optimizer sees. Written with ``jax.custom_vjp``: ``jax.value_and_grad(loss)``
+    returns ``(inner loss, estimate * cotangent)``.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        estimate: Callable[[Params, jax.Array, Batch, Callable[[], Params]], Params],
+        tag: str,
+        needs_true_grad: bool = True,
+    ):
+        self.tag = tag
+        super().__init__(task)
+        inner_loss = task.loss
+
+        @jax.custom_vjp
+        def loss(params, key, batch):
+            return inner_loss(params, key, batch)
+
+        def fwd(params, key, batch):
+            if needs_true_grad:
+                value, vjp = jax.vjp(lambda p: inner_loss(p, key, batch), params)
+            else:
+                value, vjp = inner_loss(params, key, batch), None
+            return value, (params, key, batch, vjp, value)
+
+        def bwd(res, cotangent):
+            params, key, batch, vjp, value = res
+
+            def true_grad():
+                if vjp is None:
+                    raise ValueError("this gradient estimate was declared without true gradients")
+                return vjp(jnp.ones_like(value))[0]
+
+            grads = estimate(params, key, batch, true_grad)
+            grads = jax.tree_util.tree_map(
+                lambda g, p: jnp.asarray(g * cotangent, jnp.result_type(p)), grads, params
+            )
+            return grads, None, None
+
+        loss.defvjp(fwd, bwd)
+        self._loss = loss
+
+    def loss(self, params, key, batch):
+        return self._loss(params, key, batch)
+
+
+def modify_gradient(task: Task, fn: GradFn, tag: str = "modified_grad") -> GradientModifiedTask:
+    """Replace the gradient by ``fn(grads, key)`` (key derived from the loss key)."""
+
+    def estimate(params, key, batch, true_grad):
+        del params, batch
+        return fn(true_grad(), jax.random.fold_in(key, _GRAD_TAG))
+
+    return GradientModifiedTask(task, estimate, tag)
+
+
+# -- 2. ES gradient estimates --------------------------------------------------------------
+
+
+def es_gradient(task: Task, std: float, num_pairs: int) -> GradientModifiedTask:
+    """Replace the gradient by an antithetic ES estimate (C.5 item 2; Salimans 2017).
+
+    ``g = 1/(2 std n) sum_i [L(x + std e_i) - L(x - std e_i)] e_i``, ``e_i ~ N(0, I)``,
+    every evaluation with the step's key and batch. The loss value is unchanged.
+    """
+    if not std > 0:
+        raise ValueError(f"ES std must be > 0, got {std}")
+    if not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"ES num_pairs must be a positive int, got {num_pairs!r}")
+    inner_loss = task.loss
+
+    def estimate(params, key, batch, true_grad):
+        del true_grad
+        keys = jax.random.split(jax.random.fold_in(key, _ES_TAG), num_pairs)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+
+        def body(i, acc):
+            eps = normal_tree(keys[i], params)
+            pos = _cast_like(jax.tree_util.tree_map(lambda p, e: p + std * e, params, eps), params)
+            neg = _cast_like(jax.tree_util.tree_map(lambda p, e: p - std * e, params, eps), params)
+            diff = jnp.asarray(inner_loss(pos, key, batch), jnp.float32) - jnp.asarray(
+                inner_loss(neg, key, batch), jnp.float32
+            )
+            coef = diff / (2.0 * std * num_pairs)
+            return jax.tree_util.tree_map(lambda a, e: a + coef * e, acc, eps)
+
+        return jax.lax.fori_loop(0, num_pairs, body, zeros)
+
+    return GradientModifiedTask(task, estimate, f"es{num_pairs}x{std:.3g}", needs_true_grad=False)
+
+
+# -- 3. batch-size reduction -----------------------------------------------------------------
+
+
+class _SlicedSplit:
+    """Any split, its batches cut to the first ``batch_size(n)`` examples of each leaf."""
+
+    def __init__(self, split: Any, fraction: float):
+        self.split = split
+        self.fraction = fraction
+
+    def _size(self, n: int) -> int:
+        return max(1, int(n * self.fraction))
+
+    def _cut(self, batch):
+        return jax.tree_util.tree_map(lambda x: x[: self._size(x.shape[0])], batch)
+
+    def sample(self, key: jax.Array):
+        return self._cut(self.split.sample(key))
+
+    def iterator(self, seed: int) -> Iterator[Any]:
+        for batch in self.split.iterator(seed):
+            yield self._cut(batch)
+
+    def abstract_batch(self):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((self._size(x.shape[0]), *x.shape[1:]), x.dtype),
+            self.split.abstract_batch(),
+        )
+
+
+def _reduce_split(split: Any, fraction: float) -> Any:
+    if isinstance(split, NoDataSplit):
+        return split
+    if isinstance(split, ArraySplit):
+        return ArraySplit(split.arrays, max(1, int(split.batch_size * fraction)))
+    if isinstance(split, SequenceSplit):
+        return SequenceSplit(split.tokens, max(1, int(split.batch_size * fraction)), split.seq_len)
+    return _SlicedSplit(split, fraction)
+
+
+class ReducedBatchTask(TaskWrapper):
+    """The inner task with every split's batch size times ``fraction`` (C.5 item 3)."""
+
+    def __init__(self, task: Task, fraction: float):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"batch fraction must be in (0, 1], got {fraction}")
+        self.tag = f"batch{fraction:.3g}"
+        super().__init__(task)
+        self.fraction = float(fraction)
+        ds = task.datasets
+        self.datasets = Datasets(
+            train=_reduce_split(ds.train, fraction),
+            inner_valid=_reduce_split(ds.inner_valid, fraction),
+            outer_valid=_reduce_split(ds.outer_valid, fraction),
+            test=_reduce_split(ds.test, fraction),
+            extra_info=ds.extra_info,
+        )
+
+
+def reduce_batch_size(task: Task, fraction: float) -> Task:
+    """Batches of ``max(1, int(batch_size * fraction))`` examples (C.5 item 3)."""
+    if fraction == 1.0:
+        return task
+    return ReducedBatchTask(task, fraction)
+
+
+# -- 4. bfloat16 ---------------------------------------------------------------------------
+
+
+def _to_bf16(tree: Any) -> Any:
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+class BFloat16Task(TaskWrapper):
+    """Parameters and floating-point data in bfloat16 (C.5 item 4)."""
+
+    tag = "bf16"
+
+    def init(self, key):
+        return _to_bf16(self.task.init(key))
+
+    def loss(self, params, key, batch):
+        loss = self.task.loss(_to_bf16(params), key, _to_bf16(batch))
+        return jnp.asarray(loss, jnp.float32)
+
+    def metrics(self, params, batch):
+        return self.task.metrics(_to_bf16(params), _to_bf16(batch))
+
+
+def to_bfloat16(task: Task) -> BFloat16Task:
+    """Train ``task`` in bfloat16 (C.5 item 4)."""
+    return BFloat16Task(task)
+
+
+# -- 5. gradient normalisation ---------------------------------------------------------------
+
+
+def normalize_gradient(task: Task, mode: str = "global") -> GradientModifiedTask:
+    """Unit-norm gradients (C.5 item 5): over all tensors (``"global"``) or per tensor."""
+    if mode not in ("global", "tensor"):
+        raise ValueError(f"normalize_gradient mode must be 'global' or 'tensor', got {mode!r}")
+
+    def fn(grads, key):
+        del key
+        if mode == "global":
+            inv = _safe_inverse(_tree_norm(grads))
+            return jax.tree_util.tree_map(lambda g: g * inv, grads)
+        return jax.tree_util.tree_map(lambda g: g * _safe_inverse(_tree_norm(g)), grads)
+
+    return modify_gradient(task, fn, f"normgrad_{mode}")
+
+
+# -- 6. directional-gradient subspace -------------------------------------------------------
+
+
+def directional_expectation_factor(num_params: int, sign: bool) -> float:
+    """``E[estimate] = factor * g`` (magnitude) or ``factor * g / ||g||`` (sign).
+
+    With ``u`` uniform on the unit sphere of ``R^d``: ``E[<g, u> u] = g / d`` and
+    ``E[sign(<g, u>) u] = E|u_1| g / ||g||`` with
+    ``E|u_1| = Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2))``.
+    """
+    d = int(num_params)
+    if d < 1:
+        raise ValueError(f"num_params must be >= 1, got {num_params}")
+    if not sign:
+        return 1.0 / d
+    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
+
+
+def directional_gradient(task: Task, num_directions: int, sign: bool = False) -> Task:
+    """Average of ``n`` random directional derivatives (C.5 item 6).
+
+    ``(1/n) sum_i <g, u_i> u_i`` (or ``sign(<g, u_i>) u_i``) with ``u_i`` uniform on
+    the unit sphere of all parameters. Expectation: see
+    :func:`directional_expectation_factor`.
+    """
+    if not isinstance(num_directions, int) or num_directions < 1:
+        raise ValueError(f"num_directions must be a positive int, got {num_directions!r}")
+
+    def fn(grads, key):
+        keys = jax.random.split(key, num_directions)
+        zeros = jax.tree_util.tree_map(lambda g: jnp.zeros(jnp.shape(g), jnp.float32), grads)
+
+        def body(i, acc):
+            u = normal_tree(keys[i], grads)
+            inv = _safe_inverse(_tree_norm(u))
+            amount = _tree_dot(grads, u) * inv
+            if sign:
+                amount = jnp.sign(amount)
+            coef = amount * inv / num_directions
+            return jax.tree_util.tree_map(lambda a, e: a + coef * e, acc, u)
+
+        return jax.lax.fori_loop(0, num_directions, body, zeros)
+
+    tag = f"dirgrad{num_directions}" + ("_sign" if sign else "")
+    return modify_gradient(task, fn, tag)
+
+
+# -- 7. delayed gradients ------------------------------------------------------------------
+
+
+class DelayedGradientTask(Task):
+    """Gradients from ``delay`` steps ago (C.5 item 7); needs :func:`task_value_and_grad`.
+
+    State: the last ``delay`` parameter values (oldest first) and the inner
+    task's gradient state. At step ``t`` the loss and gradient are evaluated at
+    the parameters of step ``t - delay`` on the current key and batch; the
+    buffer starts filled with the parameters given to :meth:`grad_state_init`.
+    ``loss`` is the inner loss at the given parameters (for evaluation).
+    """
+
+    has_gradient_state = True
+
+    def __init__(self, task: Task, delay: int):
+        if not isinstance(task, Task):
+            raise TypeError(f"augmentations wrap a Task, got {type(task).__name__}")
+        if not isinstance(delay, int) or delay < 1:
+            raise ValueError(f"delay must be a positive int, got {delay!r}")
+        self.task = task
+        self.delay = delay
+        self.name = f"{task.name}+delay{delay}"
+        self.datasets = task.datasets
+        self._inner = task_value_and_grad(task)
+
+    def init(self, key):
+        return self.task.init(key)
+
+    def loss(self, params, key, batch):
+        return self.task.loss(params, key, batch)
+
+    def normalizer(self, loss):
+        return self.task.normalizer(loss)
+
+    def metrics(self, params, batch):
+        return self.task.metrics(params, batch)
+
+    def grad_state_init(self, params: Params) -> tuple[Params, Any]:
+        buffer = jax.tree_util.tree_map(
+            lambda p: jnp.repeat(jnp.asarray(p)[None], self.delay, axis=0), params
+        )
+        return buffer, self._inner.init(params)
+
+    def value_and_grad(self, params, key, batch, state):
+        buffer, inner_state = state
+        stale = jax.tree_util.tree_map(lambda b: b[0], buffer)
+        (loss, grads), inner_state = self._inner.value_and_grad(stale, key, batch, inner_state)
+        buffer = jax.tree_util.tree_map(
+            lambda b, p: jnp.concatenate([b[1:], jnp.asarray(p, b.dtype)[None]], axis=0),
+            buffer,
+            params,
+        )
+        return (loss, grads), (buffer, inner_state)
+
+
+def delayed_gradients(task: Task, delay: int) -> DelayedGradientTask:
+    """Gradients computed ``delay`` steps late (C.5 item 7); see the module docstring."""
+    return DelayedGradientTask(task, delay)
+
+
+# -- sampling and applying ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentationConfig:
+    """Which of the seven augmentations to apply, and their settings (C.5).
+
+    Off values: ``reparam_level="none"``, ``es_std=0``, ``batch_fraction=1``,
+    ``bf16=False``, ``normalize_gradient=False``, ``num_directions=0``,
+    ``delay=0``.
+    """
+
+    reparam_level: str = "none"
+    reparam_range: tuple[float, float] = (1.0, 1.0)
+    reparam_seed: int = 0
+    es_std: float = 0.0
+    es_pairs: int = 0
+    batch_fraction: float = 1.0
+    bf16: bool = False
+    normalize_gradient: bool = False
+    num_directions: int = 0
+    direction_sign: bool = False
+    delay: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "reparam_range", tuple(float(v) for v in self.reparam_range))
+        if self.reparam_level not in REPARAM_LEVELS:
+            raise ValueError(
+                f"reparam_level must be one of {REPARAM_LEVELS}, got {self.reparam_level!r}"
+            )
+        lo, hi = self.reparam_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"reparam_range must satisfy 0 < lo <= hi, got {self.reparam_range}")
+        if self.es_std < 0 or (self.es_std > 0) != (self.es_pairs > 0):
+            raise ValueError(
+                "ES needs es_std > 0 and es_pairs > 0 together (or both 0), got "
+                f"es_std={self.es_std}, es_pairs={self.es_pairs}"
+            )
+        if not 0 < self.batch_fraction <= 1:
+            raise ValueError(f"batch_fraction must be in (0, 1], got {self.batch_fraction}")
+        if self.num_directions < 0:
+            raise ValueError(f"num_directions must be >= 0, got {self.num_directions}")
+        if self.delay < 0:
+            raise ValueError(f"delay must be >= 0, got {self.delay}")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when :func:`apply` returns the task unchanged."""
+        return (
+            self.reparam_level == "none"
+            and self.es_pairs == 0
+            and self.batch_fraction == 1.0
+            and not self.bf16
+            and not self.normalize_gradient
+            and self.num_directions == 0
+            and self.delay == 0
+        )
+
+
+def rng_from_key(key: jax.Array) -> np.random.Generator:
+    """A numpy generator seeded by the key's bits (raw or typed keys; needs a concrete key)."""
+    words = np.asarray(jax.random.key_data(key)).ravel()
+    return np.random.default_rng([int(w) for w in words])
+
+
+def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """``exp(U[log lo, log hi])``."""
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def log_uniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """A log-uniform draw in ``[lo, hi]`` rounded to the nearest integer."""
+    return int(min(hi, max(lo, round(log_uniform(rng, lo, hi)))))
+
+
+def sample_augmentation(key: jax.Array) -> AugmentationConfig:
+    """Draw augmentations with the probabilities of C.5 (module docstring)."""
+    rng = rng_from_key(key)
+    level = str(rng.choice(REPARAM_LEVEL_CHOICES))
+    scale_range = REPARAM_RANGES[int(rng.integers(len(REPARAM_RANGES)))]
+    reparam_seed = int(rng.integers(0, 2**31 - 1))
+    es = rng.uniform() < PROBABILITIES["es"]
+    es_std = log_uniform(rng, 1e-3, 1e-1)
+    es_pairs = int(rng.choice(ES_PAIRS))
+    batch = rng.uniform() < PROBABILITIES["batch"]
+    fraction = float(rng.uniform(0.01, 1.0))
+    bf16 = bool(rng.uniform() < PROBABILITIES["bf16"])
+    normalize = bool(rng.uniform() < PROBABILITIES["normalize"])
+    directional = rng.uniform() < PROBABILITIES["directional"]
+    directions = log_uniform_int(rng, 1, 1024)
+    sign = bool(rng.uniform() < 0.5)
+    delayed = rng.uniform() < PROBABILITIES["delay"]
+    delay = log_uniform_int(rng, 1, 8)
+    return AugmentationConfig(
+        reparam_level=level,
+        reparam_range=scale_range if level != "none" else (1.0, 1.0),
+        reparam_seed=reparam_seed if level != "none" else 0,
+        es_std=es_std if es else 0.0,
+        es_pairs=es_pairs if es else 0,
+        batch_fraction=fraction if batch else 1.0,
+        bf16=bf16,
+        normalize_gradient=normalize,
+        num_directions=directions if directional else 0,
+        direction_sign=sign if directional else False,
+        delay=delay if delayed else 0,
+    )
+
+
+def apply(task: Task, config: AugmentationConfig) -> Task:
+    """Wrap ``task`` with the augmentations of ``config`` (order: module docstring)."""
+    if config.batch_fraction < 1.0:
+        task = reduce_batch_size(task, config.batch_fraction)
+    if config.bf16:
+        task = to_bfloat16(task)
+    task = reparameterize_random(
+        task, config.reparam_level, config.reparam_range, config.reparam_seed
+    )
+    if config.es_pairs > 0:
+        task = es_gradient(task, config.es_std, config.es_pairs)
+    if config.num_directions > 0:
+        task = directional_gradient(task, config.num_directions, config.direction_sign)
+    if config.normalize_gradient:
+        task = normalize_gradient(task)
+    if config.delay > 0:
+        task = delayed_gradients(task, config.delay)
+    return task
+
+
+CONFIG_TYPES = {"AugmentationConfig": AugmentationConfig}
