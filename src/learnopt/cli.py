@@ -93,6 +93,7 @@ def _meta_config(args):
         max_seconds=args.max_seconds,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        meta_loss_split=args.meta_loss_split,
     )
 
 
@@ -226,6 +227,7 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
     p.add_argument("--max-seconds", type=float, default=max_seconds, help="wall-time budget")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--meta-loss-split", default="train", help="split of the meta-objective's loss")
 
 
 def main(argv: list[str] | None = None) -> int:

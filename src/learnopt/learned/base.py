@@ -32,6 +32,9 @@ class LearnedOptimizer(abc.ABC):
     """Meta-parameters in, an optax ``GradientTransformationExtraArgs`` out."""
 
     name: str = "learned_optimizer"
+    # True if ``update`` also takes ``valid_loss=`` (a loss on the inner_valid split, seed 000
+    # App. C); the meta-training unroll then computes and passes it at every step.
+    uses_valid_loss: bool = False
 
     @abc.abstractmethod
     def init(self, key: jax.Array) -> MetaParams:

@@ -308,6 +308,7 @@ class RnnFcLOpt(LearnedOptimizer):
     """
 
     name = "rnn_fc_lopt"
+    uses_valid_loss = True
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class MetaTrainConfig:
     max_seconds: float | None = None
     checkpoint_every: int = 100
     seed: int = 0
+    meta_loss_split: str = "train"  # or "outer_valid" (seed 000 App. C)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -82,6 +83,7 @@ def build_estimator(config: MetaTrainConfig, task, lopt):
         horizon=config.horizon,
         trunc_length=config.trunc_length,
         random_offset=True,
+        meta_loss_split=config.meta_loss_split,
     )
     if config.estimator == "pes":
         return PES(unroll, std=config.std)

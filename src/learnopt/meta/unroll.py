@@ -128,6 +128,15 @@ class TruncatedUnroll:
       random_offset: start each task at a random step in ``[0, horizon)``.
       checkpoint: wrap the scan body in ``jax.checkpoint``.
       task_map: ``"vmap"`` or ``"map"`` (``lax.map``) over tasks.
+      meta_loss_split: the split whose loss is recorded for the meta-objective:
+        ``"train"`` (the training-batch loss, seed 004) or e.g. ``"outer_valid"``
+        (a fresh batch of that split at the same parameters, seed 000 App. C's
+        validation meta-objective).
+
+    A learned optimizer with ``uses_valid_loss`` (``rnn_fc_lopt``) also gets
+    ``valid_loss=``, the loss on an ``inner_valid`` batch at the same parameters
+    (seed 000 App. C.3), at every step. Both extra batches use keys folded from
+    the step's data key, so the keys of the training batch are unchanged.
 
     ``theta_batched=True`` (in :meth:`init_state` and :meth:`unroll`) means
     ``theta`` has a leading ``[N]`` axis: one (perturbed) theta per task.
@@ -143,6 +152,7 @@ class TruncatedUnroll:
         random_offset: bool = True,
         checkpoint: bool = True,
         task_map: Literal["vmap", "map"] = "vmap",
+        meta_loss_split: str = "train",
     ):
         for name, value in (
             ("num_tasks", num_tasks),
@@ -161,6 +171,8 @@ class TruncatedUnroll:
         self.random_offset = bool(random_offset)
         self.checkpoint = bool(checkpoint)
         self.task_map = task_map
+        task.datasets.split(meta_loss_split)  # a clear error for an unknown split name
+        self.meta_loss_split = meta_loss_split
 
     # -- single task -------------------------------------------------------------------
 
@@ -182,9 +194,17 @@ class TruncatedUnroll:
 
         batch = self.task.datasets.train.sample(k_data)
         loss, grads = jax.value_and_grad(self.task.loss)(params, k_loss, batch)
-        updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
+        extra = {}
+        if getattr(self.lopt, "uses_valid_loss", False):
+            valid_batch = self.task.datasets.inner_valid.sample(jax.random.fold_in(k_data, 1))
+            extra["valid_loss"] = self.task.loss(params, k_loss, valid_batch)
+        meta = loss
+        if self.meta_loss_split != "train":
+            split = self.task.datasets.split(self.meta_loss_split)
+            meta = self.task.loss(params, k_loss, split.sample(jax.random.fold_in(k_data, 2)))
+        updates, opt_state = opt.update(grads, opt_state, params, loss=loss, **extra)
         params = optax.apply_updates(params, updates)
-        norm_loss = jnp.asarray(self.task.normalizer(loss), jnp.float32)
+        norm_loss = jnp.asarray(self.task.normalizer(meta), jnp.float32)
         record = (norm_loss, loss, jnp.ones((), bool), is_reset, step)
         return (params, opt_state, step + 1), record
 
