@@ -14,12 +14,16 @@ from pathlib import Path
 
 
 def _cmd_tasks(args) -> int:
-    from learnopt.tasks.registry import list_tasks
+    from learnopt.tasks.registry import list_tasks, param_counts
 
     entries = list_tasks()
     width = max(len(e.name) for e in entries)
     for e in entries:
-        print(f"{e.name:<{width}}  {e.description}")
+        try:
+            count = f"{param_counts([e.name])[e.name]:>9,}"
+        except FileNotFoundError:
+            count = f"{'no data':>9}"
+        print(f"{e.name:<{width}}  {count}  {e.description}")
     return 0
 
 

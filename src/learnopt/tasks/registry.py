@@ -99,11 +99,39 @@ _ENTRIES = [
         lambda: QuadraticTask(QuadraticConfig(dim=10)),
     ),
 ]
-TASKS: dict[str, TaskEntry] = {e.name: e for e in _ENTRIES}
+
+
+def _canonical_entries() -> list[TaskEntry]:
+    from learnopt.tasks.canonical import CANONICAL
+
+    return [
+        TaskEntry(name, f"[canonical] {desc}", build) for name, (desc, build) in CANONICAL.items()
+    ]
+
+
+TASKS: dict[str, TaskEntry] = {e.name: e for e in [*_ENTRIES, *_canonical_entries()]}
 
 
 def list_tasks() -> list[TaskEntry]:
     return list(TASKS.values())
+
+
+def param_counts(names: list[str] | None = None) -> dict[str, int]:
+    """Parameter counts of named tasks, cached on disk (building a task reads its data)."""
+    import json
+
+    from learnopt.tasks.data.paths import cache_dir
+
+    path = cache_dir() / "task_params.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for name in names or list(TASKS):
+        if name not in cached:
+            cached[name] = get_task(name).num_params()
+        out[name] = cached[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cached, indent=1))
+    return out
 
 
 def get_task(name: str) -> Task:
