@@ -221,7 +221,11 @@ class MetaTrainer:
                     **{k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0},
                 }
                 log.write(json.dumps(record) + "\n")
-                bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}", steps_per_s=f"{1 / dt:.2f}")
+                bar.set_postfix(
+                    meta_loss=f"{record['meta_loss']:.4f}",
+                    steps_per_s=f"{1 / dt:.2f}",
+                    refresh=False,
+                )
                 bar.update(1)
                 if state["step"] % cfg.checkpoint_every == 0:
                     log.flush()
