@@ -158,6 +158,19 @@ def plot(rows, path: Path, names):
     plt.close(fig)
 
 
+def write_json(path: Path, rows, steps: int, repeats: int) -> None:
+    meta = {
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "platform": platform.platform(),
+        "devices": [str(d) for d in jax.devices()],
+        "steps_per_timing": steps,
+        "repeats": repeats,
+        "load_average": os.getloadavg(),
+    }
+    path.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -171,6 +184,7 @@ def main(argv=None):
         configs += [("mlp", 128, b) for b in (32, 512)] + [("mlp", w, 128) for w in (32, 512)]
         configs += [("conv", 32, b) for b in (32, 128, 512)] + [("conv", w, 128) for w in (8, 64)]
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for kind, width, batch in configs:
         t0 = time.perf_counter()
         rows.append(measure(kind, width, batch, names, steps, repeats))
@@ -184,17 +198,7 @@ def main(argv=None):
                     else r.get("error", "")
                 )
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()],
-        "steps_per_timing": steps,
-        "repeats": repeats,
-        "load_average": os.getloadavg(),
-    }
-    (args.out / "tradeoffs.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=2))
+        write_json(args.out / "tradeoffs.json", rows, steps, repeats)  # partial results survive
     plot(rows, args.out / "tradeoffs.png", names)
     return rows
 
