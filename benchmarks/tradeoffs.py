@@ -97,7 +97,9 @@ def measure(kind, width, batch, names, steps, repeats):
             opt = build_optimizer(name, 10_000)
             states[name] = opt.init(params)
             runners[name] = make_runner(opt, loss_fn, steps)
+            t0 = time.perf_counter()
             jax.block_until_ready(runners[name](params, states[name]))
+            print(f"    compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
         except Exception as e:  # an optimizer that fails is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     times = {name: [] for name in runners}
@@ -125,8 +127,9 @@ def plot(rows, path: Path, names):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for i, kind in enumerate(("mlp", "conv")):
+    kinds = [k for k in ("mlp", "conv") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4 * len(kinds)), squeeze=False)
+    for i, kind in enumerate(kinds):
         kind_rows = [r for r in rows if r["kind"] == kind]
         widths = sorted({r["width"] for r in kind_rows})
         batches = sorted({r["batch"] for r in kind_rows})
@@ -176,13 +179,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--optimizers", nargs="*", default=None)
+    p.add_argument(
+        "--configs", nargs="*", default=None, help="KIND:WIDTH:BATCH, e.g. conv:8:32 mlp:128:128"
+    )
+    p.add_argument("--name", default="tradeoffs", help="stem of the JSON and PNG files")
     args = p.parse_args(argv)
     names = args.optimizers or [*HAND, *LEARNED]
     steps, repeats = (10, 3) if args.quick else (30, 5)
     configs = [("mlp", 128, 128)]
     if not args.quick:
         configs += [("mlp", 128, b) for b in (32, 512)] + [("mlp", w, 128) for w in (32, 512)]
-        configs += [("conv", 32, b) for b in (32, 128, 512)] + [("conv", w, 128) for w in (8, 64)]
+        configs += [("conv", 32, 128), ("conv", 8, 128), ("conv", 32, 32)]
+    if args.configs:
+        configs = [(k, int(w), int(b)) for k, w, b in (c.split(":") for c in args.configs)]
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     for kind, width, batch in configs:
@@ -198,8 +207,8 @@ def main(argv=None):
                     else r.get("error", "")
                 )
             )
-        write_json(args.out / "tradeoffs.json", rows, steps, repeats)  # partial results survive
-    plot(rows, args.out / "tradeoffs.png", names)
+        write_json(args.out / f"{args.name}.json", rows, steps, repeats)  # partial results survive
+    plot(rows, args.out / f"{args.name}.png", names)
     return rows
 
 
