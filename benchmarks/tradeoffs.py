@@ -58,8 +58,8 @@ def build_optimizer(name: str, num_steps: int):
 
 def make_problem(kind: str, width: int, batch: int):
     key = jax.random.PRNGKey(0)
-    if kind == "mlp":
-        model = models.MLP((width, width), 10)
+    if kind in ("mlp", "mlp1"):  # mlp1: one hidden layer (784-w-10), seed 004 §4.1's timing MLP
+        model = models.MLP((width, width) if kind == "mlp" else (width,), 10)
         x = jax.random.uniform(key, (batch, 28, 28))
     else:
         model = models.ConvNet(channels=(width, 2 * width, 2 * width), num_outputs=10)
@@ -127,7 +127,9 @@ def plot(rows, path: Path, names):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("mlp", "conv") if any(r["kind"] == k for r in rows)]
+    kinds = [k for k in ("mlp", "mlp1", "conv") if any(r["kind"] == k for r in rows)]
+    if not kinds:
+        return
     fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
         kind_rows = [r for r in rows if r["kind"] == kind]
