@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import scan_losses, train_like_optax
 
 from learnopt.learned import common
 from learnopt.learned.adafac_mlp import SmallFcLOpt, SmallFcLOptState
@@ -53,16 +54,20 @@ INIT = jax.jit(ELEMENTWISE.init)  # both paths share theta's layout; compile it 
 
 
 def _with_decay_offsets(theta):
-    return dict(theta, momentum_decays=jnp.full((3,), LOG2, jnp.float32),
-                rms_decays=jnp.zeros((1,), jnp.float32),
-                adafactor_decays=jnp.full((3,), -LOG2, jnp.float32))
+    return dict(
+        theta,
+        momentum_decays=jnp.full((3,), LOG2, jnp.float32),
+        rms_decays=jnp.zeros((1,), jnp.float32),
+        adafactor_decays=jnp.full((3,), -LOG2, jnp.float32),
+    )
 
 
 def _perturb(theta, seed: int, scale: float):
     """theta plus NumPy noise (NumPy, so no per-shape eager compilation)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), jnp.float32), theta)
+        lambda x: x + jnp.asarray(scale * rng.normal(size=x.shape), jnp.float32), theta
+    )
 
 
 def _select_theta(k: int, magnitude_bias: float = 0.0):
@@ -72,8 +77,14 @@ def _select_theta(k: int, magnitude_bias: float = 0.0):
     w0[k, 0], w0[k, 1] = 1.0, -1.0
     w1[0, 0] = w1[1, 1] = 1.0
     w2[0, 0], w2[1, 0] = 1.0, -1.0
-    nn = {"w0": w0, "b0": np.zeros(4), "w1": w1, "b1": np.zeros(4), "w2": w2,
-          "b2": np.array([0.0, magnitude_bias])}
+    nn = {
+        "w0": w0,
+        "b0": np.zeros(4),
+        "w1": w1,
+        "b1": np.zeros(4),
+        "w2": w2,
+        "b2": np.array([0.0, magnitude_bias]),
+    }
     nn = {name: jnp.asarray(x, jnp.float32) for name, x in nn.items()}
     return _with_decay_offsets({"nn": nn})
 
@@ -82,6 +93,7 @@ def _select_theta(k: int, magnitude_bias: float = 0.0):
 # good to ~1e-4 relative, which would otherwise dominate the comparison.
 _DECAYS = {k: np.asarray(v, np.float64) for k, v in ELEMENTWISE.decays(_select_theta(0)).items()}
 MOM_DECAYS, RMS_DECAYS, FAC_DECAYS = _DECAYS["momentum"], _DECAYS["rms"], _DECAYS["adafactor"]
+
 
 def _ema(xs, decays):
     v = 0.0
@@ -113,8 +125,23 @@ def _numpy_features(p, g1, g2, dims):
         col = back(np.broadcast_to(vc, mv(g2).shape + (3,)))
         fac_g = g2[..., None] * pre
         fac_mom = m * pre
-    feats = np.concatenate([g2[..., None], p[..., None], m, rms, m * r, r, fac_g, row, col,
-                            1 / np.sqrt(row + 1e-8), 1 / np.sqrt(col + 1e-8), fac_mom], -1)
+    feats = np.concatenate(
+        [
+            g2[..., None],
+            p[..., None],
+            m,
+            rms,
+            m * r,
+            r,
+            fac_g,
+            row,
+            col,
+            1 / np.sqrt(row + 1e-8),
+            1 / np.sqrt(col + 1e-8),
+            fac_mom,
+        ],
+        -1,
+    )
     axes = tuple(range(p.ndim))
     return feats / np.sqrt(1e-5 + np.mean(feats**2, axis=axes, keepdims=True))
 
@@ -153,11 +180,20 @@ def test_every_feature_by_hand(path):
         feats = _numpy_features(PARAMS[name], G1[name], G2[name], FACTORED.get(name))
         got = np.stack([np.asarray(u[name], np.float64).reshape(shape or (1,)) for u, _ in outs])
         for k in range(28):
-            np.testing.assert_allclose(got[k], -1e-3 * feats[..., k], rtol=2e-5, atol=1e-10,
-                                       err_msg=f"feature {k} of {name}")
+            np.testing.assert_allclose(
+                got[k],
+                -1e-3 * feats[..., k],
+                rtol=2e-5,
+                atol=1e-10,
+                err_msg=f"feature {k} of {name}",
+            )
         for j, x in enumerate(TIME_SCALES):  # second update: t = 1, tanh(1/x - 1)
-            np.testing.assert_allclose(got[28 + j], -1e-3 * math.tanh(1.0 / x - 1.0),
-                                       rtol=1e-5, err_msg=f"time feature {j}")
+            np.testing.assert_allclose(
+                got[28 + j],
+                -1e-3 * math.tanh(1.0 / x - 1.0),
+                rtol=1e-5,
+                err_msg=f"time feature {j}",
+            )
         # magnitude m = 500: step = 0.001 * d * exp(0.001 * 500)
         np.testing.assert_allclose(got[39], -1e-3 * feats[..., 0] * math.exp(0.5), rtol=2e-5)
 
@@ -188,8 +224,10 @@ def test_state_shapes_and_jit():
     assert int(state.num_steps) == 7 and int(state.iteration) == 0
     _, state2 = RUN["elementwise"](INIT(jax.random.PRNGKey(0)), PARAMS, G1, G2)
     assert jax.tree.structure(state2) == jax.tree.structure(state)
-    assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(state),
-                                                  jax.tree.leaves(state2), strict=True))
+    assert all(
+        a.dtype == b.dtype
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state2), strict=True)
+    )
 
 
 def test_vmap_over_thetas_and_param_sets():
@@ -198,13 +236,16 @@ def test_vmap_over_thetas_and_param_sets():
     params = [_tree(10 + i) for i in range(3)]
     grads = [(_tree(20 + i), _tree(30 + i)) for i in range(3)]
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    ub, sb = jax.vmap(RUN["elementwise"])(stack(thetas), stack(params),
-                                          stack([g[0] for g in grads]),
-                                          stack([g[1] for g in grads]))
+    ub, sb = jax.vmap(RUN["elementwise"])(
+        stack(thetas), stack(params), stack([g[0] for g in grads]), stack([g[1] for g in grads])
+    )
     for i in range(3):
         ui, si = RUN["elementwise"](thetas[i], params[i], *grads[i])
-        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5,
-                                                                  atol=1e-9), (ub, sb), (ui, si))
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-9),
+            (ub, sb),
+            (ui, si),
+        )
 
 
 def _quadratic_loss(params):
@@ -218,20 +259,7 @@ QPARAMS = {"w": jnp.full((4, 4), 0.5, jnp.float32), "b": jnp.zeros(4, jnp.float3
 
 def _train_like_adam(opt: optax.GradientTransformationExtraArgs, steps: int):
     """The user's loop, written once for optax.adam and the learned optimizer alike."""
-    params = QPARAMS
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses)
+    return train_like_optax(opt, _quadratic_loss, QPARAMS, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -245,16 +273,7 @@ def test_user_trains_like_with_adam():
 
 
 def _unroll_loss(theta):
-    opt = ELEMENTWISE.optimizer(theta, num_steps=3)
-
-    def body(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    _, losses = jax.lax.scan(body, (QPARAMS, opt.init(QPARAMS)), None, length=3)
-    return jnp.mean(losses), losses
+    return scan_losses(ELEMENTWISE.optimizer(theta, num_steps=3), _quadratic_loss, QPARAMS, 3)
 
 
 def test_init_theta_finite_and_meta_gradient():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import scan_losses, train_like_optax
 
 from learnopt.learned.mlp import FcLOpt, FcLOptState
 
@@ -44,8 +45,14 @@ def _select_theta(k: int, magnitude_bias: float = 0.0):
     w0[k, 0], w0[k, 1] = 1.0, -1.0
     w1[0, 0] = w1[1, 1] = 1.0
     w2[0, 0], w2[1, 0] = 1.0, -1.0
-    theta = {"w0": w0, "b0": np.zeros(32), "w1": w1, "b1": np.zeros(32), "w2": w2,
-             "b2": np.array([0.0, magnitude_bias])}
+    theta = {
+        "w0": w0,
+        "b0": np.zeros(32),
+        "w1": w1,
+        "b1": np.zeros(32),
+        "w2": w2,
+        "b2": np.array([0.0, magnitude_bias]),
+    }
     return {name: jnp.asarray(x, jnp.float32) for name, x in theta.items()}
 
 
@@ -75,8 +82,13 @@ def test_every_feature_by_hand():
         feats = _numpy_features(PARAMS[name], G1[name], G2[name])
         got = np.stack([np.asarray(u[name], np.float64).reshape(shape or (1,)) for u, _ in outs])
         for k in range(8):  # g, p, 6 momenta
-            np.testing.assert_allclose(got[k], -1e-3 * feats[..., k], rtol=2e-5, atol=1e-10,
-                                       err_msg=f"feature {k} of {name}")
+            np.testing.assert_allclose(
+                got[k],
+                -1e-3 * feats[..., k],
+                rtol=2e-5,
+                atol=1e-10,
+                err_msg=f"feature {k} of {name}",
+            )
         for j, x in enumerate(TIME_SCALES):  # second update: t = 1
             np.testing.assert_allclose(got[8 + j], -1e-3 * math.tanh(1.0 / x - 1.0), rtol=1e-5)
         np.testing.assert_allclose(got[19], -1e-3 * feats[..., 1] * math.exp(-0.7), rtol=2e-5)
@@ -92,13 +104,17 @@ def test_state_jit_and_vmap():
     params = [_tree(10 + i) for i in range(3)]
     grads = [(_tree(20 + i), _tree(30 + i)) for i in range(3)]
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    ub, sb = jax.vmap(run)(stack(thetas), stack(params), stack([g[0] for g in grads]),
-                           stack([g[1] for g in grads]))
+    ub, sb = jax.vmap(run)(
+        stack(thetas), stack(params), stack([g[0] for g in grads]), stack([g[1] for g in grads])
+    )
     assert np.all(np.asarray(sb.iteration) == 2)
     for i in range(3):
         ui, si = run(thetas[i], params[i], *grads[i])
-        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5,
-                                                                  atol=1e-9), (ub, sb), (ui, si))
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-9),
+            (ub, sb),
+            (ui, si),
+        )
 
 
 X = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) / 12.0
@@ -111,20 +127,8 @@ def _quadratic_loss(params):
 
 
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int):
-    """The user's loop, the same for optax.adam and the learned optimizer."""
-    params, state = QPARAMS, opt.init(QPARAMS)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses)
+    """The user's loop, written once for optax.adam and the learned optimizer alike."""
+    return train_like_optax(opt, _quadratic_loss, QPARAMS, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -136,21 +140,13 @@ def test_user_trains_like_with_adam():
 
 
 def _unroll_loss(theta):
-    opt = LOPT.optimizer(theta, num_steps=3)
-
-    def body(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    _, losses = jax.lax.scan(body, (QPARAMS, opt.init(QPARAMS)), None, length=3)
-    return jnp.mean(losses), losses
+    return scan_losses(LOPT.optimizer(theta, num_steps=3), _quadratic_loss, QPARAMS, 3)
 
 
 def test_init_theta_finite_and_meta_gradient():
     (_, losses), grad = jax.jit(jax.value_and_grad(_unroll_loss, has_aux=True))(
-        INIT(jax.random.PRNGKey(0)))
+        INIT(jax.random.PRNGKey(0))
+    )
     assert np.all(np.isfinite(np.asarray(losses)))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grad))
     assert np.abs(np.asarray(grad["w0"])).max() > 0
