@@ -108,7 +108,7 @@ def test_check_names_the_bad_field_and_custom_substitutes():
     with pytest.raises(ValueError, match="size must be one of"):
         F.MLPFamily(size="huge")
     with pytest.raises(ValueError, match="unknown family"):
-        F.make_family("lopt")
+        F.make_family("l_opt")
 
 
 # --- parameter counts and normalizers (numbers) -----------------------------------------------

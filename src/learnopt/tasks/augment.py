@@ -94,9 +94,8 @@ Departures and choices (the paper gives no more detail than the above):
   data (labels, tokens) is untouched; the returned loss is cast to float32 for
   the normaliser and meta-objective (its value is the bfloat16 computation).
 * Batch-size reduction acts on all four splits (as the released code), giving
-  ``max(1, int(batch_size * fraction))``; the code does not apply it to
-  learned-optimizer tasks, which this function does not know about: the caller
-  decides.
+  ``max(1, int(batch_size * fraction))``; :func:`apply` skips it for tasks with
+  ``batch_reducible = False`` (learned-optimizer tasks, as the released code).
 """
 
 from __future__ import annotations
@@ -786,7 +785,7 @@ def sample_augmentation(key: jax.Array) -> AugmentationConfig:
 
 def apply(task: Task, config: AugmentationConfig) -> Task:
     """Wrap ``task`` with the augmentations of ``config`` (order: module docstring)."""
-    if config.batch_fraction < 1.0:
+    if config.batch_fraction < 1.0 and task.batch_reducible:
         task = reduce_batch_size(task, config.batch_fraction)
     if config.bf16:
         task = to_bfloat16(task)

@@ -203,6 +203,9 @@ class Task:
 
     name: str = "task"
     datasets: Datasets = no_data()
+    # False for tasks whose batches must keep their size (learned-optimizer tasks, which the
+    # batch-size-reduction augmentation of seed 001 C.5 skips).
+    batch_reducible: bool = True
 
     def init(self, key: jax.Array) -> Params:
         raise NotImplementedError

@@ -18,8 +18,9 @@ family (``name``)     paper section      dynamic config (vectorisable)
 ``vit``               C.3.8              dropout rate, attention dropout rate
 ====================  =================  =====================================================
 
-C.3.9 (training a learned optimizer as a task) is not implemented here; it would add an
-``lopt`` family whose inner task is drawn from ``mlp`` and whose dynamic config is that task's.
+A ninth family, ``lopt`` (C.3.9, training a learned optimizer as a task), lives in
+:mod:`learnopt.tasks.lopt_family` and registers itself in ``FAMILIES`` when this module is
+imported (its inner task is drawn from ``mlp``; its dynamic config is that task's).
 
 **Static and dynamic configs** (C.1, "Task vectorization"). ``family.sample(key)`` returns a
 frozen dataclass ``XConfig(static=XStatic(...), dynamic=XDynamic(...))``. The static part holds
@@ -1416,7 +1417,7 @@ def make_family(name: str, **kwargs: Any) -> SampledFamily:
 
 
 def make_families(**kwargs: Any) -> dict[str, SampledFamily]:
-    """All eight families with the same keyword arguments (size, data, substitutes)."""
+    """All nine families with the same keyword arguments (size, data, substitutes)."""
     return {name: cls(**kwargs) for name, cls in FAMILIES.items()}
 
 
@@ -1425,3 +1426,7 @@ def family_of(config: FamilyConfig) -> str:
     if not isinstance(config, FamilyConfig) or not config.family:
         raise TypeError(f"not a sampled-family config: {type(config).__name__}")
     return config.family
+
+
+# The C.3.9 family builds on the classes above and adds itself to FAMILIES and CONFIG_TYPES.
+from learnopt.tasks import lopt_family  # noqa: E402, F401
