@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax_loops import scan_losses, train_like_optax
+from optax_loops import QPARAMS, quadratic_loss, scan_losses, train_like_optax
 
 from learnopt.learned import common
 from learnopt.learned.adafac_mlp import SmallFcLOpt, SmallFcLOptState
@@ -248,18 +248,9 @@ def test_vmap_over_thetas_and_param_sets():
         )
 
 
-def _quadratic_loss(params):
-    x = jnp.arange(12.0).reshape(3, 4) / 12.0
-    y = jnp.array([1.0, -1.0, 0.5, 2.0])
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-QPARAMS = {"w": jnp.full((4, 4), 0.5, jnp.float32), "b": jnp.zeros(4, jnp.float32)}
-
-
 def _train_like_adam(opt: optax.GradientTransformationExtraArgs, steps: int):
     """The user's loop, written once for optax.adam and the learned optimizer alike."""
-    return train_like_optax(opt, _quadratic_loss, QPARAMS, steps)
+    return train_like_optax(opt, quadratic_loss, QPARAMS, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -273,7 +264,7 @@ def test_user_trains_like_with_adam():
 
 
 def _unroll_loss(theta):
-    return scan_losses(ELEMENTWISE.optimizer(theta, num_steps=3), _quadratic_loss, QPARAMS, 3)
+    return scan_losses(ELEMENTWISE.optimizer(theta, num_steps=3), quadratic_loss, QPARAMS, 3)
 
 
 def test_init_theta_finite_and_meta_gradient():

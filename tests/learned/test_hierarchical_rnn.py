@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import scan_run, train_run
 
 from learnopt.learned.hierarchical_rnn import (
     HierarchicalRNN,
@@ -373,20 +374,7 @@ def _mlp_loss(params):
 
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int):
     """The user's loop, written once for optax.adam and the learned optimizer alike."""
-    params = MLP
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_mlp_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses), params, state
+    return train_run(opt, _mlp_loss, MLP, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -415,14 +403,7 @@ def _unroll_loss(theta):
     """Mean log loss (seed 002 Eq. 14 without the constant) over a 3-step unroll on a tiny
     least-squares quadratic, plus the log loss at the final real parameters."""
     opt = LOPT.optimizer(theta, num_steps=3)
-
-    def body(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    (params, state), losses = jax.lax.scan(body, (QPARAMS, opt.init(QPARAMS)), None, length=3)
+    (params, state), losses = scan_run(opt, _quadratic_loss, QPARAMS, 3)
     final = _quadratic_loss(LOPT.real_params(params, state))
     return jnp.mean(jnp.log(losses)) + jnp.log(final), losses
 

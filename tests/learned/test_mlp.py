@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax_loops import scan_losses, train_like_optax
+from optax_loops import QPARAMS, quadratic_loss, scan_losses, train_like_optax
 
 from learnopt.learned.mlp import FcLOpt, FcLOptState
 
@@ -117,18 +117,9 @@ def test_state_jit_and_vmap():
         )
 
 
-X = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) / 12.0
-Y = jnp.array([1.0, -1.0, 0.5, 2.0], jnp.float32)
-QPARAMS = {"w": jnp.full((4, 4), 0.5, jnp.float32), "b": jnp.zeros(4, jnp.float32)}
-
-
-def _quadratic_loss(params):
-    return jnp.mean((X @ params["w"] + params["b"] - Y) ** 2)
-
-
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int):
     """The user's loop, written once for optax.adam and the learned optimizer alike."""
-    return train_like_optax(opt, _quadratic_loss, QPARAMS, steps)
+    return train_like_optax(opt, quadratic_loss, QPARAMS, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -140,7 +131,7 @@ def test_user_trains_like_with_adam():
 
 
 def _unroll_loss(theta):
-    return scan_losses(LOPT.optimizer(theta, num_steps=3), _quadratic_loss, QPARAMS, 3)
+    return scan_losses(LOPT.optimizer(theta, num_steps=3), quadratic_loss, QPARAMS, 3)
 
 
 def test_init_theta_finite_and_meta_gradient():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import QPARAMS, quadratic_loss, scan_losses, train_like_optax
 
 from learnopt.learned import nn_adam
 from learnopt.learned.nn_adam import NNAdam, NNAdamState, encode_hparams, tensor_features
@@ -285,30 +286,9 @@ def test_vmap_over_thetas_and_params():
                                                                   atol=1e-9), (ub, sb), (ui, si))
 
 
-def _quadratic_loss(params):
-    x = jnp.arange(12.0).reshape(3, 4) / 12.0
-    y = jnp.array([1.0, -1.0, 0.5, 2.0])
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-QPARAMS = {"w": jnp.full((4, 4), 0.5), "b": jnp.zeros(4)}
-
-
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int):
     """The user's loop, written once for optax.adam and the learned optimizer alike."""
-    params, state = QPARAMS, opt.init(QPARAMS)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses)
+    return train_like_optax(opt, quadratic_loss, QPARAMS, steps)
 
 
 def test_user_trains_like_with_adam():
@@ -323,15 +303,7 @@ def test_user_trains_like_with_adam():
 
 def _unroll_loss(theta):
     opt = LOPTS["absolute/adam"].optimizer(theta, num_steps=3)
-
-    def body(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    _, losses = jax.lax.scan(body, (QPARAMS, opt.init(QPARAMS)), None, length=3)
-    return jnp.mean(losses)
+    return scan_losses(opt, quadratic_loss, QPARAMS, 3)[0]
 
 
 def test_meta_gradient_of_3_step_unroll_is_finite():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import QPARAMS, quadratic_loss, scan_losses, train_run
 
 from learnopt.learned import rnn_mlp
 from learnopt.learned.rnn_mlp import (
@@ -354,30 +355,10 @@ def test_whole_steps_against_float64_reference_under_jit_and_vmap():
     assert 1e-5 < np.abs(np.asarray(us["w"])).mean() < 1e-2
 
 
-def _quadratic_loss(params):
-    x = jnp.arange(12.0).reshape(3, 4) / 12.0
-    y = jnp.array([1.0, -1.0, 0.5, 2.0])
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-
-QPARAMS = {"w": jnp.full((4, 4), 0.5), "b": jnp.zeros(4)}
-
-
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int):
-    """The user's loop, exactly as written for optax.adam."""
-    params, state = QPARAMS, opt.init(QPARAMS)
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses), state
+    """The user's loop, exactly as written for optax.adam: (losses, final state)."""
+    losses, _, state = train_run(opt, quadratic_loss, QPARAMS, steps)
+    return losses, state
 
 
 def test_user_trains_like_with_adam():
@@ -390,15 +371,7 @@ def test_user_trains_like_with_adam():
 
 def _unroll_loss(theta):
     opt = LOPT.optimizer(theta, num_steps=3)
-
-    def body(carry, _):
-        params, state = carry
-        loss, grads = jax.value_and_grad(_quadratic_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss, valid_loss=1.1 * loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    _, losses = jax.lax.scan(body, (QPARAMS, opt.init(QPARAMS)), None, length=3)
-    return jnp.mean(losses)
+    return scan_losses(opt, quadratic_loss, QPARAMS, 3, lambda loss: {"valid_loss": 1.1 * loss})[0]
 
 
 def test_meta_gradient_of_3_step_unroll_is_finite():

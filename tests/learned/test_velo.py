@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_loops import train_run
 
 from learnopt.learned import velo
 from learnopt.learned.velo import Velo, VeloState
@@ -383,19 +384,7 @@ def _mlp_loss(params):
 
 
 def _train(opt: optax.GradientTransformationExtraArgs, steps: int) -> np.ndarray:
-    params, state = MLP_PARAMS, opt.init(MLP_PARAMS)
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def step(params, state):
-        loss, grads = jax.value_and_grad(_mlp_loss)(params)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-    return np.array(losses)
+    return train_run(opt, _mlp_loss, MLP_PARAMS, steps, compiler_options=FAST_COMPILE)[0]
 
 
 def test_user_trains_like_with_optax_from_initial_theta():
