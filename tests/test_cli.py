@@ -1,5 +1,6 @@
 """The command line: listings and clear errors for unknown names."""
 
+import jax
 import pytest
 
 from learnopt.cli import main
@@ -34,6 +35,7 @@ def test_listings(capsys):
         ),
         (["evaluate"], "exactly one of --run DIR or --pretrained NAME"),
         (["evaluate", "--pretrained", "nope"], "unknown pretrained optimizer"),
+        (["time-model", "--families", "mlpp"], "valid families:"),
     ],
 )
 def test_bad_input_gets_one_clear_error(argv, message, capsys):
@@ -49,3 +51,17 @@ def test_train_writes_metrics_png_and_summary(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 30
     assert (out / "loss.png").stat().st_size > 1000 and (out / "summary.json").exists()
+
+
+def test_time_model_calibrates_and_saves_a_loadable_model(tmp_path, capsys):
+    from learnopt.tasks import families as F
+    from learnopt.tasks import timing as T
+
+    out = tmp_path / "time_model.json"
+    argv = ["time-model", "--families", "mlp", "--samples", "3", "--size", "tiny"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "written to" in capsys.readouterr().out
+    model = T.TimeModel.load(out)
+    assert model.families == ["mlp"] and len(model.info["measurements"]) == 3
+    config = F.make_family("mlp", size="tiny").sample(jax.random.PRNGKey(0))
+    assert 0 < model.predict(config) < 1.0  # seconds per step of a tiny MLP

@@ -2,6 +2,7 @@
 
 learnopt train --task fmnist_mlp_28x28 --optimizer adam --lr 1e-3 --steps 2000
 learnopt tasks | optimizers | data
+learnopt time-model --out time_model.json   # calibrate the budgeted sampler on this machine
 learnopt main            # the README's main job on its built-in default
 """
 
@@ -174,6 +175,26 @@ def _cmd_main(args) -> int:
     return 0
 
 
+def _cmd_time_model(args) -> int:
+    import jax
+
+    from learnopt.tasks import families as F
+    from learnopt.tasks import timing as T
+
+    names = args.families or list(F.FAMILIES)
+    unknown = [n for n in names if n not in F.FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown family {unknown[0]!r}; valid families: {', '.join(F.FAMILIES)}")
+    families = {n: F.make_family(n, size=args.size, data="synthetic") for n in names}
+    model = T.calibrate(families, args.samples, jax.random.PRNGKey(args.seed), path=args.out,
+                        log=lambda msg: print(msg, flush=True))
+    info = model.info
+    print(f"time model of {len(names)} families x {args.samples} tasks written to {args.out}: "
+          f"fit within x2 on {info['fit_within_factor_2']:.0%} of them, "
+          f"RMS log error {info['fit_rms_log_error']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="learnopt", description="Learned optimizers in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -207,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nadamw-trials", type=int, default=0)
     ev.add_argument("--out", default="runs/evaluate")
     ev.set_defaults(fn=_cmd_evaluate)
+
+    tm = sub.add_parser("time-model", help="time sampled tasks on this machine and fit the "
+                        "step-time model of the budgeted sampler (seed 001 C.4)")
+    tm.add_argument("--families", nargs="*", default=None, help="default: all sampled families")
+    tm.add_argument("--samples", type=int, default=5, help="sampled tasks timed per family")
+    tm.add_argument("--size", default="cpu", choices=["cpu", "paper", "tiny"])
+    tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument("--out", default="time_model.json")
+    tm.set_defaults(fn=_cmd_time_model)
 
     m = sub.add_parser("main", help="the main job: meta-train small_fc_lopt, then evaluate it")
     _add_meta_args(m, outer_steps=100_000, max_seconds=600.0)

@@ -159,7 +159,12 @@ class TimeModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimeModel:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A model saved by :meth:`save` (``learnopt time-model``), or the ``model`` entry of
+        a ``benchmarks/time_model.py`` result file."""
+        data = json.loads(Path(path).read_text())
+        if "format_version" not in data and isinstance(data.get("model"), dict):
+            data = data["model"]
+        return cls.from_dict(data)
 
 
 @dataclasses.dataclass(frozen=True)
