@@ -102,6 +102,26 @@ def test_adam_equals_optax_adam():
     np.testing.assert_allclose(np.asarray(u), [-1e-2, 1e-2], rtol=1e-5)
 
 
+def test_adam_meta_gradient_is_finite_when_a_gradient_is_exactly_zero():
+    # A parameter the loss ignores (a dead ReLU unit) keeps v = 0; through optax.adam's
+    # sqrt(v) its meta-gradient was inf * 0 = NaN.
+    lopt = LearnableAdam(initial_lr=0.1)
+
+    def meta_loss(theta):
+        opt = lopt.optimizer(theta, 3)
+        x = jnp.array([1.0, 2.0])
+        state = opt.init(x)
+        for _ in range(3):
+            g = jnp.array([2.0 * x[0], 0.0])  # loss x0^2: x1 gets exactly zero gradient
+            u, state = opt.update(g, state, x, loss=0.0)
+            x = x + u
+        return x[0] ** 2
+
+    grads = jax.grad(meta_loss)(lopt.init(KEY))
+    assert all(np.isfinite(float(v)) for v in grads.values()), grads
+    assert float(grads["log_lr"]) != 0.0
+
+
 def test_default_adam_hyperparameters_round_trip():
     h = LearnableAdam().hyperparameters(LearnableAdam().init(KEY))
     np.testing.assert_allclose(float(h["learning_rate"]), 1e-3, rtol=1e-6)

@@ -14,7 +14,9 @@ meta-gradient can be computed on a quadratic (see ``tests/meta``).
 
 Each ``optimizer(theta, num_steps)`` is the corresponding optax alias
 (``optax.sgd`` / ``optax.adam``) evaluated at the hyperparameters decoded from
-``theta``, so a step equals the optax step at those values bit for bit.
+``theta``, so a step equals the optax step at those values bit for bit (Adam with
+``eps_root = 1e-30``, which changes no step with a nonzero second moment; see
+``EPS_ROOT``).
 
 Parametrisation (unconstrained ``theta``, every leaf a float32 scalar):
 
@@ -40,6 +42,12 @@ import jax.numpy as jnp
 import optax
 
 from learnopt.learned.base import LearnedOptimizer, MetaParams
+
+# Added under Adam's square root: far below float32's resolution of any second moment above
+# ~1e-22, so steps equal optax.adam's; where a parameter's gradient has been exactly zero
+# (v = 0, e.g. a dead ReLU unit) it keeps the meta-gradient finite: d sqrt(v)/dv at 0 is inf
+# and inf * 0 gives NaN.
+EPS_ROOT = 1e-30
 
 
 def _check_range(name: str, value: float, low: float, high: float | None) -> None:
@@ -155,4 +163,5 @@ class LearnableAdam(LearnedOptimizer):
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         del num_steps
         h = self.hyperparameters(theta)
-        return optax.adam(h["learning_rate"], b1=h["b1"], b2=h["b2"], eps=h["eps"])
+        return optax.adam(h["learning_rate"], b1=h["b1"], b2=h["b2"], eps=h["eps"],
+                          eps_root=EPS_ROOT)
