@@ -5,7 +5,9 @@ VeLOdrome's tasks train for 10K steps (seed 001 §4.1); ours are sized so that
 step (batch sampled in-jit, value_and_grad, Adam, apply) runs ``--steps``
 times in one jitted ``lax.scan``; the median of ``--repeats`` calls after a
 warm-up is reported, with optax SGD on the same task as the reference ratio.
-Writes ``benchmarks/results/canonical_step_time.json``.
+Writes ``benchmarks/results/canonical_step_time.json``; with ``--tasks`` only the named
+tasks are measured and their rows replaced in the existing file (other rows kept; the
+replaced values are listed under ``updates`` with the time of the update).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import statistics
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jax
@@ -49,9 +52,22 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="measure only these canonical tasks and update their rows in the existing file",
+    )
+    p.add_argument("--note", default="", help="why the rows were re-measured (with --tasks)")
     args = p.parse_args(argv)
+    names = canonical_names()
+    if args.tasks is not None:
+        unknown = sorted(set(args.tasks) - set(names))
+        if unknown:
+            p.error(f"unknown tasks {unknown}; valid: {', '.join(names)}")
+        names = [n for n in names if n in args.tasks]
     rows = []
-    for name in canonical_names():
+    for name in names:
         task = build_canonical(name)
         adam = step_seconds(task, optax.adam(1e-3), args.steps, args.repeats)
         sgd = step_seconds(task, optax.sgd(1e-2), args.steps, args.repeats)
@@ -71,9 +87,32 @@ def main(argv=None):
         )
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu_count": os.cpu_count(), "jax": jax.__version__, "load_average": os.getloadavg()}
-    (args.out / "canonical_step_time.json").write_text(
-        json.dumps({"machine": meta, "rows": rows}, indent=2)
+    path = args.out / "canonical_step_time.json"
+    result = {"machine": meta, "rows": rows}
+    if args.tasks is not None and path.exists():
+        result = merge(json.loads(path.read_text()), rows, meta, args.note)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def merge(old: dict, rows: list[dict], meta: dict, note: str = "") -> dict:
+    """``old`` with the rows of the tasks in ``rows`` replaced (in canonical order) and an
+    ``updates`` entry recording what was replaced, when, and on what machine state."""
+    new = {r["task"]: r for r in rows}
+    previous = {r["task"]: r for r in old.get("rows", []) if r["task"] in new}
+    order = canonical_names()
+    kept = [r for r in old.get("rows", []) if r["task"] not in new]
+    merged = sorted(
+        kept + rows, key=lambda r: order.index(r["task"]) if r["task"] in order else len(order)
     )
+    update = {
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": meta,
+        "tasks": sorted(new),
+        "previous_adam_step_seconds": {t: r["adam_step_seconds"] for t, r in previous.items()},
+    }
+    if note:
+        update["note"] = note
+    return {**old, "rows": merged, "updates": [*old.get("updates", []), update]}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from learnopt.tasks.conv import Conv
+
 # --- C.2.1 initializers -------------------------------------------------------------------
 
 INITIALIZERS = ("orthogonal", "uniform_sqrt3_fan_in", "normal_sqrt1_fan_in")
@@ -201,7 +203,7 @@ class DynConvNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, act: jax.Array) -> jax.Array:
         for c, s in zip(self.channels, self.strides, strict=True):
-            x = activation(nn.Conv(c, (3, 3), strides=(s, s), padding="SAME")(x), act)
+            x = activation(Conv(c, (3, 3), strides=(s, s), padding="SAME")(x), act)
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -239,7 +241,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, act: jax.Array) -> jax.Array:
         k = self.initial_kernel
-        x = nn.Conv(self.initial_channels, (k, k), padding="SAME")(x)
+        x = Conv(self.initial_channels, (k, k), padding="SAME")(x)
         if self.max_pool:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for g, (blocks, width) in enumerate(
@@ -250,10 +252,10 @@ class ResNet(nn.Module):
                 h = activation(BatchStatNorm()(x), act)
                 shortcut = x
                 if stride != 1 or x.shape[-1] != width:
-                    shortcut = nn.Conv(width, (1, 1), strides=(stride, stride))(h)
-                h = nn.Conv(width, (3, 3), strides=(stride, stride), padding="SAME")(h)
+                    shortcut = Conv(width, (1, 1), strides=(stride, stride))(h)
+                h = Conv(width, (3, 3), strides=(stride, stride), padding="SAME")(h)
                 h = activation(BatchStatNorm()(h), act)
-                h = nn.Conv(width, (3, 3), padding="SAME")(h)
+                h = Conv(width, (3, 3), padding="SAME")(h)
                 x = shortcut + h
         x = activation(BatchStatNorm()(x), act)
         return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
@@ -432,7 +434,7 @@ class ViT(nn.Module):
     def __call__(self, x, rate=0.0, attn_rate=0.0, key=None):
         d = self.num_heads * self.head_dim
         p = self.patch
-        x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID")(x)
+        x = Conv(d, (p, p), strides=(p, p), padding="VALID")(x)
         b = x.shape[0]
         x = x.reshape(b, -1, d)
         cls = jnp.broadcast_to(self.param("cls", nn.initializers.zeros, (1, 1, d)), (b, 1, d))

@@ -3,7 +3,8 @@
 * ``MLP``: flatten, ReLU hidden layers, linear head (seed 004 App. B.1).
 * ``ConvNet``: the seed 004 App. B.2 network: three 3x3 SAME convolutions with
   ReLU (32 channels stride 2, then 64 and 64 stride 1), a mean over the spatial
-  dimensions, and a linear head.
+  dimensions, and a linear head. The convolutions are :class:`learnopt.tasks.conv.Conv`
+  (``nn.Conv``'s parameters and outputs, fast gradients inside ``lax.scan`` on XLA:CPU).
 * ``CharLSTM``: an embedding, one LSTM layer and a linear head over the
   vocabulary (the character language model of seed 000 App. I, fixed sizes).
 """
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from learnopt.tasks.conv import Conv
 
 
 class MLP(nn.Module):
@@ -39,7 +42,7 @@ class ConvNet(nn.Module):
         if x.ndim == 3:  # (batch, H, W) greyscale
             x = x[..., None]
         for c, s in zip(self.channels, self.strides, strict=True):
-            x = nn.relu(nn.Conv(c, (3, 3), strides=(s, s), padding="SAME")(x))
+            x = nn.relu(Conv(c, (3, 3), strides=(s, s), padding="SAME")(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_outputs)(x)
 
