@@ -2,7 +2,8 @@
 
 VeLOdrome is a set of hand-designed "canonical" tasks from the families
 ImageMLP, ImageMLPAE, Conv, ResNet, RNNLM, TransformerLM and ViT, each trained
-for 10K steps (../shared/spec/velo.md §4.1). This module names one or a few
+for 10K steps (../shared/spec/velo.md §4.1), plus LOpt tasks (meta-training a
+learned optimizer, outside VeLOdrome-83), of which two are here. This module names one or a few
 tasks per family, sized so that 10K steps of Adam take minutes on 2 CPU cores,
 on the offline data of this project. Names follow VeLOdrome's pattern with
 the substituted dataset in the name:
@@ -129,6 +130,34 @@ def _transformer(vocab, seq_len):
     )
 
 
+def _lopt(name, architecture, num_steps):
+    """Meta-training ``architecture`` (default sizes) for ``num_steps`` inner steps of the 8x8
+    Fashion-MNIST ReLU-32 MLP at batch 128, as one task (seed 001 C.3.9; VeLOdrome's
+    ``LOpt_*`` tasks)."""
+
+    def build() -> Task:
+        from learnopt.tasks import families as F
+        from learnopt.tasks import lopt_family as L
+
+        inner = F.MLPStatic(paper_dataset="fashion_mnist", dataset="fashion_mnist",
+                            image_size=8, batch_size=128, hidden_size=32, num_layers=1)
+        lopt = {"hidden_size": 0, "hidden_layers": 0, "exp_mult": 0.0, "step_mult": 0.0}
+        if architecture in L.MLP_ARCHITECTURES:
+            lopt = {"hidden_size": 4, "hidden_layers": 2, "exp_mult": 1e-3, "step_mult": 1e-3}
+        static = L.LOptStatic(inner=inner, architecture=architecture, num_steps=num_steps,
+                              outer_batch_size=1, **lopt)
+        dynamic = F.InitActDynamic(
+            init_index=family_models.INITIALIZERS.index("normal_sqrt1_fan_in"),
+            init_scale=1.0,
+            activation=family_models.ACTIVATION_NAMES.index("relu"),
+        )
+        task = L.LOptTask(L.LOptConfig(static, dynamic))
+        task.name = name
+        return task
+
+    return build
+
+
 CANONICAL = {
     "ImageMLP_FashionMnist8_Relu32": (
         "8x8 Fashion-MNIST, MLP 32, ReLU, batch 128",
@@ -195,6 +224,14 @@ CANONICAL = {
     "TransformerLM_shakespeare_4heads_32width_2layers": (
         "Shakespeare characters, Transformer 4 heads x d_model 32 x 2 layers, seq 32, batch 32",
         _text("TransformerLM_shakespeare_4heads_32width_2layers", _transformer),
+    ),
+    "LOpt_SmallFcLOpt_FashionMnist8_Relu32_20steps": (
+        "meta-objective of small_fc_lopt: 20 steps of ImageMLP_FashionMnist8_Relu32",
+        _lopt("LOpt_SmallFcLOpt_FashionMnist8_Relu32_20steps", "small_fc_lopt", 20),
+    ),
+    "LOpt_LearnableAdam_FashionMnist8_Relu32_50steps": (
+        "meta-objective of Adam's hyperparameters: 50 steps of ImageMLP_FashionMnist8_Relu32",
+        _lopt("LOpt_LearnableAdam_FashionMnist8_Relu32_50steps", "learnable_adam", 50),
     ),
 }
 
