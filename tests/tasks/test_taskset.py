@@ -480,6 +480,54 @@ def test_constant_maf_two_bijectors_by_hand():
     np.testing.assert_allclose(run_cheap(log_prob, x), expected, rtol=1e-5)
 
 
+def test_flow_z_is_clipped():
+    # One NVP bijector, D = 2: z1 = (x1 - t) e^{-s} = 2.7e4 (x1 + 1e4) / 1e4 is clipped to 1e4;
+    # the log-determinant still counts the log-scale.
+    t, s = -1e4, -1.0
+    model = flows.Flow("nvp", (4,), 1)
+    x = jnp.array([[0.5, 0.2], [2.0, 0.9]])
+
+    def log_prob(x):
+        params = _zero_output_layers(model.init(jax.random.PRNGKey(0), x)["params"], t, s)
+        return model.apply({"params": params}, x)
+
+    xn = np.asarray(x)
+    expected = -0.5 * (xn[:, 0] ** 2 + flows.Z_CLIP**2) - math.log(2 * math.pi) - s
+    np.testing.assert_allclose(run_cheap(log_prob, x), expected, rtol=1e-5)
+    # below the bound the flow is exact: z1 = (x1 - 0.3) e^{-s}
+    small = jnp.array([[0.5, 0.2]])
+
+    def log_prob_small(x):
+        params = _zero_output_layers(model.init(jax.random.PRNGKey(0), x)["params"], 0.3, s)
+        return model.apply({"params": params}, x)
+
+    z1 = (0.2 - 0.3) * math.exp(-s)
+    expected = -0.5 * (0.25 + z1**2) - math.log(2 * math.pi) - s
+    np.testing.assert_allclose(run_cheap(log_prob_small, small), [expected], rtol=1e-5)
+
+
+# Sampled flow configs whose z ran past 1e19 unclipped (loss inf, gradient NaN) at tiny size,
+# with the keys of tests/tasks/test_all_families.py.
+RUNAWAY_FLOW_KEYS = {"maf": (73, 96), "nvp": (67, 68)}
+
+
+@pytest.mark.parametrize("kind", flows.FLOW_KINDS)
+def test_runaway_flow_initialisations_stay_finite(kind):
+    family = ts.get_family(kind, ts.TaskSetLimits.tiny(), synthetic=True)
+    for i in RUNAWAY_FLOW_KEYS[kind]:
+        task = family.task(family.sample(jax.random.PRNGKey(i)))
+        assert task.config.num_bijectors >= 3 and task.config.w_init.scale > 2.0
+
+        def run(key, task=task, i=i):
+            params = task.init(key)
+            batch = task.datasets.train.sample(jax.random.PRNGKey(i + 1))
+            return jax.value_and_grad(task.loss)(params, jax.random.PRNGKey(i + 2), batch)
+
+        loss, grads = run_cheap(run, jax.random.PRNGKey(i))
+        assert np.isfinite(float(loss)), (i, float(loss))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads)), i
+
+
 def test_made_is_autoregressive():
     d = 5
     made = flows.MADE((7, 6))
