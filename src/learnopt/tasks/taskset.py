@@ -100,6 +100,7 @@ from learnopt.tasks.base import (
     config_from_dict,
     config_to_dict,
 )
+from learnopt.tasks.conv import Conv
 from learnopt.tasks.flows import Flow
 from learnopt.tasks.image import ImageClassificationTask
 from learnopt.tasks.language import LanguageModelTask
@@ -371,7 +372,7 @@ class ConvNet(nn.Module):
         act, init = activation_fn(self.activation), make_initializer(self.w_init)
         x = _center(x, self.center_data)
         for c, s, p in zip(self.channels, self.strides, self.paddings, strict=True):
-            conv = nn.Conv(c, (3, 3), (s, s), padding=p, use_bias=self.use_bias, kernel_init=init)
+            conv = Conv(c, (3, 3), (s, s), padding=p, use_bias=self.use_bias, kernel_init=init)
             x = act(conv(x))
         if self.pool_type == "mean":
             x = jnp.mean(x, axis=(1, 2))
