@@ -52,6 +52,7 @@ Importing :mod:`learnopt.tasks.families` registers this family there as ``"lopt"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -66,17 +67,13 @@ from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGDM
 from learnopt.learned.mlp import FcLOpt
 from learnopt.tasks import families as F
+from learnopt.tasks.augment import log_uniform
 from learnopt.tasks.base import Datasets
 
 ARCHITECTURES = ("learnable_adam", "learnable_sgdm", "learnable_sgd", "fc_lopt", "small_fc_lopt")
 MLP_ARCHITECTURES = ("fc_lopt", "small_fc_lopt")
 MULT_RANGE = (1e-5, 1.0)  # exp_mult and step_mult, log-uniform (C.3.9)
 NORMALIZER_NONFINITE = 10.0
-
-
-def log_uniform_float(rng: np.random.Generator, lo: float, hi: float) -> float:
-    """``exp(U[log lo, log hi])``."""
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +216,7 @@ class LOptTask(F.SampledTask):
             self.inner.abstract_batch(),
         )
 
-    @property
+    @functools.cached_property
     def param_shapes(self):  # type: ignore[override]
         return jax.eval_shape(self.lopt.init, jax.random.PRNGKey(0))
 
@@ -308,8 +305,8 @@ class LOptFamily(F.SampledFamily):
             mlp = dict(
                 hidden_size=F.log_uniform_int(rng, *r["hidden_size"]),
                 hidden_layers=F.log_uniform_int(rng, *r["hidden_layers"]),
-                exp_mult=log_uniform_float(rng, *MULT_RANGE),
-                step_mult=log_uniform_float(rng, *MULT_RANGE),
+                exp_mult=log_uniform(rng, *MULT_RANGE),
+                step_mult=log_uniform(rng, *MULT_RANGE),
             )
         else:
             mlp = dict(hidden_size=0, hidden_layers=0, exp_mult=0.0, step_mult=0.0)
