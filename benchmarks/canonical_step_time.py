@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import optax
 
-from learnopt.tasks.canonical import build_canonical, canonical_names
+from learnopt.tasks.fixed.canonical import build_canonical, canonical_names
 
 
 def step_seconds(task, opt, steps: int, repeats: int) -> float:

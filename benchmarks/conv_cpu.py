@@ -28,7 +28,7 @@ This script times, per layer of that network and for the whole network:
   - ``canonical_vjp``: ``lax_nhwc`` with a ``custom_vjp`` whose two gradients are
     convolutions in the canonical NHWC/HWIO/NHWC form (operands transposed explicitly);
   - ``lax_fwd_im2col_bwd``: ``lax_nhwc`` forward, gradients of the ``im2col`` formulation;
-  - ``learnopt_conv2d``: ``learnopt.tasks.conv.conv2d``, the implementation adopted:
+  - ``learnopt_conv2d``: ``learnopt.tasks.models.conv.conv2d``, the implementation adopted:
     ``canonical_vjp`` closed under differentiation plus ``custom_vmap`` rules (its docstring);
 
 * the reference and the adopted variant again, their network steps timed in alternation
@@ -66,7 +66,7 @@ import jaxlib
 import numpy as np
 from jax import lax
 
-from learnopt.tasks.conv import conv2d
+from learnopt.tasks.models.conv import conv2d
 
 BATCH = 128
 # (H, W, cin, cout, stride) of the three layers of models.ConvNet on 16x16x1 images.
@@ -322,7 +322,7 @@ def layer_errors(conv, layer):
 
 
 def net_params(seed=0):
-    from learnopt.tasks import models
+    from learnopt.tasks.models import standard as models
 
     model = models.ConvNet(num_outputs=NUM_CLASSES)
     return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16)))["params"]

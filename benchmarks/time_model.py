@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from learnopt.tasks import families as F
+from learnopt.tasks.families import velo as F
 from learnopt.tasks import timing as T
 
 ROOT = Path(__file__).resolve().parent

@@ -33,7 +33,7 @@ import optax
 
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.optimizers.registry import get_optimizer
-from learnopt.tasks import models
+from learnopt.tasks.models import standard as models
 
 HAND = ("sgd", "adam", "nadamw")
 LEARNED = (

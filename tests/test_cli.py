@@ -54,7 +54,7 @@ def test_train_writes_metrics_png_and_summary(tmp_path):
 
 
 def test_time_model_calibrates_and_saves_a_loadable_model(tmp_path, capsys):
-    from learnopt.tasks import families as F
+    from learnopt.tasks.families import velo as F
     from learnopt.tasks import timing as T
 
     out = tmp_path / "time_model.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _cmd_tasks(args) -> int:
-    from learnopt.tasks.registry import list_tasks, param_counts
+    from learnopt.tasks.fixed.registry import list_tasks, param_counts
 
     entries = list_tasks()
     width = max(len(e.name) for e in entries)
@@ -51,7 +51,7 @@ def run_training(
     """Train a named task with a named optimizer; write JSONL metrics, a PNG and a summary."""
     from learnopt.optimizers.registry import get_optimizer
     from learnopt.plotting import plot_training
-    from learnopt.tasks.registry import get_task
+    from learnopt.tasks.fixed.registry import get_task
     from learnopt.training import train
 
     opt = get_optimizer(optimizer, learning_rate=lr, num_steps=steps)
@@ -178,7 +178,7 @@ def _cmd_main(args) -> int:
 def _cmd_time_model(args) -> int:
     import jax
 
-    from learnopt.tasks import families as F
+    from learnopt.tasks.families import velo as F
     from learnopt.tasks import timing as T
 
     names = args.families or list(F.FAMILIES)

@@ -10,7 +10,7 @@ import pytest
 from learnopt.bench.compare import score_learned, tune_adam, write_report
 from learnopt.bench.curves import loss_curves, seed_keys
 from learnopt.learned.learnable import LearnableSGD
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
 
 TASK = QuadraticTask(QuadraticConfig(dim=6, min_singular=0.3, max_singular=1.0, seed=1))
 

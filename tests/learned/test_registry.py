@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from learnopt.learned.registry import LEARNED, get_learned_optimizer, list_learned_optimizers
-from learnopt.tasks import models
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.models import standard as models
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
 
 # The paper-size VeLO (2.3M meta-parameters) is counted in test_velo.py with eval_shape;
 # velo_small runs the same code here.

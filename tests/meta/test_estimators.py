@@ -16,7 +16,7 @@ from learnopt.learned.learnable import LearnableAdam, LearnableSGD
 from learnopt.meta.estimators.pes import PES, pes_coefficients
 from learnopt.meta.estimators.tbptt import TruncatedBPTT
 from learnopt.meta.unroll import TruncatedUnroll, UnrollOutput
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
 
 H = 20
 STD = 0.01

@@ -8,7 +8,7 @@ import pytest
 from learnopt.learned.learnable import LearnableSGD
 from learnopt.meta.unroll import TruncatedUnroll, UnrollOutput, meta_loss, meta_loss_per_task
 from learnopt.tasks.base import ArraySplit, Datasets, Task
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
 
 H = 20
 LR = 0.3

@@ -8,7 +8,7 @@ import optax
 
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.meta.unroll import TruncatedUnroll
-from learnopt.tasks import models
+from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import ArraySplit, Datasets
 from learnopt.tasks.image import ImageClassificationTask
 

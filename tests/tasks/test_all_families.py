@@ -14,9 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks import families, synthetic, taskset
-from learnopt.tasks.quadratic import QuadraticFamily
-from learnopt.tasks.taskset_data import TaskSetLimits
+from learnopt.tasks.families import velo as families
+from learnopt.tasks.families import synthetic
+from learnopt.tasks.families import taskset
+from learnopt.tasks.families.quadratic import QuadraticFamily
+from learnopt.tasks.families.taskset_data import TaskSetLimits
 
 FAMILY_BUILDERS = {
     **{

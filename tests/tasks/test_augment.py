@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 from learnopt import training
 from learnopt.tasks import augment as A
-from learnopt.tasks import models
+from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import (
     Datasets,
     NoDataSplit,
@@ -303,7 +303,7 @@ class CounterTask(Task):
 @pytest.mark.parametrize("delay", [1, 3])
 def test_delayed_gradients_return_the_gradient_from_k_steps_ago(delay):
     task = A.delayed_gradients(CounterTask(), delay)
-    tg = A.task_value_and_grad(task)
+    tg = (task)
     x0 = {"x": jnp.full(2, 1.0)}
 
     def step(state, t):  # the parameters of step t hold the counter t + 1
@@ -311,7 +311,7 @@ def test_delayed_gradients_return_the_gradient_from_k_steps_ago(delay):
         (loss, grads), state = tg.value_and_grad(params, jax.random.PRNGKey(0), {}, state)
         return state, (loss, grads["x"][0])
 
-    _, (losses, seen) = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10.0)))(tg.init(x0))
+    _, (losses, seen) = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10.0)))(tg.grad_state_init(x0))
     t = np.arange(10)
     expected = np.maximum(t - delay, 0) + 1.0  # x_{t-k}; the initial x before step k
     assert np.array_equal(np.asarray(seen), expected)
@@ -319,19 +319,19 @@ def test_delayed_gradients_return_the_gradient_from_k_steps_ago(delay):
 
 
 def test_delays_compose_and_plain_tasks_need_no_state():
-    tg = A.task_value_and_grad(A.delayed_gradients(A.delayed_gradients(CounterTask(), 2), 3))
-    state = tg.init({"x": jnp.zeros(2)})
+    tg = (A.delayed_gradients(A.delayed_gradients(CounterTask(), 2), 3))
+    state = tg.grad_state_init({"x": jnp.zeros(2)})
     seen = []
     for t in range(9):
         (_, g), state = tg.value_and_grad({"x": jnp.full(2, float(t))}, None, {}, state)
         seen.append(float(g["x"][0]))
     assert seen == [0.0] * 6 + [1.0, 2.0, 3.0]  # 2 + 3 = 5 steps late
-    plain = A.task_value_and_grad(CounterTask())
-    assert plain.init({"x": jnp.ones(2)}) == ()
+    plain = CounterTask()
+    assert plain.grad_state_init({"x": jnp.ones(2)}) == ()
     (loss, g), state = plain.value_and_grad({"x": jnp.ones(2)}, None, {}, ())
     assert float(loss) == 1.0 and np.allclose(g["x"], 1.0) and state == ()
     delayed = A.delayed_gradients(CounterTask(), 2)
-    assert A.has_gradient_state(delayed) and not A.has_gradient_state(CounterTask())
+    assert delayed.has_gradient_state and not CounterTask().has_gradient_state
     with pytest.raises(ValueError, match="delayed_gradients last"):
         A.to_bfloat16(delayed)
     with pytest.raises(ValueError, match="delay"):
@@ -403,7 +403,7 @@ def test_apply_everything_trains_through_the_gradient_protocol():
     )
     assert A.apply(inner, A.AugmentationConfig()) is inner
     assert A.AugmentationConfig().is_identity and not config.is_identity
-    tg = A.task_value_and_grad(task)
+    tg = (task)
     opt = optax.sgd(0.05)
 
     def step(carry, key):
@@ -413,7 +413,7 @@ def test_apply_everything_trains_through_the_gradient_protocol():
         return (optax.apply_updates(params, updates), opt_state, gstate), loss
 
     params = task.init(jax.random.PRNGKey(0))
-    carry = (params, opt.init(params), tg.init(params))
+    carry = (params, opt.init(params), tg.grad_state_init(params))
     _, losses = jax.jit(
         lambda c: jax.lax.scan(step, c, jax.random.split(jax.random.PRNGKey(1), 4))
     )(carry)

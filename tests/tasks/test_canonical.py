@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks.canonical import build_canonical, canonical_names
+from learnopt.tasks.fixed.canonical import build_canonical, canonical_names
 from learnopt.tasks.data import registry
 
 

@@ -1,4 +1,4 @@
-"""learnopt.tasks.conv.Conv / conv2d equal flax nn.Conv: parameters, outputs, gradients (first and
+"""learnopt.tasks.models.conv.Conv / conv2d equal flax nn.Conv: parameters, outputs, gradients (first and
 second order), under vmap and lax.scan; the models using it keep nn.Conv's parameter trees; and
 inside lax.scan every convolution XLA compiles is in the canonical (fast) form."""
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from learnopt.tasks import family_models, models
-from learnopt.tasks.conv import Conv, conv2d
+from learnopt.tasks.models import sampled as family_models
+from learnopt.tasks.models import standard as models
+from learnopt.tasks.models.conv import Conv, conv2d
 
 # (batch, H, W, cin, cout, kernel, stride, padding): non-square images, cin = 1, kernels
 # 1/3/5, strides 1/2 (and 3), SAME and VALID, sizes where the stride leaves unused rows.

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learnopt.tasks import families as F
-from learnopt.tasks import family_data as fd
-from learnopt.tasks import family_models as fm
+from learnopt.tasks.families import velo as F
+from learnopt.tasks.families import velo_data as fd
+from learnopt.tasks.models import sampled as fm
 from learnopt.tasks.data import registry
 
 FAMILY_NAMES = list(F.FAMILIES)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from learnopt.tasks import augment
-from learnopt.tasks import families as F
-from learnopt.tasks import lopt_family as L
+from learnopt.tasks.families import velo as F
+from learnopt.tasks.families import lopt as L
 
 TANH = 3  # index of tanh in family_models.ACTIVATIONS: smooth, for finite differences
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learnopt.tasks import synthetic as S
+from learnopt.tasks.families import synthetic as S
 from learnopt.tasks.base import NoDataSplit, config_from_dict, config_to_dict
 
 # -- literature functions at their published optima (Surjanovic & Bingham 2013) -----------

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from learnopt.tasks import models
+from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import (
     ArraySplit,
     Task,
@@ -18,8 +18,8 @@ from learnopt.tasks.base import (
 )
 from learnopt.tasks.image import ImageClassificationTask, image_datasets
 from learnopt.tasks.language import LanguageModelTask, text_datasets
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
-from learnopt.tasks.registry import get_task, list_tasks
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
+from learnopt.tasks.fixed.registry import get_task, list_tasks
 
 
 def tiny_image_task(model, shape=(4, 4), n=60, classes=3, seed=0) -> ImageClassificationTask:

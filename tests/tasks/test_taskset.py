@@ -18,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learnopt.tasks import flows, losg, taskset_components, taskset_data
-from learnopt.tasks import taskset as ts
+from learnopt.tasks.models import flows
+from learnopt.tasks.families import losg
+from learnopt.tasks.families import taskset_parts as taskset_components
+from learnopt.tasks.families import taskset_data
+from learnopt.tasks.families import taskset as ts
 from learnopt.tasks.base import config_to_dict
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
-from learnopt.tasks.taskset_components import (
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.taskset_parts import (
     ACTIVATION_WEIGHTS,
     INITIALIZER_WEIGHTS,
     RNN_WEIGHTS,
@@ -30,7 +33,7 @@ from learnopt.tasks.taskset_components import (
     InitConfig,
     RNNCoreConfig,
 )
-from learnopt.tasks.taskset_data import (
+from learnopt.tasks.families.taskset_data import (
     PAPER_BYTE_DATASETS,
     PAPER_IMAGE_DATASETS,
     PAPER_SUBWORD_DATASETS,

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks import families as F
+from learnopt.tasks.families import velo as F
 from learnopt.tasks import timing as T
 
 

@@ -170,7 +170,7 @@ def compare_on_task(
     nadamw_trials: int = 0,
 ) -> tuple[list[OptimizerScore], Path]:
     """Score ``lopt(theta)`` against LR-tuned Adam (and NAdamW search) on a named task."""
-    from learnopt.tasks.registry import get_task
+    from learnopt.tasks.fixed.registry import get_task
 
     task = get_task(task_name)
     seed_list = list(range(seeds))

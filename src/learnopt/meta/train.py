@@ -116,7 +116,7 @@ class MetaTrainer:
 
     def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike, task=None, lopt=None):
         from learnopt.learned.registry import get_learned_optimizer
-        from learnopt.tasks.registry import get_task
+        from learnopt.tasks.fixed.registry import get_task
 
         self.config = config
         self.out = Path(out_dir)

@@ -216,6 +216,23 @@ class Task:
     def normalizer(self, loss: jax.Array) -> jax.Array:
         return jnp.nan_to_num(loss, nan=1e6, posinf=1e6)
 
+    # -- the gradient protocol: how every training loop gets a loss and a gradient ----------
+    # A task whose gradient needs memory across steps (delayed gradients) sets
+    # ``has_gradient_state = True`` and overrides both methods; every other task, augmented or
+    # not, keeps these defaults, and its gradient is ``jax.value_and_grad(loss)``.
+    has_gradient_state: bool = False
+
+    def grad_state_init(self, params: Params) -> Any:
+        """The gradient state of a run starting at ``params`` (``()`` for most tasks)."""
+        del params
+        return ()
+
+    def value_and_grad(
+        self, params: Params, key: jax.Array, batch: Batch, grad_state: Any
+    ) -> tuple[tuple[jax.Array, Params], Any]:
+        """``((loss, grads), grad_state)``: the loss and the gradient the optimizer receives."""
+        return jax.value_and_grad(self.loss)(params, key, batch), grad_state
+
     def metrics(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
         """Extra evaluation metrics on a batch (accuracy for classifiers)."""
         del params, batch

@@ -55,8 +55,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from learnopt.tasks import families as fam
-from learnopt.tasks.families import FamilyConfig, SampledFamily, SampledTask
+from learnopt.tasks.families import velo as fam
+from learnopt.tasks.families.velo import FamilyConfig, SampledFamily, SampledTask
 
 SHARED_FEATURES = ("activations", "params", "layers", "inputs")
 PER_FAMILY_FEATURES = ("overhead", "flops")

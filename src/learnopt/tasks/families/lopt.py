@@ -66,7 +66,7 @@ from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGDM
 from learnopt.learned.mlp import FcLOpt
-from learnopt.tasks import families as F
+from learnopt.tasks.families import velo as F
 from learnopt.tasks.augment import log_uniform
 from learnopt.tasks.base import Datasets
 

@@ -26,15 +26,15 @@ family (``FAMILIES`` key)      what a config samples (seed 000 section)
 ``rnn_text_classification``    vocabulary log[100, 10000]; embedding log[8, 128]; RNN core;
                                readout last / mean / max (I.2.12)
 ``losg_tasks``                 the LOSG problems and transformations (I.2.8), see
-                               :mod:`learnopt.tasks.losg`
+                               :mod:`learnopt.tasks.families.losg`
 ``maf``, ``nvp``               1-4 bijectors of 1 or 2 layers of log[16, 128]; MAF / real NVP
                                on flattened images (I.2.9, I.2.10), see
-                               :mod:`learnopt.tasks.flows`
+                               :mod:`learnopt.tasks.models.flows`
 =============================  ============================================================
 
 Shared components (activations, initializers, RNN cores; I.1.1) live in
-:mod:`learnopt.tasks.taskset_components`, data sampling (I.1.2-I.1.4) in
-:mod:`learnopt.tasks.taskset_data`. Where the paper's text is silent or garbled we follow the
+:mod:`learnopt.tasks.families.taskset_parts`, data sampling (I.1.2-I.1.4) in
+:mod:`learnopt.tasks.families.taskset_data`. Where the paper's text is silent or garbled we follow the
 released TaskSet code; every such place, and every departure, is noted at its definition.
 
 Data sets. The paper's image and text data sets cannot be installed here (CIFAR, ImageNet,
@@ -48,7 +48,7 @@ maps it to an installed registry data set when the task is built:
 * IMDB sentiment -> which of the three corpora a window of words comes from (3 classes).
 
 Pass ``substitutes=native_substitutes()`` to use MNIST / CIFAR-10 files where the user has
-installed them (the registry's real loaders). See :mod:`learnopt.tasks.taskset_data`.
+installed them (the registry's real loaders). See :mod:`learnopt.tasks.families.taskset_data`.
 
 CPU sizes. Configs keep the paper's sampled values; :class:`TaskSetLimits` clamps batch size
 (128), image side (16), window length (64) and vocabulary (2048) when a task is built, and
@@ -100,12 +100,12 @@ from learnopt.tasks.base import (
     config_from_dict,
     config_to_dict,
 )
-from learnopt.tasks.conv import Conv
-from learnopt.tasks.flows import Flow
+from learnopt.tasks.models.conv import Conv
+from learnopt.tasks.models.flows import Flow
 from learnopt.tasks.image import ImageClassificationTask
 from learnopt.tasks.language import LanguageModelTask
-from learnopt.tasks.losg import LOSGConfig, LOSGFamily, LOSGTask
-from learnopt.tasks.taskset_components import (
+from learnopt.tasks.families.losg import LOSGConfig, LOSGFamily, LOSGTask
+from learnopt.tasks.families.taskset_parts import (
     InitConfig,
     NestedConfig,
     RNNCoreConfig,
@@ -122,7 +122,7 @@ from learnopt.tasks.taskset_components import (
     uniform_int,
     weighted_choice,
 )
-from learnopt.tasks.taskset_data import (
+from learnopt.tasks.families.taskset_data import (
     DATASET_SUBSTITUTES,
     SUBWORD_VOCAB,
     ImageDataConfig,
@@ -938,7 +938,7 @@ class RNNTextClassificationFamily(TaskSetFamily):
     """Seed 000 I.2.12. The vocabulary is ``min(sampled, 8185, max_vocab_size)`` (8185: the
     subword vocabulary the released code trims, ``max_token``). The embedding is normal with
     std 1, as for the language models (the paper does not say). The data are the corpus
-    classification stand-in for IMDB (:mod:`learnopt.tasks.taskset_data`)."""
+    classification stand-in for IMDB (:mod:`learnopt.tasks.families.taskset_data`)."""
 
     key, config_type = "rnn_text_classification", RNNTextClassificationConfig
 
@@ -1002,19 +1002,19 @@ class _FlowFamily(TaskSetFamily):
 
 
 class MAFFamily(_FlowFamily):
-    """Seed 000 I.2.9 (see :mod:`learnopt.tasks.flows`)."""
+    """Seed 000 I.2.9 (see :mod:`learnopt.tasks.models.flows`)."""
 
     key, config_type, flow_kind = "maf", MAFConfig, "maf"
 
 
 class NVPFamily(_FlowFamily):
-    """Seed 000 I.2.10 (see :mod:`learnopt.tasks.flows`)."""
+    """Seed 000 I.2.10 (see :mod:`learnopt.tasks.models.flows`)."""
 
     key, config_type, flow_kind = "nvp", NVPConfig, "nvp"
 
 
 class TaskSetLOSGFamily(LOSGFamily):
-    """Seed 000 I.2.8 (:mod:`learnopt.tasks.losg`); takes (and ignores) the data options of the
+    """Seed 000 I.2.8 (:mod:`learnopt.tasks.families.losg`); takes (and ignores) the data options of the
     other families so that every family is built the same way."""
 
     key = "losg_tasks"

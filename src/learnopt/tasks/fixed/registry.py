@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from learnopt.tasks import models
+from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import Task
 from learnopt.tasks.image import ImageClassificationTask, load_image_datasets
 from learnopt.tasks.language import LanguageModelTask, load_text_datasets
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ _ENTRIES = [
 
 
 def _canonical_entries() -> list[TaskEntry]:
-    from learnopt.tasks.canonical import CANONICAL
+    from learnopt.tasks.fixed.canonical import CANONICAL
 
     return [
         TaskEntry(name, f"[canonical] {desc}", build) for name, (desc, build) in CANONICAL.items()

@@ -19,7 +19,7 @@ family (``name``)     paper section      dynamic config (vectorisable)
 ====================  =================  =====================================================
 
 A ninth family, ``lopt`` (C.3.9, training a learned optimizer as a task), lives in
-:mod:`learnopt.tasks.lopt_family` and registers itself in ``FAMILIES`` when this module is
+:mod:`learnopt.tasks.families.lopt` and registers itself in ``FAMILIES`` when this module is
 imported (its inner task is drawn from ``mlp``; its dynamic config is that task's).
 
 **Static and dynamic configs** (C.1, "Task vectorization"). ``family.sample(key)`` returns a
@@ -60,7 +60,7 @@ Validity (C.4's classifier predicts which configs run at all): we make every sam
 valid by construction instead. Conv stride-2 layers are ``min(num_stride2, num_layers)``; ViT
 patch sizes are drawn from those of {2, 4, 8, 12, 16} not larger than the image.
 
-**Data.** Paper data sets are replaced by installable ones (:mod:`learnopt.tasks.family_data`,
+**Data.** Paper data sets are replaced by installable ones (:mod:`learnopt.tasks.families.velo_data`,
 ``DATASET_SUBSTITUTES``); ``data="synthetic"`` gives random in-memory data of the same shapes
 (tests, timing).
 
@@ -77,7 +77,7 @@ patch sizes are drawn from those of {2, 4, 8, 12, 16} not larger than the image.
 * mlp_vae: the per-dimension negative ELBO (the loss divided by the number of pixels unless it
   already is per-dimension); NaN/inf -> 10; ``clip(., 0, 10)``.
 
-Other departures are listed with each family and in :mod:`learnopt.tasks.family_models`.
+Other departures are listed with each family and in :mod:`learnopt.tasks.models.sampled`.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learnopt.tasks import family_data as fd
-from learnopt.tasks import family_models as fm
+from learnopt.tasks.families import velo_data as fd
+from learnopt.tasks.models import sampled as fm
 from learnopt.tasks.base import Datasets, Task, TaskFamily, config_from_dict, config_to_dict
 
 SIZES = ("paper", "cpu", "tiny")
@@ -1429,4 +1429,4 @@ def family_of(config: FamilyConfig) -> str:
 
 
 # The C.3.9 family builds on the classes above and adds itself to FAMILIES and CONFIG_TYPES.
-from learnopt.tasks import lopt_family  # noqa: E402, F401
+from learnopt.tasks.families import lopt as lopt_family  # noqa: E402, F401

@@ -41,22 +41,13 @@ differentiates the estimator as written (e.g. through the ES loss
 evaluations), not the true gradient.
 
 Augmentation 7 needs state across steps (a buffer of past parameters), which a
-loss cannot carry. A delayed task sets ``has_gradient_state = True`` and exposes
-``grad_state_init(params)`` and
+loss cannot carry. A delayed task sets ``has_gradient_state = True`` and overrides
+the task contract's gradient protocol, ``grad_state_init(params)`` and
 ``value_and_grad(params, key, batch, state) -> ((loss, grads), state)``. Its
-``loss`` is the plain inner loss (right for evaluation), so calling
-``jax.value_and_grad(task.loss)`` on it silently drops the delay. A loop that
-must support every task uses :func:`task_value_and_grad`::
-
-    tg = task_value_and_grad(task)          # works for plain and augmented tasks
-    gstate = tg.init(params)                # again whenever params are re-initialised
-    (loss, grads), gstate = tg.value_and_grad(params, key, batch, gstate)
-    updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
-
-For a task without gradient state ``tg.init`` returns ``()`` and
-``tg.value_and_grad`` is ``jax.value_and_grad(task.loss)``, so the state costs
-nothing. Wrappers other than :func:`delayed_gradients` refuse to wrap a task
-with gradient state (apply the delay last, as :func:`apply` does).
+``loss`` is the plain inner loss (right for evaluation). Every training loop in
+learnopt goes through :func:`learnopt.step.inner_step`, which calls the protocol,
+so the delay applies everywhere. Wrappers other than :func:`delayed_gradients`
+refuse to wrap a task with gradient state (apply the delay last, as :func:`apply` does).
 
 Order in :func:`apply` (inner to outer): batch-size reduction, bfloat16,
 reparameterisation, ES estimate, directional subspace, gradient normalisation,
@@ -100,10 +91,9 @@ Departures and choices (the paper gives no more detail than the above):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,53 +112,12 @@ Batch = Any
 GradFn = Callable[[Params, jax.Array], Params]
 
 REPARAM_LEVELS = ("none", "global", "tensor", "parameter")
-REPARAM_LEVEL_CHOICES = ("none", "none", "global", "global", "tensor", "tensor", "parameter")
-REPARAM_RANGES = ((0.001, 1000.0), (0.01, 100.0), (0.1, 10.0))
-ES_PAIRS = (1, 2, 4, 8, 16)
-PROBABILITIES = {
-    "es": 0.08,
-    "batch": 0.2,
-    "bf16": 0.2,
-    "normalize": 0.05,
-    "directional": 0.08,
-    "delay": 0.05,
-}
 
 # Constants folded into the loss key so estimator noise is independent of the key the
 # inner loss itself receives.
 _ES_TAG = 0x5E5
 _GRAD_TAG = 0xD1C
 _REPARAM_TAG = 0x5CA
-
-
-# -- the gradient protocol ------------------------------------------------------------------
-
-
-class TaskGradient(NamedTuple):
-    """``init(params) -> state`` and ``value_and_grad(params, key, batch, state)``.
-
-    ``value_and_grad`` returns ``((loss, grads), state)``. See the module docstring.
-    """
-
-    init: Callable[[Params], Any]
-    value_and_grad: Callable[[Params, jax.Array, Batch, Any], tuple[tuple[jax.Array, Params], Any]]
-
-
-def has_gradient_state(task: Task) -> bool:
-    """Whether ``task`` needs :func:`task_value_and_grad` (delayed gradients)."""
-    return bool(getattr(task, "has_gradient_state", False))
-
-
-def task_value_and_grad(task: Task) -> TaskGradient:
-    """The gradient function for any task, plain or augmented (module docstring)."""
-    if has_gradient_state(task):
-        return TaskGradient(task.grad_state_init, task.value_and_grad)
-    vg = jax.value_and_grad(task.loss)
-
-    def value_and_grad(params, key, batch, state):
-        return vg(params, key, batch), state
-
-    return TaskGradient(lambda params: (), value_and_grad)
 
 
 # -- tree helpers -----------------------------------------------------------------------------
@@ -231,7 +180,7 @@ class TaskWrapper(Task):
     def __init__(self, task: Task):
         if not isinstance(task, Task):
             raise TypeError(f"augmentations wrap a Task, got {type(task).__name__}")
-        if has_gradient_state(task):
+        if task.has_gradient_state:
             raise ValueError(
                 f"{type(self).__name__} cannot wrap {task.name!r}, which has gradient state "
                 "(delayed gradients); apply delayed_gradients last (outermost)"
@@ -618,7 +567,7 @@ def directional_gradient(task: Task, num_directions: int, sign: bool = False) ->
 
 
 class DelayedGradientTask(Task):
-    """Gradients from ``delay`` steps ago (C.5 item 7); needs :func:`task_value_and_grad`.
+    """Gradients from ``delay`` steps ago (C.5 item 7); see ``Task.value_and_grad``.
 
     State: the last ``delay`` parameter values (oldest first) and the inner
     task's gradient state. At step ``t`` the loss and gradient are evaluated at
@@ -638,7 +587,6 @@ class DelayedGradientTask(Task):
         self.delay = delay
         self.name = f"{task.name}+delay{delay}"
         self.datasets = task.datasets
-        self._inner = task_value_and_grad(task)
 
     def init(self, key):
         return self.task.init(key)
@@ -656,12 +604,12 @@ class DelayedGradientTask(Task):
         buffer = jax.tree_util.tree_map(
             lambda p: jnp.repeat(jnp.asarray(p)[None], self.delay, axis=0), params
         )
-        return buffer, self._inner.init(params)
+        return buffer, self.task.grad_state_init(params)
 
     def value_and_grad(self, params, key, batch, state):
         buffer, inner_state = state
         stale = jax.tree_util.tree_map(lambda b: b[0], buffer)
-        (loss, grads), inner_state = self._inner.value_and_grad(stale, key, batch, inner_state)
+        (loss, grads), inner_state = self.task.value_and_grad(stale, key, batch, inner_state)
         buffer = jax.tree_util.tree_map(
             lambda b, p: jnp.concatenate([b[1:], jnp.asarray(p, b.dtype)[None]], axis=0),
             buffer,
@@ -673,134 +621,3 @@ class DelayedGradientTask(Task):
 def delayed_gradients(task: Task, delay: int) -> DelayedGradientTask:
     """Gradients computed ``delay`` steps late (C.5 item 7); see the module docstring."""
     return DelayedGradientTask(task, delay)
-
-
-# -- sampling and applying ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentationConfig:
-    """Which of the seven augmentations to apply, and their settings (C.5).
-
-    Off values: ``reparam_level="none"``, ``es_std=0``, ``batch_fraction=1``,
-    ``bf16=False``, ``normalize_gradient=False``, ``num_directions=0``,
-    ``delay=0``.
-    """
-
-    reparam_level: str = "none"
-    reparam_range: tuple[float, float] = (1.0, 1.0)
-    reparam_seed: int = 0
-    es_std: float = 0.0
-    es_pairs: int = 0
-    batch_fraction: float = 1.0
-    bf16: bool = False
-    normalize_gradient: bool = False
-    num_directions: int = 0
-    direction_sign: bool = False
-    delay: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "reparam_range", tuple(float(v) for v in self.reparam_range))
-        if self.reparam_level not in REPARAM_LEVELS:
-            raise ValueError(
-                f"reparam_level must be one of {REPARAM_LEVELS}, got {self.reparam_level!r}"
-            )
-        lo, hi = self.reparam_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"reparam_range must satisfy 0 < lo <= hi, got {self.reparam_range}")
-        if self.es_std < 0 or (self.es_std > 0) != (self.es_pairs > 0):
-            raise ValueError(
-                "ES needs es_std > 0 and es_pairs > 0 together (or both 0), got "
-                f"es_std={self.es_std}, es_pairs={self.es_pairs}"
-            )
-        if not 0 < self.batch_fraction <= 1:
-            raise ValueError(f"batch_fraction must be in (0, 1], got {self.batch_fraction}")
-        if self.num_directions < 0:
-            raise ValueError(f"num_directions must be >= 0, got {self.num_directions}")
-        if self.delay < 0:
-            raise ValueError(f"delay must be >= 0, got {self.delay}")
-
-    @property
-    def is_identity(self) -> bool:
-        """True when :func:`apply` returns the task unchanged."""
-        return (
-            self.reparam_level == "none"
-            and self.es_pairs == 0
-            and self.batch_fraction == 1.0
-            and not self.bf16
-            and not self.normalize_gradient
-            and self.num_directions == 0
-            and self.delay == 0
-        )
-
-
-def rng_from_key(key: jax.Array) -> np.random.Generator:
-    """A numpy generator seeded by the key's bits (raw or typed keys; needs a concrete key)."""
-    words = np.asarray(jax.random.key_data(key)).ravel()
-    return np.random.default_rng([int(w) for w in words])
-
-
-def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
-    """``exp(U[log lo, log hi])``."""
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-
-
-def log_uniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:
-    """A log-uniform draw in ``[lo, hi]`` rounded to the nearest integer."""
-    return int(min(hi, max(lo, round(log_uniform(rng, lo, hi)))))
-
-
-def sample_augmentation(key: jax.Array) -> AugmentationConfig:
-    """Draw augmentations with the probabilities of C.5 (module docstring)."""
-    rng = rng_from_key(key)
-    level = str(rng.choice(REPARAM_LEVEL_CHOICES))
-    scale_range = REPARAM_RANGES[int(rng.integers(len(REPARAM_RANGES)))]
-    reparam_seed = int(rng.integers(0, 2**31 - 1))
-    es = rng.uniform() < PROBABILITIES["es"]
-    es_std = log_uniform(rng, 1e-3, 1e-1)
-    es_pairs = int(rng.choice(ES_PAIRS))
-    batch = rng.uniform() < PROBABILITIES["batch"]
-    fraction = float(rng.uniform(0.01, 1.0))
-    bf16 = bool(rng.uniform() < PROBABILITIES["bf16"])
-    normalize = bool(rng.uniform() < PROBABILITIES["normalize"])
-    directional = rng.uniform() < PROBABILITIES["directional"]
-    directions = log_uniform_int(rng, 1, 1024)
-    sign = bool(rng.uniform() < 0.5)
-    delayed = rng.uniform() < PROBABILITIES["delay"]
-    delay = log_uniform_int(rng, 1, 8)
-    return AugmentationConfig(
-        reparam_level=level,
-        reparam_range=scale_range if level != "none" else (1.0, 1.0),
-        reparam_seed=reparam_seed if level != "none" else 0,
-        es_std=es_std if es else 0.0,
-        es_pairs=es_pairs if es else 0,
-        batch_fraction=fraction if batch else 1.0,
-        bf16=bf16,
-        normalize_gradient=normalize,
-        num_directions=directions if directional else 0,
-        direction_sign=sign if directional else False,
-        delay=delay if delayed else 0,
-    )
-
-
-def apply(task: Task, config: AugmentationConfig) -> Task:
-    """Wrap ``task`` with the augmentations of ``config`` (order: module docstring)."""
-    if config.batch_fraction < 1.0 and task.batch_reducible:
-        task = reduce_batch_size(task, config.batch_fraction)
-    if config.bf16:
-        task = to_bfloat16(task)
-    task = reparameterize_random(
-        task, config.reparam_level, config.reparam_range, config.reparam_seed
-    )
-    if config.es_pairs > 0:
-        task = es_gradient(task, config.es_std, config.es_pairs)
-    if config.num_directions > 0:
-        task = directional_gradient(task, config.num_directions, config.direction_sign)
-    if config.normalize_gradient:
-        task = normalize_gradient(task)
-    if config.delay > 0:
-        task = delayed_gradients(task, config.delay)
-    return task
-
-
-CONFIG_TYPES = {"AugmentationConfig": AugmentationConfig}

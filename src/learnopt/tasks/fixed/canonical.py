@@ -27,7 +27,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from learnopt.tasks import family_models, models
+from learnopt.tasks.models import sampled as family_models
+from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import Task, clip_normalizer
 from learnopt.tasks.image import ImageClassificationTask, load_image_datasets
 from learnopt.tasks.language import LanguageModelTask, load_text_datasets
@@ -136,8 +137,8 @@ def _lopt(name, architecture, num_steps):
     ``LOpt_*`` tasks)."""
 
     def build() -> Task:
-        from learnopt.tasks import families as F
-        from learnopt.tasks import lopt_family as L
+        from learnopt.tasks.families import velo as F
+        from learnopt.tasks.families import lopt as L
 
         inner = F.MLPStatic(paper_dataset="fashion_mnist", dataset="fashion_mnist",
                             image_size=8, batch_size=128, hidden_size=32, num_layers=1)

@@ -3,7 +3,7 @@
 * ``MLP``: flatten, ReLU hidden layers, linear head (seed 004 App. B.1).
 * ``ConvNet``: the seed 004 App. B.2 network: three 3x3 SAME convolutions with
   ReLU (32 channels stride 2, then 64 and 64 stride 1), a mean over the spatial
-  dimensions, and a linear head. The convolutions are :class:`learnopt.tasks.conv.Conv`
+  dimensions, and a linear head. The convolutions are :class:`learnopt.tasks.models.conv.Conv`
   (``nn.Conv``'s parameters and outputs, fast gradients inside ``lax.scan`` on XLA:CPU).
 * ``CharLSTM``: an embedding, one LSTM layer and a linear head over the
   vocabulary (the character language model of seed 000 App. I, fixed sizes).
@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from learnopt.tasks.conv import Conv
+from learnopt.tasks.models.conv import Conv
 
 
 class MLP(nn.Module):

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from learnopt.tasks.base import ArraySplit, Datasets, SequenceSplit, split_indices
-from learnopt.tasks.taskset_components import (
+from learnopt.tasks.families.taskset_parts import (
     bernoulli,
     choice,
     log_float,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learnopt.tasks.conv import Conv
+from learnopt.tasks.models.conv import Conv
 
 # --- C.2.1 initializers -------------------------------------------------------------------
 

@@ -749,7 +749,7 @@ class SumTask(Task):
         if len(tasks) < 1:
             raise ValueError("SumTask needs at least one task")
         for t in tasks:
-            if augment.has_gradient_state(t):
+            if t.has_gradient_state:
                 raise ValueError(f"SumTask cannot hold {t.name!r}, which has gradient state")
         self.tasks = list(tasks)
         self.name = "sum(" + ",".join(t.name for t in tasks) + ")"

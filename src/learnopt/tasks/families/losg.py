@@ -6,9 +6,9 @@ of a base problem (../shared/spec/three-papers.md A.3). Ranges are the paper's w
 them and the released code's (``task_set/tasks/losg_tasks.py``) otherwise:
 
 * ``quadratic``: dimension log-uniform in [10, 1000]; gradient noise with probability 0.5,
-  std log-uniform in [0.01, 10]. Reuses :mod:`learnopt.tasks.quadratic`: the matrix and
-  target are those of a :class:`~learnopt.tasks.quadratic.QuadraticTask` drawn by
-  :class:`~learnopt.tasks.quadratic.QuadraticFamily` (controlled singular values instead of
+  std log-uniform in [0.01, 10]. Reuses :mod:`learnopt.tasks.families.quadratic`: the matrix and
+  target are those of a :class:`~learnopt.tasks.families.quadratic.QuadraticTask` drawn by
+  :class:`~learnopt.tasks.families.quadratic.QuadraticFamily` (controlled singular values instead of
   the LOSG code's Gaussian matrix), loss ``0.5 ||A x - b||^2``.
 * ``bowl``: ``0.5 ||sqrt(diag(c, 1)) R(angle) x||^2`` with condition number ``c``
   log-uniform in [0.01, 100], angle from {0, 0, pi/4, pi/3}; noise as above.
@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from learnopt.tasks.base import ArraySplit, Datasets, Task, TaskFamily, no_data
-from learnopt.tasks.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
-from learnopt.tasks.taskset_components import (
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
+from learnopt.tasks.families.taskset_parts import (
     activation_fn,
     bernoulli,
     choice,
