@@ -1,8 +1,7 @@
 """Inner training: run any optax optimizer (hand-designed or learned) on a Task.
 
-One code path for every optimizer: ``update(grads, state, params, loss=loss)``
-(a plain optax transformation is given extra-args support), so hand-designed
-and learned optimizers are trained and measured identically.
+Every step is :func:`learnopt.step.inner_step`, so hand-designed and learned
+optimizers, and augmented tasks, are trained and measured identically.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from learnopt.step import TrainState, init_train_state, inner_step, needs_valid_batch
 from learnopt.tasks.base import ArraySplit, NoDataSplit, Task
 
 
@@ -36,15 +36,14 @@ class TrainResult:
         return self.evals[-1] if self.evals else {}
 
 
-def make_train_step(task: Task, opt: optax.GradientTransformationExtraArgs):
-    """A jitted ``(params, state, batch, key) -> (params, state, loss)``."""
+def make_train_step(task: Task, opt: optax.GradientTransformation):
+    """A jitted :func:`learnopt.step.inner_step` for ``task`` and ``opt``:
+    ``(state, batch, key, valid_batch=None) -> (state, loss)``."""
 
-    def step(params, state, batch, key):
-        loss, grads = jax.value_and_grad(task.loss)(params, key, batch)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return optax.apply_updates(params, updates), state, loss
+    def step_fn(state: TrainState, batch, key, valid_batch=None):
+        return inner_step(task, opt, state, batch, key, valid_batch)
 
-    return jax.jit(step)
+    return jax.jit(step_fn)
 
 
 def _eval_batches(task: Task, split_name: str, max_batches: int) -> Iterator[Any]:
@@ -120,10 +119,10 @@ def train(
     opt = optax.with_extra_args_support(opt)
     key = jax.random.PRNGKey(seed)
     init_key, loop_key = jax.random.split(key)
-    params = task.init(init_key)
-    state = opt.init(params)
+    state = init_train_state(task, opt, task.init(init_key))
     step_fn = make_train_step(task, opt)
     batches = task.datasets.train.iterator(seed)
+    valid_batches = task.datasets.inner_valid.iterator(seed) if needs_valid_batch(opt) else None
     eval_every = eval_every or max(1, num_steps // 10)
     losses = np.zeros(num_steps, np.float32)
     evals: list[dict[str, float]] = []
@@ -135,11 +134,13 @@ def train(
     try:
         for i in range(num_steps):
             step_key = jax.random.fold_in(loop_key, i)
-            params, state, loss = step_fn(params, state, next(batches), step_key)
+            valid_batch = next(valid_batches) if valid_batches is not None else None
+            state, loss = step_fn(state, next(batches), step_key, valid_batch)
             losses[i] = float(loss)
             record: dict[str, float] = {"step": i + 1, "train_loss": losses[i].item()}
             if (i + 1) % eval_every == 0 or i + 1 == num_steps:
-                ev = {f"{eval_split}_{k}": v for k, v in evaluate(task, params, eval_split).items()}
+                ev = evaluate(task, state.params, eval_split)
+                ev = {f"{eval_split}_{k}": v for k, v in ev.items()}
                 evals.append({"step": i + 1, **ev})
                 record.update(ev)
                 bar.set_postfix(loss=f"{losses[i]:.4f}", **{k: f"{v:.4f}" for k, v in ev.items()})
@@ -150,7 +151,7 @@ def train(
         bar.close()
         if log:
             log.close()
-    return TrainResult(losses, evals, params, time.perf_counter() - start)
+    return TrainResult(losses, evals, state.params, time.perf_counter() - start)
 
 
 def smooth(values: np.ndarray, window: int = 50) -> np.ndarray:

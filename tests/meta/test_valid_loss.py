@@ -8,9 +8,10 @@ import optax
 
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.meta.unroll import TruncatedUnroll
-from learnopt.tasks.models import standard as models
+from learnopt.step import declare_extra_args
 from learnopt.tasks.base import ArraySplit, Datasets
 from learnopt.tasks.image import ImageClassificationTask
+from learnopt.tasks.models import standard as models
 
 RNG = np.random.default_rng(0)
 A = RNG.uniform(size=(1, 3, 3)).astype(np.float32)  # every inner_valid example
@@ -35,7 +36,6 @@ class RecordingSGD(LearnedOptimizer):
     """SGD whose state keeps the last ``valid_loss`` it was given."""
 
     name = "recording_sgd"
-    uses_valid_loss = True
 
     def init(self, key):
         return {"lr": jnp.asarray(0.1)}
@@ -47,7 +47,9 @@ class RecordingSGD(LearnedOptimizer):
         def update(grads, state, params=None, *, loss=None, valid_loss=None, **_):
             return jax.tree_util.tree_map(lambda g: -theta["lr"] * g, grads), valid_loss
 
-        return optax.GradientTransformationExtraArgs(init, update)
+        return declare_extra_args(
+            optax.GradientTransformationExtraArgs(init, update), ("loss", "valid_loss")
+        )
 
 
 def test_valid_loss_is_the_inner_valid_loss_and_meta_loss_can_use_outer_valid():

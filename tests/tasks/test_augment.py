@@ -11,8 +11,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from learnopt import training
+from learnopt.step import init_train_state
 from learnopt.tasks import augment as A
-from learnopt.tasks.models import standard as models
+from learnopt.tasks.augment import wrappers
 from learnopt.tasks.base import (
     Datasets,
     NoDataSplit,
@@ -22,6 +23,7 @@ from learnopt.tasks.base import (
     config_to_dict,
 )
 from learnopt.tasks.image import ImageClassificationTask, image_datasets
+from learnopt.tasks.models import standard as models
 
 SHAPES = {"a": (), "b": (3,), "c": (2, 3), "d": (2, 1, 2, 3)}  # ranks 0, 1, 2 and 4
 DIM = sum(math.prod(s) for s in SHAPES.values())  # 22
@@ -171,7 +173,7 @@ def test_batch_size_reduction_gives_the_smaller_batch():
     tokens = np.arange(200) % 7
     seq = SequenceSplit(tokens, batch_size=8, seq_len=5)
     nodata = NoDataSplit()
-    generic = A._SlicedSplit(seq, 1.0)  # a split type the wrapper does not know
+    generic = wrappers._SlicedSplit(seq, 1.0)  # a split type the wrapper does not know
     lm = ToyTask()
     lm.datasets = Datasets(seq, generic, nodata, seq)
     reduced = A.reduce_batch_size(lm, 0.5).datasets
@@ -209,7 +211,7 @@ def test_bfloat16_changes_dtypes_and_keeps_the_loss_within_tolerance():
     assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
     assert float(loss16) != float(loss32)  # computed in bfloat16
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
-    labels = A._to_bf16(batch)["label"]
+    labels = wrappers._to_bf16(batch)["label"]
     assert labels.dtype == batch["label"].dtype  # integer data untouched
 
 
@@ -311,7 +313,8 @@ def test_delayed_gradients_return_the_gradient_from_k_steps_ago(delay):
         (loss, grads), state = tg.value_and_grad(params, jax.random.PRNGKey(0), {}, state)
         return state, (loss, grads["x"][0])
 
-    _, (losses, seen) = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10.0)))(tg.grad_state_init(x0))
+    run = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10.0)))
+    _, (losses, seen) = run(tg.grad_state_init(x0))
     t = np.arange(10)
     expected = np.maximum(t - delay, 0) + 1.0  # x_{t-k}; the initial x before step k
     assert np.array_equal(np.asarray(seen), expected)
@@ -420,16 +423,15 @@ def test_apply_everything_trains_through_the_gradient_protocol():
     assert np.all(np.isfinite(np.asarray(losses)))
 
 
-def test_existing_train_step_applies_stateless_gradient_augmentations():
+def test_train_step_applies_stateless_gradient_augmentations():
     inner = ToyTask()
     task = A.normalize_gradient(inner)
     step = training.make_train_step(task, optax.sgd(0.1))
     params = task.init(jax.random.PRNGKey(0))
-    state = optax.sgd(0.1).init(params)
-    before = flat(params)
-    params, state, loss = step(params, state, {}, jax.random.PRNGKey(1))
+    state = init_train_state(task, optax.sgd(0.1), params)
+    state, loss = step(state, {}, jax.random.PRNGKey(1))
     # plain SGD on a normalised gradient moves exactly 0.1
-    assert np.linalg.norm(flat(params) - before) == pytest.approx(0.1, rel=1e-4)
+    assert np.linalg.norm(flat(state.params) - flat(params)) == pytest.approx(0.1, rel=1e-4)
 
 
 def test_bad_configs_are_named():

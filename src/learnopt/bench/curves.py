@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learnopt.step import init_train_state, inner_step, sample_batches
 from learnopt.tasks.base import Task
 
 OptimizerFactory = Callable[[Any], optax.GradientTransformation]
@@ -51,19 +52,16 @@ def loss_curves(
 
     def one_run(h, init_key, data_key):
         opt = optax.with_extra_args_support(make_opt(h))
-        params = task.init(init_key)
 
-        def step(carry, t):
-            params, state = carry
+        def step(state, t):
             k = jax.random.fold_in(data_key, t)
             batch_key, loss_key = jax.random.split(k)
-            batch = task.datasets.train.sample(batch_key)
-            loss, grads = jax.value_and_grad(task.loss)(params, loss_key, batch)
-            updates, state = opt.update(grads, state, params, loss=loss)
-            return (optax.apply_updates(params, updates), state), loss
+            batch, valid_batch = sample_batches(task, opt, batch_key)
+            return inner_step(task, opt, state, batch, loss_key, valid_batch)
 
-        (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(num_steps))
-        return losses, params
+        state = init_train_state(task, opt, task.init(init_key))
+        state, losses = jax.lax.scan(step, state, jnp.arange(num_steps))
+        return losses, state.params
 
     over_seeds = jax.vmap(one_run, in_axes=(None, 0, 0))
     over_hparams = jax.vmap(over_seeds, in_axes=(0, None, None))

@@ -32,9 +32,6 @@ class LearnedOptimizer(abc.ABC):
     """Meta-parameters in, an optax ``GradientTransformationExtraArgs`` out."""
 
     name: str = "learned_optimizer"
-    # True if ``update`` also takes ``valid_loss=`` (a loss on the inner_valid split, seed 000
-    # App. C); the meta-training unroll then computes and passes it at every step.
-    uses_valid_loss: bool = False
 
     @abc.abstractmethod
     def init(self, key: jax.Array) -> MetaParams:
@@ -44,8 +41,9 @@ class LearnedOptimizer(abc.ABC):
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         """The inner optimizer for a run of ``num_steps`` steps.
 
-        Its ``update(grads, state, params, *, loss)`` returns updates to add to
-        the parameters. ``loss`` is the training loss at ``params``.
+        Its ``update(grads, state, params, **extra_args)`` returns updates to add to the
+        parameters. The extra arguments (``loss``, ``valid_loss``) and how an optimizer
+        declares the ones it reads are defined once, in :mod:`learnopt.step`.
         """
 
     def num_meta_params(self, key: jax.Array | None = None) -> int:

@@ -116,6 +116,7 @@ from learnopt.learned.nn_adam import (
     lstm_step,
     safe_mean,
 )
+from learnopt.step import declare_extra_args
 
 #: Fixed accumulator decays (seed 000 App. C.2.1; spec §1.5).
 RNN_MLP_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -308,7 +309,6 @@ class RnnFcLOpt(LearnedOptimizer):
     """
 
     name = "rnn_fc_lopt"
-    uses_valid_loss = True
 
     def __init__(
         self,
@@ -357,6 +357,17 @@ class RnnFcLOpt(LearnedOptimizer):
         self.clip_mult = float(clip_mult)
         self.learn_clip = learn_clip
         self.feature_clip = feature_clip
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (``RnnFcLOpt(**lopt.config())`` rebuilds it)."""
+        return {"lstm_hidden_size": self.lstm_hidden_size, "from_mlp_size": self.from_mlp_size,
+                "from_lstm_size": self.from_lstm_size, "lstm_to_ff": self.lstm_to_ff,
+                "mlp_hidden": list(self.mlp_hidden), "step_multiplier": self.step_multiplier,
+                "magnitude_rate": self.magnitude_rate, "decays": list(self.decays),
+                "train_loss_decay": self.train_loss_decay,
+                "valid_loss_decay": self.valid_loss_decay, "clip_alpha": self.clip_alpha,
+                "clip_mult": self.clip_mult, "learn_clip": self.learn_clip,
+                "feature_clip": self.feature_clip}
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -500,4 +511,6 @@ class RnnFcLOpt(LearnedOptimizer):
                 clip=clip_state, iteration=state.iteration + 1, num_steps=state.num_steps)
             return treedef.unflatten(steps), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return declare_extra_args(
+            optax.GradientTransformationExtraArgs(init_fn, update_fn), ("loss", "valid_loss")
+        )

@@ -125,6 +125,7 @@ import optax
 
 from learnopt.learned import common
 from learnopt.learned.base import LearnedOptimizer, MetaParams
+from learnopt.step import declare_extra_args
 
 PyTree = Any
 Mixing = Literal["code", "paper"]
@@ -617,4 +618,6 @@ class Velo(LearnedOptimizer):
                                   iteration=state.iteration + 1, num_steps=state.num_steps)
             return treedef.unflatten(out), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return declare_extra_args(
+            optax.GradientTransformationExtraArgs(init_fn, update_fn), ("loss",)
+        )

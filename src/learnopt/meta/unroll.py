@@ -69,9 +69,9 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from learnopt.learned.base import LearnedOptimizer, MetaParams
+from learnopt.step import TrainState, init_train_state, inner_step, sample_batches
 from learnopt.tasks.base import Task
 
 Params = Any
@@ -80,13 +80,21 @@ Params = Any
 class UnrollState(NamedTuple):
     """The inner state of ``N`` tasks; every leaf has a leading task axis ``[N]``.
 
-    ``step`` is the inner step of each task's current run, in ``[0, horizon]``
-    (``horizon`` means the run has finished and resets on its next step).
+    ``train`` is each task's :class:`learnopt.step.TrainState` (parameters, optimizer state,
+    gradient state). ``step`` is the inner step of each task's current run, in
+    ``[0, horizon]`` (``horizon`` means the run has finished and resets on its next step).
     """
 
-    params: Params
-    opt_state: Any
+    train: TrainState
     step: jax.Array
+
+    @property
+    def params(self) -> Params:
+        return self.train.params
+
+    @property
+    def opt_state(self) -> Any:
+        return self.train.opt_state
 
 
 class UnrollOutput(NamedTuple):
@@ -176,37 +184,28 @@ class TruncatedUnroll:
 
     # -- single task -------------------------------------------------------------------
 
-    def _init_one(self, theta: MetaParams, key: jax.Array) -> tuple[Params, Any]:
+    def _init_one(self, theta: MetaParams, key: jax.Array) -> TrainState:
         params = self.task.init(key)
-        opt_state = self.lopt.optimizer(theta, self.horizon).init(params)
-        return params, opt_state
+        return init_train_state(self.task, self.lopt.optimizer(theta, self.horizon), params)
 
     def _step_one(
-        self, theta: MetaParams, params: Params, opt_state: Any, step: jax.Array, key: jax.Array
-    ) -> tuple[tuple[Params, Any, jax.Array], tuple[jax.Array, ...]]:
+        self, theta: MetaParams, train: TrainState, step: jax.Array, key: jax.Array
+    ) -> tuple[tuple[TrainState, jax.Array], tuple[jax.Array, ...]]:
         k_init, k_data, k_loss = jax.random.split(key, 3)
         opt = self.lopt.optimizer(theta, self.horizon)
         is_reset = step >= self.horizon
-        fresh_params, fresh_opt_state = self._init_one(theta, k_init)
-        params = _where_tree(is_reset, fresh_params, params)
-        opt_state = _where_tree(is_reset, fresh_opt_state, opt_state)
+        train = _where_tree(is_reset, self._init_one(theta, k_init), train)
         step = jnp.where(is_reset, jnp.zeros_like(step), step)
 
-        batch = self.task.datasets.train.sample(k_data)
-        loss, grads = jax.value_and_grad(self.task.loss)(params, k_loss, batch)
-        extra = {}
-        if getattr(self.lopt, "uses_valid_loss", False):
-            valid_batch = self.task.datasets.inner_valid.sample(jax.random.fold_in(k_data, 1))
-            extra["valid_loss"] = self.task.loss(params, k_loss, valid_batch)
-        meta = loss
+        batch, valid_batch = sample_batches(self.task, opt, k_data)
+        meta = None
         if self.meta_loss_split != "train":
             split = self.task.datasets.split(self.meta_loss_split)
-            meta = self.task.loss(params, k_loss, split.sample(jax.random.fold_in(k_data, 2)))
-        updates, opt_state = opt.update(grads, opt_state, params, loss=loss, **extra)
-        params = optax.apply_updates(params, updates)
-        norm_loss = jnp.asarray(self.task.normalizer(meta), jnp.float32)
+            meta = self.task.loss(train.params, k_loss, split.sample(jax.random.fold_in(k_data, 2)))
+        train, loss = inner_step(self.task, opt, train, batch, k_loss, valid_batch)
+        norm_loss = jnp.asarray(self.task.normalizer(loss if meta is None else meta), jnp.float32)
         record = (norm_loss, loss, jnp.ones((), bool), is_reset, step)
-        return (params, opt_state, step + 1), record
+        return (train, step + 1), record
 
     # -- over tasks --------------------------------------------------------------------
 
@@ -237,12 +236,12 @@ class TruncatedUnroll:
         self._check_theta(theta, theta_batched)
         k_init, k_offset = jax.random.split(key)
         keys = jax.random.split(k_init, self.num_tasks)
-        params, opt_state = self._over_tasks(self._init_one, theta, theta_batched, keys)
+        train = self._over_tasks(self._init_one, theta, theta_batched, keys)
         if self.random_offset:
             step = jax.random.randint(k_offset, (self.num_tasks,), 0, self.horizon, jnp.int32)
         else:
             step = jnp.zeros((self.num_tasks,), jnp.int32)
-        return UnrollState(params, opt_state, step)
+        return UnrollState(train, step)
 
     def unroll(
         self,

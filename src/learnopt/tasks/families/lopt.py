@@ -46,7 +46,7 @@ Choices and departures, written down deliberately:
 The batch of an LOpt task is the inner batches stacked to ``[outer_batch_size, num_steps + 1,
 ...]`` (:class:`StackedSplit`); ``task.datasets.train.sample(key)`` draws it inside jit.
 
-Importing :mod:`learnopt.tasks.families` registers this family there as ``"lopt"``.
+The family is listed in :mod:`learnopt.tasks.families.registry` as ``"velo_lopt"``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.base import LearnedOptimizer
@@ -68,7 +67,8 @@ from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGD
 from learnopt.learned.mlp import FcLOpt
 from learnopt.tasks.families import velo as F
 from learnopt.tasks.augment import log_uniform
-from learnopt.tasks.base import Datasets
+from learnopt.step import init_train_state, inner_step
+from learnopt.tasks.base import Datasets, Task
 
 ARCHITECTURES = ("learnable_adam", "learnable_sgdm", "learnable_sgd", "fc_lopt", "small_fc_lopt")
 MLP_ARCHITECTURES = ("fc_lopt", "small_fc_lopt")
@@ -177,6 +177,24 @@ class StackedSplit:
         )
 
 
+class InnerTaskAt(Task):
+    """A sampled task at a given (possibly traced) dynamic config: the inner task of an
+    LOpt task, whose dynamic config is vectorised by the caller."""
+
+    def __init__(self, task: Any, dyn: Any):
+        self.task, self.dyn = task, dyn
+        self.name = task.name
+
+    def init(self, key):
+        return self.task.init_dynamic(self.dyn, key)
+
+    def loss(self, params, key, batch):
+        return self.task.loss_dynamic(self.dyn, params, key, batch)
+
+    def normalizer(self, loss):
+        return self.task.normalizer_dynamic(self.dyn, loss)
+
+
 class LOptTask(F.SampledTask):
     """The meta-objective of C.3.9: ``loss(theta) = mean over outer batch and steps of the
     inner MLP's normalised training loss while ``lopt.optimizer(theta)`` trains it``."""
@@ -228,28 +246,23 @@ class LOptTask(F.SampledTask):
         """One inner run: init the MLP, train it ``num_steps`` steps with ``theta`` on
         ``batches[:-1]`` and return the mean normalised training loss after each update, the
         loss after update ``t`` taken on ``batches[t]`` (leading axis: ``num_steps + 1``)."""
-        inner, steps = self.inner, self.static.num_steps
+        steps = self.static.num_steps
+        inner = InnerTaskAt(self.inner, dyn)
         k_init, k_steps = jax.random.split(key)
         keys = jax.random.split(k_steps, steps + 1)
-        params = inner.init_dynamic(dyn, k_init)
         opt = self.lopt.optimizer(theta, steps)
 
-        def loss_fn(p, k, batch):
-            return inner.loss_dynamic(dyn, p, k, batch)
-
         @jax.checkpoint
-        def step(carry, xs):
-            params, opt_state = carry
+        def step(state, xs):
             batch, k = xs
-            loss, grads = jax.value_and_grad(loss_fn)(params, k, batch)
-            updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            return inner_step(inner, opt, state, batch, k)
 
         first = jax.tree_util.tree_map(lambda x: x[:steps], batches)
-        (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), (first, keys[:-1]))
+        state = init_train_state(inner, opt, inner.init(k_init))
+        state, losses = jax.lax.scan(step, state, (first, keys[:-1]))
         last = jax.tree_util.tree_map(lambda x: x[steps], batches)
-        after = jnp.concatenate([losses[1:], loss_fn(params, keys[-1], last)[None]])
-        return jnp.mean(inner.normalizer_dynamic(dyn, after))
+        after = jnp.concatenate([losses[1:], inner.loss(state.params, keys[-1], last)[None]])
+        return jnp.mean(inner.normalizer(after))
 
     def loss_dynamic(self, dyn: Any, params, key: jax.Array | None, batch) -> jax.Array:
         """Mean of :meth:`unrolled_loss` over the outer batch (``key=None``: a fixed key 0)."""
@@ -339,8 +352,7 @@ class LOptFamily(F.SampledFamily):
             value = getattr(s.inner, field)
             if not lo <= value <= hi:
                 raise ValueError(f"inner {field}={value} outside [{lo}, {hi}]")
-        F._image_check(F.MLPConfig(s.inner, config.dynamic))
+        F.image_check(F.MLPConfig(s.inner, config.dynamic))
 
 
-F.FAMILIES["lopt"] = LOptFamily
-F.CONFIG_TYPES["LOptConfig"] = LOptConfig
+CONFIG_TYPES: dict[str, type] = {"LOptConfig": LOptConfig}
