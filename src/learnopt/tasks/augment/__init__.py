@@ -15,6 +15,7 @@ from learnopt.tasks.augment.sampling import (
     apply,
     log_uniform,
     log_uniform_int,
+    parse_augmentation,
     rng_from_key,
     sample_augmentation,
 )
@@ -48,7 +49,8 @@ __all__ = [
     "GradientModifiedTask", "ReducedBatchTask", "ReparameterizedTask", "TaskWrapper", "apply",
     "delayed_gradients", "directional_expectation_factor", "directional_gradient",
     "es_gradient", "log_uniform", "log_uniform_int", "modify_gradient", "normal_tree",
-    "normalize_gradient", "num_parameters", "reduce_batch_size", "reparameterize",
+    "normalize_gradient", "num_parameters", "parse_augmentation", "reduce_batch_size",
+    "reparameterize",
     "reparameterize_random", "rng_from_key", "sample_augmentation", "to_bfloat16",
     "unflatten_vector", "uniform_tree",
 ]

@@ -95,6 +95,36 @@ class AugmentationConfig:
         )
 
 
+def parse_augmentation(text: str) -> AugmentationConfig:
+    """An :class:`AugmentationConfig` from ``"field=value,field=value"`` (the CLI's
+    ``--augment``), e.g. ``"delay=1"`` or ``"bf16=true,batch_fraction=0.5"``; a range is
+    written ``reparam_range=0.1:10``. Unknown fields and bad values raise ``ValueError``."""
+    fields = {f.name: f for f in dataclasses.fields(AugmentationConfig)}
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or name not in fields:
+            raise ValueError(
+                f"bad augmentation {item!r}: expected FIELD=VALUE with FIELD one of "
+                f"{', '.join(fields)}"
+            )
+        default = getattr(AugmentationConfig(), name)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                values[name] = raw.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                values[name] = tuple(float(v) for v in raw.split(":"))
+            else:
+                values[name] = type(default)(raw)
+        except ValueError:
+            kind = "true/false" if isinstance(default, bool) else type(default).__name__
+            raise ValueError(f"bad augmentation value {item!r}: {name} takes {kind}") from None
+    return AugmentationConfig(**values)
+
+
 def rng_from_key(key: jax.Array) -> np.random.Generator:
     """A numpy generator seeded by the key's bits (raw or typed keys; needs a concrete key)."""
     words = np.asarray(jax.random.key_data(key)).ravel()

@@ -65,10 +65,10 @@ from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.base import LearnedOptimizer
 from learnopt.learned.learnable import LearnableAdam, LearnableSGD, LearnableSGDM
 from learnopt.learned.mlp import FcLOpt
-from learnopt.tasks.families import velo as F
-from learnopt.tasks.augment import log_uniform
 from learnopt.step import init_train_state, inner_step
+from learnopt.tasks.augment import log_uniform
 from learnopt.tasks.base import Datasets, Task
+from learnopt.tasks.families import velo as F
 
 ARCHITECTURES = ("learnable_adam", "learnable_sgdm", "learnable_sgd", "fc_lopt", "small_fc_lopt")
 MLP_ARCHITECTURES = ("fc_lopt", "small_fc_lopt")
@@ -177,6 +177,37 @@ class StackedSplit:
         )
 
 
+def unrolled_meta_loss(
+    task: Task,
+    lopt: LearnedOptimizer,
+    theta,
+    num_steps: int,
+    key: jax.Array,
+    batches,
+    valid_batches=None,
+) -> jax.Array:
+    """One inner run: init ``task``, train it ``num_steps`` steps with ``lopt`` at ``theta`` on
+    ``batches[:-1]`` and return the mean normalised training loss after each update, the loss
+    after update ``t`` taken on ``batches[t]`` (leading axis of ``batches``: ``num_steps + 1``).
+    ``valid_batches`` (leading axis ``num_steps``) are needed only by optimizers that read
+    ``valid_loss`` (see :mod:`learnopt.step`); the LOpt family's architectures read none."""
+    k_init, k_steps = jax.random.split(key)
+    keys = jax.random.split(k_steps, num_steps + 1)
+    opt = lopt.optimizer(theta, num_steps)
+
+    @jax.checkpoint
+    def step(state, xs):
+        batch, valid_batch, k = xs
+        return inner_step(task, opt, state, batch, k, valid_batch)
+
+    first = jax.tree_util.tree_map(lambda x: x[:num_steps], batches)
+    state = init_train_state(task, opt, task.init(k_init))
+    state, losses = jax.lax.scan(step, state, (first, valid_batches, keys[:-1]))
+    last = jax.tree_util.tree_map(lambda x: x[num_steps], batches)
+    after = jnp.concatenate([losses[1:], task.loss(state.params, keys[-1], last)[None]])
+    return jnp.mean(task.normalizer(after))
+
+
 class InnerTaskAt(Task):
     """A sampled task at a given (possibly traced) dynamic config: the inner task of an
     LOpt task, whose dynamic config is vectorised by the caller."""
@@ -243,26 +274,9 @@ class LOptTask(F.SampledTask):
         return self.lopt.init(key)
 
     def unrolled_loss(self, dyn: Any, theta, key: jax.Array, batches) -> jax.Array:
-        """One inner run: init the MLP, train it ``num_steps`` steps with ``theta`` on
-        ``batches[:-1]`` and return the mean normalised training loss after each update, the
-        loss after update ``t`` taken on ``batches[t]`` (leading axis: ``num_steps + 1``)."""
-        steps = self.static.num_steps
+        """:func:`unrolled_meta_loss` of the inner MLP at dynamic config ``dyn``."""
         inner = InnerTaskAt(self.inner, dyn)
-        k_init, k_steps = jax.random.split(key)
-        keys = jax.random.split(k_steps, steps + 1)
-        opt = self.lopt.optimizer(theta, steps)
-
-        @jax.checkpoint
-        def step(state, xs):
-            batch, k = xs
-            return inner_step(inner, opt, state, batch, k)
-
-        first = jax.tree_util.tree_map(lambda x: x[:steps], batches)
-        state = init_train_state(inner, opt, inner.init(k_init))
-        state, losses = jax.lax.scan(step, state, (first, keys[:-1]))
-        last = jax.tree_util.tree_map(lambda x: x[steps], batches)
-        after = jnp.concatenate([losses[1:], inner.loss(state.params, keys[-1], last)[None]])
-        return jnp.mean(inner.normalizer(after))
+        return unrolled_meta_loss(inner, self.lopt, theta, self.static.num_steps, key, batches)
 
     def loss_dynamic(self, dyn: Any, params, key: jax.Array | None, batch) -> jax.Array:
         """Mean of :meth:`unrolled_loss` over the outer batch (``key=None``: a fixed key 0)."""
