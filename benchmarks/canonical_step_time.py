@@ -1,6 +1,6 @@
 """Seconds per Adam step of every canonical task, and the implied time of 10K steps.
 
-VeLOdrome's tasks train for 10K steps (seed 001 §4.1); ours are sized so that
+VeLOdrome's tasks train for 10K steps (VeLO, arXiv:2211.09760, §4.1); ours are sized so that
 10K steps take minutes on 2 CPU cores. This measures it: each task's training
 step (batch sampled in-jit, value_and_grad, Adam, apply) runs ``--steps``
 times in one jitted ``lax.scan``; the median of ``--repeats`` calls after a
@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import optax
 
-from learnopt.tasks.fixed.canonical import build_canonical, canonical_names
+from learnopt.tasks.fixed.registry import canonical_names, get_task
 
 
 def step_seconds(task, opt, steps: int, repeats: int) -> float:
@@ -68,7 +68,7 @@ def main(argv=None):
         names = [n for n in names if n in args.tasks]
     rows = []
     for name in names:
-        task = build_canonical(name)
+        task = get_task(name)
         adam = step_seconds(task, optax.adam(1e-3), args.steps, args.repeats)
         sgd = step_seconds(task, optax.sgd(1e-2), args.steps, args.repeats)
         rows.append(

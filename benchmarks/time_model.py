@@ -1,11 +1,11 @@
-"""Held-out accuracy of the step-time model of ``learnopt.tasks.timing`` (seed 001 App. C.4).
+"""Held-out accuracy of the step-time model of ``learnopt.tasks.timing`` (VeLO App. C.4).
 
-Seed 001 rejection-samples tasks by a predicted time per step (C.4, C.5). This script
-calibrates :class:`learnopt.tasks.timing.TimeModel` on this machine with a modest number of
-sampled tasks per family (``--num-calibration``), then times a held-out set of other sampled
-tasks (``--num-heldout`` per family, a different key) and reports how often the prediction
-is within a factor of 2 of the measurement, overall and per family, with the RMS error of
-``log(predicted / measured)``.
+VeLO (Metz et al. 2022, arXiv:2211.09760) rejection-samples tasks by a predicted time per step
+(C.4, C.5). This script calibrates :class:`learnopt.tasks.timing.TimeModel` on this machine with
+a modest number of sampled tasks per family (``--num-calibration``), then times a held-out set
+of other sampled tasks (``--num-heldout`` per family, a different key) and reports how often the
+prediction is within a factor of 2 of the measurement, overall and per family, with the RMS
+error of ``log(predicted / measured)``.
 
 Both sets are drawn from the families at ``--size`` (default ``cpu``) on synthetic data of
 the tasks' shapes; timing is ``learnopt.tasks.timing.measure_step_time`` (value_and_grad +
@@ -31,8 +31,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from learnopt.tasks.families import velo as F
 from learnopt.tasks import timing as T
+from learnopt.tasks.families import velo as F
+from learnopt.tasks.families.registry import velo_families, velo_names
 
 ROOT = Path(__file__).resolve().parent
 
@@ -43,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-heldout", type=int, default=3)
     parser.add_argument("--size", default="cpu", choices=F.SIZES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--families", nargs="*", default=list(F.FAMILIES))
+    parser.add_argument("--families", nargs="*", default=velo_names())
     parser.add_argument("--time-scale", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "time_model.json")
     args = parser.parse_args(argv)
 
-    families = {n: F.make_family(n, size=args.size, data="synthetic") for n in args.families}
+    families = velo_families(args.families, size=args.size, data="synthetic")
     cpu0, wall0 = time.process_time(), time.perf_counter()
 
     def log(msg: str) -> None:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result = {
         "description": (
-            "Held-out accuracy of the step-time model (seed 001 App. C.4): fraction of "
+            "Held-out accuracy of the step-time model (VeLO App. C.4): fraction of "
             "held-out sampled tasks whose predicted seconds per step is within a factor of 2 "
             "of the measured value."
         ),

@@ -4,7 +4,7 @@ For every hand-designed and learned optimizer: the time of one training step
 (value_and_grad + optimizer update + apply_updates) as a ratio to SGD and to
 Adam measured in the same run, and optimizer-state bytes per parameter, on the
 Fashion-MNIST MLP (28x28 input, two hidden layers of width ``w``) and the
-seed 004 ConvNet (channels ``(w, 2w, 2w)``, 28x28x1 input), across batch
+ConvNet of Metz et al. 2022 (Practical tradeoffs, arXiv:2203.11860) (channels ``(w, 2w, 2w)``, 28x28x1 input), across batch
 sizes and widths (Fig. 4). Data are random arrays of the task's shapes: the
 step cost does not depend on the values.
 
@@ -58,7 +58,7 @@ def build_optimizer(name: str, num_steps: int):
 
 def make_problem(kind: str, width: int, batch: int):
     key = jax.random.PRNGKey(0)
-    if kind in ("mlp", "mlp1"):  # mlp1: one hidden layer (784-w-10), seed 004 §4.1's timing MLP
+    if kind in ("mlp", "mlp1"):  # mlp1: one hidden layer (784-w-10), the timing MLP of arXiv:2203.11860 §4.1
         model = models.MLP((width, width) if kind == "mlp" else (width,), 10)
         x = jax.random.uniform(key, (batch, 28, 28))
     else:

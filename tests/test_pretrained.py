@@ -57,3 +57,54 @@ def test_shipped_files_describe_themselves_and_train(name):
         u, state = opt.update(g, state, params, loss=loss)
         params = optax.apply_updates(params, u)
     assert np.isfinite(float(loss_fn(params))) and float(loss_fn(params)) < 12.0
+
+
+def test_the_architecture_config_is_saved_and_rebuilt_through_the_registry(tmp_path):
+    from learnopt.io import load_checkpoint
+    from learnopt.learned.adafac_mlp import SmallFcLOpt
+    from learnopt.learned.registry import learned_optimizer_config
+
+    lopt = SmallFcLOpt(hidden_size=6, initial_momentum_decays=(0.5, 0.9, 0.99))
+    theta = lopt.init(jax.random.PRNGKey(1))
+    spec = learned_optimizer_config(lopt)
+    meta = {"architecture": spec["name"], "architecture_config": spec["config"], "task": "t"}
+    path = pretrained.save(tmp_path / "wide.msgpack", theta, meta)
+    ckpt = load_checkpoint(path)
+    assert ckpt.format_version == 1 and ckpt.config == meta  # the metadata is the config
+    loaded, theta2, meta2 = pretrained.load(str(path))
+    assert meta2 == meta and loaded.config() == lopt.config()
+    # 39 inputs -> 6 -> 6 -> 2: 39*6+6 + 6*6+6 + 6*2+2 = 296 weights + 3+1+3 decay logits.
+    assert loaded.num_meta_params() == 303 != SmallFcLOpt().num_meta_params()
+    for a, b in zip(
+        jax.tree_util.tree_leaves(theta), jax.tree_util.tree_leaves(theta2), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_shipped_file_is_read_unchanged_with_its_recorded_hyperparameters():
+    from learnopt.io import load_checkpoint
+
+    name = "small_fc_lopt_fmnist8"
+    path = pretrained.HERE / f"{name}.msgpack"
+    assert load_checkpoint(path).format_version == 0  # written before format versions
+    lopt, theta, meta = pretrained.load(name)
+    assert lopt.config() == meta["architecture_hyperparameters"]
+    assert lopt.num_meta_params() == meta["num_meta_params"] == 197
+    assert pretrained.describe(name).startswith("small_fc_lopt meta-trained on fmnist_mlp_8x8")
+
+
+def test_a_corrupt_or_foreign_file_is_refused_naming_it(tmp_path):
+    from learnopt.io import CheckpointError, save_checkpoint
+
+    good = (pretrained.HERE / "small_fc_lopt_fmnist8.msgpack").read_bytes()
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(good[:-100])
+    with pytest.raises(CheckpointError, match=f"{cut}: not a readable checkpoint"):
+        pretrained.load(str(cut))
+    foreign = save_checkpoint(tmp_path / "foreign.msgpack", {"w": jnp.ones(2)}, {"task": "t"})
+    with pytest.raises(CheckpointError, match="foreign.msgpack: its metadata does not name"):
+        pretrained.load(str(foreign))
+    wrong = tmp_path / "wrong.msgpack"
+    pretrained.save(wrong, {"log_lr": jnp.zeros(3)}, {"architecture": "learnable_sgd"})
+    with pytest.raises(CheckpointError, match=r"wrong.msgpack: .*log_lr.* shape \(3,\)"):
+        pretrained.load(str(wrong))

@@ -15,6 +15,15 @@ from pathlib import Path
 
 
 def _cmd_tasks(args) -> int:
+    if getattr(args, "families", False):
+        from learnopt.tasks.families.registry import list_families
+
+        rows = list_families()
+        width = max(len(name) for name, _ in rows)
+        for name, desc in rows:
+            print(f"{name:<{width}}  {desc}")
+        return 0
+
     from learnopt.tasks.fixed.registry import list_tasks, param_counts
 
     entries = list_tasks()
@@ -29,12 +38,24 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_optimizers(args) -> int:
+    """Hand-designed optimizers, learned architectures and shipped pretrained optimizers."""
+    from learnopt import pretrained
+    from learnopt.learned.registry import list_learned_optimizers
     from learnopt.optimizers.registry import list_optimizers
 
-    rows = list_optimizers()
-    width = max(len(name) for name, _ in rows)
-    for name, desc in rows:
-        print(f"{name:<{width}}  {desc}")
+    sections = [
+        ("hand-designed (learnopt train --optimizer NAME)", list_optimizers()),
+        ("learned architectures (learnopt meta-train --lopt NAME)", list_learned_optimizers()),
+        (
+            "pretrained (learnopt evaluate --pretrained NAME; learnopt.pretrained.optimizer)",
+            [(name, pretrained.describe(name)) for name in pretrained.available()],
+        ),
+    ]
+    width = max(len(name) for _, rows in sections for name, _ in rows)
+    for i, (title, rows) in enumerate(sections):
+        print(("\n" if i else "") + f"{title}:")
+        for name, desc in rows or [("(none)", "")]:
+            print(f"  {name:<{width}}  {desc}".rstrip())
     return 0
 
 
@@ -46,22 +67,36 @@ def _cmd_data(args) -> int:
 
 
 def run_training(
-    task_name: str, optimizer: str, lr: float | None, steps: int, seed: int, out: Path
+    task_name: str,
+    optimizer: str,
+    lr: float | None,
+    steps: int,
+    seed: int,
+    out: Path,
+    augment: str | None = None,
 ):
-    """Train a named task with a named optimizer; write JSONL metrics, a PNG and a summary."""
+    """Train a named task with a named optimizer; write JSONL metrics, a PNG and a summary.
+
+    ``augment`` (``"delay=1"``, ``"bf16=true,batch_fraction=0.5"``, ...) wraps the task in
+    those augmentations (:func:`learnopt.tasks.augment.parse_augmentation`)."""
     from learnopt.optimizers.registry import get_optimizer
     from learnopt.plotting import plot_training
+    from learnopt.tasks import augment as augmentations
     from learnopt.tasks.fixed.registry import get_task
     from learnopt.training import train
 
+    config = augmentations.parse_augmentation(augment) if augment else None
     opt = get_optimizer(optimizer, learning_rate=lr, num_steps=steps)
     task = get_task(task_name)
+    if config is not None:
+        task = augmentations.apply(task, config)
     out.mkdir(parents=True, exist_ok=True)
     result = train(task, opt, steps, seed=seed, log_path=out / "metrics.jsonl", desc=task_name)
     label = f"{optimizer}" + (f" lr={lr:g}" if lr is not None else "")
     plot_training(out / "loss.png", result.train_loss, result.evals, f"{task_name}: {label}")
     summary = {
         "task": task_name,
+        "augment": augment,
         "optimizer": optimizer,
         "learning_rate": lr,
         "steps": steps,
@@ -76,30 +111,64 @@ def run_training(
 
 def _cmd_train(args) -> int:
     out = Path(args.out or f"runs/train/{args.task}_{args.optimizer}_s{args.seed}")
-    summary = run_training(args.task, args.optimizer, args.lr, args.steps, args.seed, out)
+    summary = run_training(
+        args.task, args.optimizer, args.lr, args.steps, args.seed, out, args.augment
+    )
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
     return 0
 
 
-def _meta_config(args):
+# MetaTrainConfig fields set by flags of the same name (dashes for underscores).
+_META_FLAGS = (
+    "task", "lopt", "estimator", "num_tasks", "horizon", "trunc_length", "outer_lr",
+    "outer_steps", "max_seconds", "checkpoint_every", "seed", "meta_loss_split",
+)
+
+
+def _json_object(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"std\": 0.02}}'; {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def _meta_config(args, run_dir: Path | None = None):
+    """The MetaTrainConfig of a meta-training command.
+
+    The base is ``--config FILE`` if given, else ``RUN_DIR/config.json`` if the run exists
+    (so a bare rerun resumes it), else the command's defaults; flags given explicitly
+    override it.
+    """
+    import dataclasses
+
     from learnopt.meta.train import MetaTrainConfig
 
-    return MetaTrainConfig(
-        task=args.task,
-        lopt=args.lopt,
-        estimator=args.estimator,
-        num_tasks=args.num_tasks,
-        horizon=args.horizon,
-        trunc_length=args.trunc_length,
-        std=args.std,
-        outer_lr=args.outer_lr,
-        outer_steps=args.outer_steps,
-        max_seconds=args.max_seconds,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        meta_loss_split=args.meta_loss_split,
-    )
+    if args.config is not None:
+        base = MetaTrainConfig.from_json(Path(args.config).read_text())
+    elif run_dir is not None and (run_dir / "config.json").exists():
+        base = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
+    else:
+        base = MetaTrainConfig(**args.meta_defaults)
+    changes = {k: getattr(args, k) for k in _META_FLAGS if getattr(args, k) is not None}
+    # A different estimator or architecture starts from its own defaults, not the base's.
+    new_estimator = changes.get("estimator", base.estimator) != base.estimator
+    options = _json_object(args.estimator_options, "--estimator-options") or {}
+    if args.std is not None:
+        options["std"] = args.std
+    if options or new_estimator:
+        changes["estimator_options"] = {**({} if new_estimator else base.estimator_options),
+                                        **options}
+    new_lopt = changes.get("lopt", base.lopt) != base.lopt
+    lopt_config = _json_object(args.lopt_config, "--lopt-config") or {}
+    if lopt_config or new_lopt:
+        changes["lopt_config"] = {**({} if new_lopt else base.lopt_config), **lopt_config}
+    return dataclasses.replace(base, **changes)
 
 
 def _cmd_meta_train(args) -> int:
@@ -107,7 +176,7 @@ def _cmd_meta_train(args) -> int:
     from learnopt.meta.train import MetaTrainer
 
     out = Path(args.out)
-    MetaTrainer(_meta_config(args), out).run()
+    MetaTrainer(_meta_config(args, out), out).run(progress=not args.no_progress)
     plot_meta_training(out)
     print(f"wrote {out}/theta.msgpack, {out}/metrics.jsonl, {out}/meta_loss.png")
     return 0
@@ -116,7 +185,7 @@ def _cmd_meta_train(args) -> int:
 def _load_lopt(run: str | None, pretrained: str | None):
     """``(lopt, theta, label, default_task)`` from a run directory or a shipped name."""
     from learnopt import pretrained as shipped
-    from learnopt.learned.registry import get_learned_optimizer
+    from learnopt.learned.registry import learned_optimizer_from_config
     from learnopt.meta.train import MetaTrainConfig, load_theta
 
     if (run is None) == (pretrained is None):
@@ -125,7 +194,7 @@ def _load_lopt(run: str | None, pretrained: str | None):
         lopt, theta, meta = shipped.load(pretrained)
         return lopt, theta, pretrained, meta.get("task")
     config = MetaTrainConfig.from_json((Path(run) / "config.json").read_text())
-    lopt = get_learned_optimizer(config.lopt)
+    lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
     return lopt, load_theta(run, lopt), f"{config.lopt} (meta-trained)", config.task
 
 
@@ -151,7 +220,7 @@ def _cmd_main(args) -> int:
     from learnopt.meta.train import MetaTrainer, load_theta
 
     out = Path(args.out)
-    config = _meta_config(args)
+    config = _meta_config(args, out / "meta")
     trainer = MetaTrainer(config, out / "meta")
     trainer.run()
     plot_meta_training(out / "meta")
@@ -178,14 +247,11 @@ def _cmd_main(args) -> int:
 def _cmd_time_model(args) -> int:
     import jax
 
-    from learnopt.tasks.families import velo as F
     from learnopt.tasks import timing as T
+    from learnopt.tasks.families.registry import velo_families
 
-    names = args.families or list(F.FAMILIES)
-    unknown = [n for n in names if n not in F.FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown family {unknown[0]!r}; valid families: {', '.join(F.FAMILIES)}")
-    families = {n: F.make_family(n, size=args.size, data="synthetic") for n in names}
+    families = velo_families(args.families or None, size=args.size, data="synthetic")
+    names = list(families)
     model = T.calibrate(families, args.samples, jax.random.PRNGKey(args.seed), path=args.out,
                         log=lambda msg: print(msg, flush=True))
     info = model.info
@@ -199,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="learnopt", description="Learned optimizers in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("tasks", help="list the named fixed tasks").set_defaults(fn=_cmd_tasks)
+    ts = sub.add_parser("tasks", help="list the named fixed tasks (--families: the families)")
+    ts.add_argument("--families", action="store_true", help="list the sampled task families")
+    ts.set_defaults(fn=_cmd_tasks)
     sub.add_parser("optimizers", help="list the optimizers").set_defaults(fn=_cmd_optimizers)
     sub.add_parser("data", help="list datasets, whether present, shapes, sources").set_defaults(
         fn=_cmd_data
@@ -212,11 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default runs/train/...)")
+    t.add_argument(
+        "--augment",
+        default=None,
+        metavar="FIELD=VALUE,...",
+        help="wrap the task in augmentations, e.g. delay=1 or bf16=true,batch_fraction=0.5 "
+        "(fields of learnopt.tasks.augment.AugmentationConfig)",
+    )
     t.set_defaults(fn=_cmd_train)
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable)")
     _add_meta_args(mt, outer_steps=100_000, max_seconds=None)
     mt.add_argument("--out", required=True, help="run directory (resumes if it has a checkpoint)")
+    mt.add_argument("--no-progress", action="store_true", help="no progress bar")
     mt.set_defaults(fn=_cmd_meta_train)
 
     ev = sub.add_parser("evaluate", help="a learned optimizer vs LR-tuned Adam (and NAdamW)")
@@ -230,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_evaluate)
 
     tm = sub.add_parser("time-model", help="time sampled tasks on this machine and fit the "
-                        "step-time model of the budgeted sampler (seed 001 C.4)")
+                        "step-time model of the budgeted sampler (Metz et al. 2022, VeLO, App. C.4)")
     tm.add_argument("--families", nargs="*", default=None, help="default: all sampled families")
     tm.add_argument("--samples", type=int, default=5, help="sampled tasks timed per family")
     tm.add_argument("--size", default="cpu", choices=["cpu", "paper", "tiny"])
@@ -240,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("main", help="the main job: meta-train small_fc_lopt, then evaluate it")
     _add_meta_args(m, outer_steps=100_000, max_seconds=600.0)
+    m.set_defaults(no_progress=False)
     m.add_argument("--heldout-task", default="digits_mlp_8x8")
     m.add_argument("--seeds", type=int, default=5)
     m.add_argument("--nadamw-trials", type=int, default=0)
@@ -249,19 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: float | None):
-    p.add_argument("--task", default="fmnist_mlp_8x8")
-    p.add_argument("--lopt", default="small_fc_lopt")
-    p.add_argument("--estimator", default="pes", choices=["pes", "tbptt"])
-    p.add_argument("--num-tasks", type=int, default=8)
-    p.add_argument("--horizon", type=int, default=2000, help="inner training length")
-    p.add_argument("--trunc-length", type=int, default=20)
-    p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
-    p.add_argument("--outer-lr", type=float, default=3e-4)
-    p.add_argument("--outer-steps", type=int, default=outer_steps)
-    p.add_argument("--max-seconds", type=float, default=max_seconds, help="wall-time budget")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--meta-loss-split", default="train", help="split of the meta-objective's loss")
+    """Flags of the MetaTrainConfig fields. Each defaults to None ("not given"): the config
+    is the run's saved one (or ``--config``, or the defaults shown) with given flags
+    overriding it; see :func:`_meta_config`."""
+    from learnopt.meta.estimators.registry import ESTIMATORS
+
+    p.set_defaults(meta_defaults={"outer_steps": outer_steps, "max_seconds": max_seconds})
+    p.add_argument("--config", default=None, help="a MetaTrainConfig JSON file to start from")
+    p.add_argument("--task", help="a name from `learnopt tasks` (default fmnist_mlp_8x8)")
+    p.add_argument("--lopt", help="a learned architecture from `learnopt optimizers` "
+                   "(default small_fc_lopt)")
+    p.add_argument("--lopt-config", help="its hyperparameters as JSON, e.g. '{\"hidden_size\": 8}'")
+    p.add_argument("--estimator", choices=list(ESTIMATORS), help="gradient estimator (pes)")
+    p.add_argument("--estimator-options", help="its options as JSON, e.g. '{\"std\": 0.02}'")
+    p.add_argument("--std", type=float, help="perturbation std of pes/truncated_es (0.01)")
+    p.add_argument("--num-tasks", type=int, help="inner tasks per estimate (8)")
+    p.add_argument("--horizon", type=int, help="inner training length (2000)")
+    p.add_argument("--trunc-length", type=int, help="truncation length (20)")
+    p.add_argument("--outer-lr", type=float, help="outer Adam learning rate (3e-4)")
+    p.add_argument("--outer-steps", type=int, help=f"outer steps ({outer_steps})")
+    p.add_argument("--max-seconds", type=float, help=f"wall-time budget ({max_seconds})")
+    p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints (100)")
+    p.add_argument("--seed", type=int, help="seed (0)")
+    p.add_argument("--meta-loss-split", help="split of the meta-objective's loss (train)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""small_fc_lopt (seed 004 §2.2, App. A): parameter count, features by hand, both compute paths,
-optax usage, jit / vmap, and meta-gradients."""
+"""small_fc_lopt (arXiv:2203.11860, §2.2, App. A): parameter count, features by hand, both
+compute paths, optax usage, jit / vmap, and meta-gradients."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def _ema(xs, decays):
 
 
 def _numpy_features(p, g1, g2, dims):
-    """The 28 features of seed 004 App. A / spec §1.6, in float64, shape p.shape + (28,)."""
+    """The 28 features of arXiv:2203.11860, App. A (as the released code), float64, shape
+    p.shape + (28,)."""
     p, g1, g2 = (np.asarray(x, np.float64).reshape(np.shape(x) or (1,)) for x in (p, g1, g2))
     m = _ema([g1, g2], MOM_DECAYS)
     rms = _ema([g1**2, g2**2], RMS_DECAYS)

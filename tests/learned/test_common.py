@@ -1,7 +1,8 @@
 """Accumulators, factored statistics, normalisation and time features, checked by hand.
 
-Reference numbers are computed in NumPy (float64) from the equations of seed 004 / spec
-``tradeoffs.md`` §1.6, independently of the code under test.
+Reference numbers are computed in NumPy (float64) from the equations of arXiv:2203.11860
+(App. A) and the released learned_optimization code (docs/derivations.md §2), independently
+of the code under test.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""hierarchical_rnn (seed 002, Wichrowska et al. 2017): parameter count by hand, RNN inputs by
-hand after one and two updates, output = direction x step length, learning-rate dynamics,
+"""hierarchical_rnn (Wichrowska et al. 2017, arXiv:1703.04813): parameter count by hand, RNN
+inputs by hand after one and two updates, output = direction x step length, learning-rate dynamics,
 attention bookkeeping, rank 0/1/2/4 tensors, jit / vmap, optax usage and meta-gradients."""
 
 from __future__ import annotations
@@ -400,8 +400,8 @@ def _quadratic_loss(params):
 
 
 def _unroll_loss(theta):
-    """Mean log loss (seed 002 Eq. 14 without the constant) over a 3-step unroll on a tiny
-    least-squares quadratic, plus the log loss at the final real parameters."""
+    """Mean log loss (Wichrowska et al. 2017, Eq. 14 without the constant) over a 3-step unroll
+    on a tiny least-squares quadratic, plus the log loss at the final real parameters."""
     opt = LOPT.optimizer(theta, num_steps=3)
     (params, state), losses = scan_run(opt, _quadratic_loss, QPARAMS, 3)
     final = _quadratic_loss(LOPT.real_params(params, state))

@@ -1,5 +1,5 @@
-"""fc_lopt (Metz et al. 2019a, as in seed 004 §4): parameter count, features by hand, optax
-usage, jit / vmap, and meta-gradients."""
+"""fc_lopt (Metz et al. 2019, arXiv:1810.10180, as in arXiv:2203.11860, §4): parameter count,
+features by hand, optax usage, jit / vmap, and meta-gradients."""
 
 from __future__ import annotations
 

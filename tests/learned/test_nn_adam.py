@@ -1,6 +1,6 @@
-"""nn_adam (seed 004 §2.2, App. C): meta-parameter count, hyperparameter decoding, features by
-hand, equality with optax.adam when the output layer is zero, a float64 reference of whole
-steps, rank 0/1/2/4 tensors, jit / vmap, optax usage and meta-gradients."""
+"""nn_adam (arXiv:2203.11860, §2.2, App. C): meta-parameter count, hyperparameter decoding,
+features by hand, equality with optax.adam when the output layer is zero, a float64 reference
+of whole steps, rank 0/1/2/4 tensors, jit / vmap, optax usage and meta-gradients."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_meta_parameter_count_is_6856():
     lstm = (19 + 32) * 4 * 32 + 4 * 32  # 6,656: [x, h] -> 4 gates, plus biases
     out = 32 * 4 + 4  # 132
     assert lstm == 6656 and nn_adam.lstm_num_params(19, 32) == lstm
-    assert lopt.num_meta_params() == lstm + out + 4 + 2 * 32 == 6856  # spec §1.3
+    assert lopt.num_meta_params() == lstm + out + 4 + 2 * 32 == 6856  # the released code's count
     shapes = jax.eval_shape(lopt.init, jax.random.PRNGKey(0))
     assert shapes["lstm"]["w"].shape == (51, 128) and shapes["out"]["w"].shape == (32, 4)
     assert NNAdam(lstm_size=8).num_meta_params() == (19 + 8) * 32 + 32 + 8 * 4 + 4 + 4 + 16

@@ -1,15 +1,25 @@
 """Every registered learned optimizer, through one code path: trains the quadratic and a
 small MLP with finite loss from its initial theta; its state survives jit and vmap."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from learnopt.learned.registry import LEARNED, get_learned_optimizer, list_learned_optimizers
-from learnopt.tasks.models import standard as models
+from learnopt.learned.learnable import LearnableSGD as LearnableSGDForTest
+from learnopt.learned.registry import (
+    LEARNED,
+    default_config,
+    get_learned_optimizer,
+    learned_optimizer_config,
+    learned_optimizer_from_config,
+    list_learned_optimizers,
+)
 from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.models import standard as models
 
 # The paper-size VeLO (2.3M meta-parameters) is counted in test_velo.py with eval_shape;
 # velo_small runs the same code here.
@@ -68,3 +78,68 @@ def test_registry_lists_every_architecture_of_the_seeds():
     } <= names
     with pytest.raises(ValueError, match="valid: small_fc_lopt"):
         get_learned_optimizer("adam_lstm")
+
+
+# One non-default hyperparameter (or two) per entry, so a config() that drops a key fails.
+NON_DEFAULT = {
+    "small_fc_lopt": {"hidden_size": 6, "initial_rms_decays": [0.99]},
+    "fc_lopt": {"hidden_size": 8, "decays": [0.5, 0.9]},
+    "nn_adam": {"lstm_size": 8, "initial_learning_rate": 1e-3},
+    "rnn_fc_lopt": {"lstm_hidden_size": 8, "mlp_hidden": [8], "feature_clip": 5.0},
+    "hierarchical_rnn": {"param_hidden": 4, "num_scales": 2, "init_lr_range": [1e-4, 1e-3]},
+    "velo": {"lstm_hidden_size": 8, "param_inits": 4},
+    "velo_small": {"ff_hidden_size": 6, "mixing": "paper"},
+    "learnable_sgd": {"initial_lr": 0.05},
+    "learnable_sgdm": {"initial_momentum": 0.5},
+    "learnable_adam": {"initial_b2": 0.99},
+}
+
+
+def test_every_entry_has_a_non_default_config_here():
+    assert set(NON_DEFAULT) == set(LEARNED)
+
+
+@pytest.mark.parametrize("name", list(LEARNED))
+def test_default_config_round_trips_through_json(name):
+    lopt = get_learned_optimizer(name)
+    spec = json.loads(json.dumps(learned_optimizer_config(lopt)))
+    again = learned_optimizer_from_config(spec["name"], spec["config"])
+    assert type(again) is type(lopt) and again.config() == lopt.config() == spec["config"]
+    assert again.num_meta_params() == lopt.num_meta_params()  # eval_shape: cheap for velo
+
+
+@pytest.mark.parametrize("name", list(LEARNED))
+def test_config_json_from_config_gives_the_same_optimizer(name):
+    lopt = LEARNED[name].constructor(**NON_DEFAULT[name])
+    assert lopt.config() != default_config(name)
+    spec = json.loads(json.dumps(learned_optimizer_config(lopt)))
+    again = learned_optimizer_from_config(spec["name"], spec["config"])
+    assert again.config() == lopt.config()
+    assert again.num_meta_params() == lopt.num_meta_params()
+    key = jax.random.PRNGKey(3)
+    theta, theta2 = lopt.init(key), again.init(key)
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "b": jnp.asarray([0.5, -0.25])}
+    grads = jax.tree_util.tree_map(lambda p: 0.1 * p + 0.05, params)
+    updates = []
+    for lo, th in ((lopt, theta), (again, theta2)):
+        opt = lo.optimizer(th, 10)
+        u, s = opt.update(grads, opt.init(params), params, loss=jnp.asarray(1.5))
+        u, _ = opt.update(grads, s, optax.apply_updates(params, u), loss=jnp.asarray(1.2))
+        updates.append(u)
+    for a, b in zip(*(jax.tree_util.tree_leaves(u) for u in updates), strict=True):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_array_equal(a, b)
+    assert any(np.any(np.asarray(a) != 0) for a in jax.tree_util.tree_leaves(updates[0]))
+
+
+def test_from_config_rejects_unknown_keys_and_unregistered_optimizers():
+    with pytest.raises(ValueError, match=r"unknown config keys \['width'\] .*accepted: hidden"):
+        learned_optimizer_from_config("small_fc_lopt", {"width": 3})
+    with pytest.raises(ValueError, match="lstm_size must be >= 1"):
+        learned_optimizer_from_config("nn_adam", {"lstm_size": 0})
+
+    class Mine(LearnableSGDForTest):
+        name = "mine"
+
+    with pytest.raises(ValueError, match="not a registered learned optimizer"):
+        learned_optimizer_config(Mine())

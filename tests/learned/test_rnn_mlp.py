@@ -1,4 +1,4 @@
-"""rnn_fc_lopt / LSTM_FF (seed 000 §3.3, App. C): meta-parameter count, LossAccum and the
+"""rnn_fc_lopt / LSTM_FF (arXiv:2009.11243, §3.3, App. C): meta-parameter count, LossAccum and the
 dynamic gradient clip by hand, features by hand, a float64 reference of whole steps (message
 passing included), rank 0/1/2/4 tensors, jit / vmap, optax usage and meta-gradients."""
 
@@ -86,7 +86,7 @@ def test_meta_parameter_count():
     lstm = (52 + 64) * 4 * 64 + 4 * 64  # 29,952
     proj = (64 * 17 + 17) + (64 * 18 + 18)  # 2,275: rnn_to_ff, rnn_to_in
     init = 2 * 64 + 18 + 16  # 162: LSTM (h, c), from_lstm, from_mlp
-    assert (mlp, lstm, proj, init) == (3410, 29952, 2275, 162)  # spec tradeoffs.md §1.5
+    assert (mlp, lstm, proj, init) == (3410, 29952, 2275, 162)  # the released code's count
     assert RnnFcLOpt(learn_clip=False).num_meta_params() == mlp + lstm + proj + init == 35799
     assert LOPT.num_meta_params() == 35799 + 2  # + learned clip alpha and multiplier
     assert (LOPT.num_lstm_inputs, LOPT.num_mlp_inputs, LOPT.num_normalized_features) == (52, 54,
@@ -263,7 +263,7 @@ def _np_mlp(params, x):
 
 
 def _np_run(theta, params, grads, losses, valid):
-    """The update of seed 000 App. C.3 in float64, for STEPS steps."""
+    """The update of arXiv:2009.11243, App. C.3 in float64, for STEPS steps."""
     th = jax.tree.map(lambda a: np.asarray(a, np.float64), theta)
     names = sorted(SHAPES)  # jax.tree.leaves order of a dict
     n = len(names)

@@ -1,4 +1,4 @@
-"""VeLO (seed 001 App. B): parameter counts, the 28 LSTM features and the 30 per-parameter
+"""VeLO (arXiv:2211.09760, App. B): parameter counts, the 28 LSTM features and the 30 per-parameter
 features by hand (NumPy, float64), the LSTM path by hand, jit / vmap, optax usage and
 meta-gradients. Everything but the count test uses ``Velo.small()`` and tiny tensors."""
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,8 +90,9 @@ def test_meta_training_improves_learnable_sgd_and_refuses_a_changed_config(tmp_p
 
 
 def _launch(out: Path) -> subprocess.Popen:
+    # `learnopt meta-train --out DIR` with no other flags resumes DIR's config.json.
     return subprocess.Popen(
-        [sys.executable, "-m", "learnopt.meta.train", str(out), "--no-progress"],
+        [sys.executable, "-m", "learnopt.cli", "meta-train", "--out", str(out), "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -127,3 +129,71 @@ def test_sigkill_then_resume_reaches_the_same_theta(tmp_path):
     ]
     killed_losses = [json.loads(x)["meta_loss"] for x in metrics.read_text().splitlines()]
     assert full_losses == killed_losses
+
+
+def test_config_round_trips_through_json_and_reads_an_older_file():
+    config = dataclasses.replace(
+        TINY, lopt="small_fc_lopt", lopt_config={"hidden_size": 8}, estimator_options={"std": 0.02}
+    )
+    # Completed with the defaults on construction: every hyperparameter is recorded.
+    assert config.lopt_config["hidden_size"] == 8 and config.lopt_config["hidden_layers"] == 2
+    assert config.estimator_options == {"std": 0.02}
+    assert MetaTrainConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["lopt_config"]["initial_rms_decays"] == [0.999]
+    # A config.json written before estimator options: PES's std was a top-level field.
+    old = {k: v for k, v in json.loads(TINY.to_json()).items()
+           if k not in ("lopt_config", "estimator_options")}
+    migrated = MetaTrainConfig.from_json(json.dumps({**old, "std": 0.03}))
+    assert migrated.estimator_options == {"std": 0.03} and migrated.lopt_config == {
+        "initial_lr": 0.01
+    }
+    tbptt = MetaTrainConfig.from_json(json.dumps({**old, "estimator": "tbptt", "std": 0.01}))
+    assert tbptt.estimator_options == {}
+    with pytest.raises(ValueError, match="unknown options \\['sigma'\\] for estimator 'pes'"):
+        dataclasses.replace(TINY, estimator_options={"sigma": 0.1})
+    with pytest.raises(ValueError, match="unknown config keys \\['width'\\]"):
+        dataclasses.replace(TINY, lopt_config={"width": 3})
+    with pytest.raises(ValueError, match="unknown estimator 'reinforce'; valid: pes"):
+        dataclasses.replace(TINY, estimator="reinforce")
+
+
+def test_checkpoints_hold_config_and_format_version_and_resume_only_their_run(tmp_path):
+    from learnopt.io import CHECKPOINT_FORMAT_VERSION, load_checkpoint
+
+    config = dataclasses.replace(TINY, outer_steps=4)
+    trainer = MetaTrainer(config, tmp_path)
+    result = trainer.run(progress=False)
+    for name in ("checkpoint.msgpack", "theta.msgpack"):
+        ckpt = load_checkpoint(tmp_path / name)
+        assert ckpt.format_version == CHECKPOINT_FORMAT_VERSION == 1
+        assert MetaTrainConfig.from_dict(ckpt.config) == config
+    template = trainer.lopt.init(jax.random.PRNGKey(0))
+    theta = load_checkpoint(tmp_path / "theta.msgpack", template).state
+    assert float(theta["log_lr"]) == float(result["state"]["learner"].theta["log_lr"])
+    assert int(load_checkpoint(tmp_path / "checkpoint.msgpack").state["step"]) == 4
+    assert json.loads((tmp_path / "machine.json").read_text())["cpu_count"] == os.cpu_count()
+    # A checkpoint copied in from another run is refused, naming the file.
+    other = tmp_path / "other"
+    MetaTrainer(dataclasses.replace(config, seed=4), other).run(progress=False)
+    (tmp_path / "checkpoint.msgpack").write_bytes((other / "checkpoint.msgpack").read_bytes())
+    with pytest.raises(ValueError, match="checkpoint.msgpack was written under a different"):
+        MetaTrainer(dataclasses.replace(config, outer_steps=6), tmp_path).run(progress=False)
+
+
+def test_a_checkpoint_from_before_format_versions_still_resumes(tmp_path):
+    from flax import serialization
+
+    config = dataclasses.replace(TINY, outer_steps=4)
+    full = MetaTrainer(dataclasses.replace(config, outer_steps=6), tmp_path / "full").run(
+        progress=False
+    )
+    MetaTrainer(config, tmp_path / "old").run(progress=False)
+    trainer = MetaTrainer(dataclasses.replace(config, outer_steps=6), tmp_path / "old")
+    state = trainer.restore()
+    # The old format: the bare msgpack'd state, no config, no version.
+    (tmp_path / "old" / "checkpoint.msgpack").write_bytes(serialization.to_bytes(state))
+    resumed = trainer.run(progress=False)
+    assert resumed["resumed"] and resumed["start_step"] == 4
+    np.testing.assert_array_equal(
+        resumed["state"]["learner"].theta["log_lr"], full["state"]["learner"].theta["log_lr"]
+    )

@@ -1,5 +1,5 @@
 """Validation-loss plumbing of the unroll: ``valid_loss=`` for optimizers that use it
-(seed 000 App. C.3) and a meta-objective on another split."""
+(arXiv:2009.11243, App. C.3) and a meta-objective on another split."""
 
 import jax
 import jax.numpy as jnp

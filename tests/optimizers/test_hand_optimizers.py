@@ -1,4 +1,4 @@
-"""SGD, SGDM and Adam (seed 004 §2.1) against hand computation and optax."""
+"""SGD, SGDM and Adam (arXiv:2203.11860, §2.1) against hand computation and optax."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""NAdamW (seed 004 App. F.1, Eqs. 10-21) against updates worked out by hand in numpy."""
+"""NAdamW (arXiv:2203.11860, App. F.1, Eqs. 10-21) against updates worked out by hand in numpy."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""The NAdamW schedule (seed 004 App. F.1, Eqs. 4-9, as the library runs them), by hand."""
+"""The NAdamW schedule (arXiv:2203.11860, App. F.1, Eqs. 4-9, as the library runs them), by hand."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Search spaces: the LR grid (seed 004 §2.1) and the NAdamW sampler (App. F.2)."""
+"""Search spaces: the LR grid (arXiv:2203.11860, §2.1) and the NAdamW sampler (App. F.2)."""
 
 import math
 

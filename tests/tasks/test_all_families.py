@@ -14,24 +14,41 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks.families import velo as families
-from learnopt.tasks.families import synthetic
-from learnopt.tasks.families import taskset
-from learnopt.tasks.families.quadratic import QuadraticFamily
+from learnopt.tasks.base import TaskFamily
+from learnopt.tasks.families import registry
 from learnopt.tasks.families.taskset_data import TaskSetLimits
 
-FAMILY_BUILDERS = {
-    **{
-        f"velo_{n}": (lambda n=n: families.make_family(n, size="tiny", data="synthetic"))
-        for n in families.FAMILIES
-    },
-    **{
-        f"taskset_{n}": (lambda n=n: taskset.get_family(n, TaskSetLimits.tiny(), synthetic=True))
-        for n in taskset.FAMILIES
-    },
-    "synthetic": lambda: synthetic.SyntheticFamily(max_dim=20, max_examples=200),
-    "quadratic": lambda: QuadraticFamily(max_dim=50),
+# Cheap options per family group (see registry.get_family for what each group takes).
+TINY_OPTIONS = {
+    "velo_": dict(size="tiny", data="synthetic"),
+    "taskset_": dict(limits=TaskSetLimits.tiny(), synthetic=True),
+    "synthetic": dict(max_dim=20, max_examples=200),
+    "quadratic": dict(max_dim=50),
 }
+
+
+def tiny_options(name: str) -> dict:
+    return next(opts for prefix, opts in TINY_OPTIONS.items() if name.startswith(prefix))
+
+
+FAMILY_BUILDERS = {
+    name: (lambda name=name: registry.get_family(name, **tiny_options(name)))
+    for name, _ in registry.list_families()
+}
+
+
+def test_registry_has_every_family_once_and_each_is_a_task_family():
+    names = [name for name, _ in registry.list_families()]
+    assert len(names) == len(set(names)) == 9 + 11 + 2  # VeLO, TaskSet, synthetic, quadratic
+    assert sum(n.startswith("velo_") for n in names) == 9
+    assert sum(n.startswith("taskset_") for n in names) == 11
+    for name, description in registry.list_families():
+        family = FAMILY_BUILDERS[name]()
+        assert isinstance(family, TaskFamily), name
+        assert description and "\n" not in description and len(description) <= 90, name
+        assert isinstance(family.sample(jax.random.PRNGKey(0)), family.config_type), name
+    with pytest.raises(ValueError, match="valid families: velo_mlp, velo_conv"):
+        registry.get_family("mlp")
 
 
 # XLA's cheap CPU settings (as in test_taskset.py): several times less compile time.

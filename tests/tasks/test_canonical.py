@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks.fixed.canonical import build_canonical, canonical_names
 from learnopt.tasks.data import registry
+from learnopt.tasks.fixed.registry import TASKS, canonical_names, get_task
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ from learnopt.tasks.data import registry
 def test_canonical_task_loss_and_gradient_finite(name):
     if not (registry.is_present("fashion_mnist") and registry.is_present("shakespeare")):
         pytest.skip("data not installed (run make setup)")
-    task = build_canonical(name)
+    task = get_task(name)
     params = task.init(jax.random.PRNGKey(0))
     batch = task.datasets.train.sample(jax.random.PRNGKey(1))
     loss, grads = jax.jit(jax.value_and_grad(task.loss))(params, jax.random.PRNGKey(2), batch)
@@ -22,5 +22,16 @@ def test_canonical_task_loss_and_gradient_finite(name):
 
 
 def test_unknown_canonical_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid: ImageMLP_FashionMnist8_Relu32"):
-        build_canonical("ImageMLP_Cifar10")
+    with pytest.raises(ValueError, match="valid tasks: .*ImageMLP_FashionMnist8_Relu32"):
+        get_task("ImageMLP_Cifar10")
+
+
+def test_one_registry_with_one_line_descriptions():
+    names = canonical_names()
+    # 10 VeLOdrome-style tasks (7 families) and 2 LOpt tasks, in the one task registry.
+    assert len(names) == 12 and names[0] == "ImageMLP_FashionMnist8_Relu32"
+    assert all(TASKS[n].canonical and TASKS[n].description.startswith("[canonical]") for n in names)
+    assert len(TASKS) == 9 + 12
+    for entry in TASKS.values():
+        assert entry.description and "\n" not in entry.description, entry.name
+        assert len(entry.description) <= 100, entry.name

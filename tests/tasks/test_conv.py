@@ -1,6 +1,6 @@
-"""learnopt.tasks.models.conv.Conv / conv2d equal flax nn.Conv: parameters, outputs, gradients (first and
-second order), under vmap and lax.scan; the models using it keep nn.Conv's parameter trees; and
-inside lax.scan every convolution XLA compiles is in the canonical (fast) form."""
+"""learnopt.tasks.models.conv.Conv / conv2d equal flax nn.Conv: parameters, outputs, gradients
+(first and second order), under vmap and lax.scan; the models using it keep nn.Conv's parameter
+trees; and inside lax.scan every convolution XLA compiles is in the canonical (fast) form."""
 
 import re
 

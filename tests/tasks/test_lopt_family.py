@@ -1,4 +1,4 @@
-"""The ``lopt`` family (seed 001 App. C.3.9): a learned optimizer's meta-objective as a task.
+"""The ``lopt`` family (VeLO, arXiv:2211.09760, App. C.3.9): a meta-objective as a task.
 
 Sampling, round trips, determinism and finite tiny tasks are covered for every family in
 test_families_velo.py; here: the meta-loss against a hand-written unroll, its gradient against
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from learnopt.tasks import augment
-from learnopt.tasks.families import velo as F
 from learnopt.tasks.families import lopt as L
+from learnopt.tasks.families import registry as family_registry
+from learnopt.tasks.families import velo as F
 
 TANH = 3  # index of tanh in family_models.ACTIVATIONS: smooth, for finite differences
 
@@ -137,7 +138,7 @@ def test_check_rejects_settings_outside_the_ranges():
 
 
 def test_registered_and_excluded_from_budgets_and_batch_reduction(task):
-    assert F.FAMILIES["lopt"] is L.LOptFamily
+    assert isinstance(family_registry.get_family("velo_lopt"), L.LOptFamily)
     assert "lopt" not in F.LARGE_BUDGET_FAMILIES  # C.5 lists no LOpt family under a budget
     config = augment.AugmentationConfig(batch_fraction=0.5)
     assert augment.apply(task, config) is task  # batch-size reduction skips LOpt tasks

@@ -1,4 +1,5 @@
-"""Seed 002 §4.1's synthetic ensemble: known optima, problem properties, the family."""
+"""The synthetic ensemble of Wichrowska et al. 2017 (arXiv:1703.04813, §4.1): known optima,
+problem properties, the family."""
 
 import dataclasses
 import json
@@ -9,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learnopt.tasks.families import synthetic as S
 from learnopt.tasks.base import NoDataSplit, config_from_dict, config_to_dict
+from learnopt.tasks.families import synthetic as S
 
 # -- literature functions at their published optima (Surjanovic & Bingham 2013) -----------
 

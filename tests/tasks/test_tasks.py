@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import (
     ArraySplit,
     Task,
@@ -16,10 +15,11 @@ from learnopt.tasks.base import (
     config_to_dict,
     split_indices,
 )
-from learnopt.tasks.image import ImageClassificationTask, image_datasets
-from learnopt.tasks.language import LanguageModelTask, text_datasets
 from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
 from learnopt.tasks.fixed.registry import get_task, list_tasks
+from learnopt.tasks.image import ImageClassificationTask, image_datasets
+from learnopt.tasks.language import LanguageModelTask, text_datasets
+from learnopt.tasks.models import standard as models
 
 
 def tiny_image_task(model, shape=(4, 4), n=60, classes=3, seed=0) -> ImageClassificationTask:
@@ -137,7 +137,8 @@ def test_paper_parameter_counts():
         variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
         return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variables))
 
-    # seed 004 App. B: the Fashion-MNIST MLP (118,282) and the CIFAR-10 ConvNet (56,970).
+    # Metz et al. 2022 (arXiv:2203.11860) App. B: the Fashion-MNIST MLP (118,282) and the
+    # CIFAR-10 ConvNet (56,970).
     assert count(models.MLP((128, 128), 10), (28, 28)) == 118_282
     assert count(models.ConvNet(), (32, 32, 3)) == 56_970
     assert count(models.ConvNet(), (28, 28, 1)) == 56_970 - 2 * 9 * 32

@@ -1,5 +1,5 @@
-"""Tests of the sampled TaskSet families (seed 000 App. I.2; ranges from
-../shared/spec/three-papers.md A.3).
+"""Tests of the sampled TaskSet families (Metz et al. 2020, arXiv:2009.11243, App. I.2, and
+the released TaskSet code where the paper gives no range).
 
 Default run: 100 configs per family are checked against the paper's ranges, for determinism
 in the key and for a JSON round trip; two tasks per family are built at tiny size on
@@ -18,13 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learnopt.tasks.models import flows
-from learnopt.tasks.families import losg
-from learnopt.tasks.families import taskset_parts as taskset_components
-from learnopt.tasks.families import taskset_data
+from learnopt.tasks.base import TaskFamily, config_to_dict
+from learnopt.tasks.families import registry as family_registry
+from learnopt.tasks.families import synthetic, taskset_data
 from learnopt.tasks.families import taskset as ts
-from learnopt.tasks.base import config_to_dict
+from learnopt.tasks.families import taskset_parts as taskset_components
 from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.families.taskset_data import (
+    PAPER_BYTE_DATASETS,
+    PAPER_IMAGE_DATASETS,
+    PAPER_SUBWORD_DATASETS,
+    ImageDataConfig,
+    TextDataConfig,
+)
 from learnopt.tasks.families.taskset_parts import (
     ACTIVATION_WEIGHTS,
     INITIALIZER_WEIGHTS,
@@ -33,13 +39,7 @@ from learnopt.tasks.families.taskset_parts import (
     InitConfig,
     RNNCoreConfig,
 )
-from learnopt.tasks.families.taskset_data import (
-    PAPER_BYTE_DATASETS,
-    PAPER_IMAGE_DATASETS,
-    PAPER_SUBWORD_DATASETS,
-    ImageDataConfig,
-    TextDataConfig,
-)
+from learnopt.tasks.models import flows
 
 N_CONFIGS = 100
 # Compile time dominates these tiny programs; XLA's cheap settings cut it several-fold.
@@ -238,7 +238,8 @@ def check_losg_base(c):
         in_range(c.n_features, 2, 100)
         assert c.n_classes == 2
     elif p == "optimization_test_problems":
-        assert c.function in losg.TEST_FUNCTIONS and len(losg.TEST_FUNCTIONS) == 8
+        assert c.function in synthetic.LOSG_TEST_FUNCTIONS
+        assert len(synthetic.LOSG_TEST_FUNCTIONS) == 8
     elif p == "fully_connected":
         in_range(c.n_features, 1, 16)
         assert c.n_classes == 2
@@ -256,9 +257,10 @@ def check_losg_base(c):
 
 
 def check_losg(c):
-    assert c.kind in losg.LOSG_KINDS and len(losg.LOSG_KINDS) == 14
-    if c.kind in losg.TRANSFORMATIONS:
-        assert c.problem in losg.BASE_PROBLEMS and c.problem != "sparse_softmax_regression"
+    assert c.kind in synthetic.LOSG_KINDS and len(synthetic.LOSG_KINDS) == 14
+    if c.kind in synthetic.LOSG_TRANSFORMATIONS:
+        assert c.problem in synthetic.LOSG_BASE_PROBLEMS
+        assert c.problem != "sparse_softmax_regression"
     else:
         assert c.problem == c.kind
     check_losg_base(c)
@@ -284,18 +286,27 @@ CHECKS = {
 }
 
 
+def get_family(name, limits=None, substitutes=None, synthetic=False):
+    """The TaskSet family ``taskset_<name>`` from the family registry."""
+    return family_registry.get_family(
+        f"taskset_{name}", limits=limits, substitutes=substitutes, synthetic=synthetic
+    )
+
+
 def test_registry_lists_every_family():
-    assert tuple(ts.list_families()) == FAMILY_NAMES
-    assert ts.get_family("taskset_mlp").name == "taskset_mlp"
-    with pytest.raises(ValueError, match="valid:"):
-        ts.get_family("nope")
+    names = [n for n, _ in family_registry.list_families() if n.startswith("taskset_")]
+    assert tuple(n.removeprefix("taskset_") for n in names) == FAMILY_NAMES
+    assert get_family("mlp").name == "taskset_mlp"
+    assert all(isinstance(get_family(n), TaskFamily) for n in FAMILY_NAMES)
+    with pytest.raises(ValueError, match="valid families:"):
+        family_registry.get_family("taskset_nope")
 
 
 @pytest.fixture(scope="module")
 def sampled_configs():
     out = {}
     for name in FAMILY_NAMES:
-        family = ts.get_family(name)
+        family = get_family(name)
         out[name] = [family.sample(jax.random.PRNGKey(i)) for i in range(N_CONFIGS)]
     return out
 
@@ -303,7 +314,7 @@ def sampled_configs():
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_sampled_configs_in_paper_ranges_and_round_trip(name, sampled_configs):
     configs = sampled_configs[name]
-    family = ts.get_family(name)
+    family = get_family(name)
     for i, cfg in enumerate(configs):
         assert isinstance(cfg, family.config_type)
         CHECKS[name](cfg)
@@ -332,14 +343,14 @@ def test_sampled_distributions_cover_the_choices(sampled_configs):
 
 
 def test_sample_accepts_typed_keys():
-    family = ts.get_family("mlp")
+    family = get_family("mlp")
     assert family.sample(jax.random.key(3)) == family.sample(jax.random.PRNGKey(3))
     assert family.sample(jax.random.PRNGKey(3)) != family.sample(jax.random.PRNGKey(4))
 
 
 def test_config_of_wrong_family_is_rejected(sampled_configs):
     with pytest.raises(TypeError, match="MLPConfig"):
-        ts.get_family("mlp").task(sampled_configs["nvp"][0])
+        get_family("mlp").task(sampled_configs["nvp"][0])
 
 
 # --- tiny tasks on synthetic data --------------------------------------------------------------
@@ -365,7 +376,7 @@ def _init_loss_grad(task):
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_tiny_tasks_have_finite_init_loss_and_gradient(name):
-    family = ts.get_family(name, limits=ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family(name, limits=ts.TaskSetLimits.tiny(), synthetic=True)
     for i in TINY_KEYS:
         config = family.sample(jax.random.PRNGKey(i))
         task = family.task(config)
@@ -379,19 +390,19 @@ def test_tiny_tasks_have_finite_init_loss_and_gradient(name):
 
 
 def test_tiny_limits_clamp_sizes(sampled_configs):
-    family = ts.get_family("word_rnn_language_model", ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family("word_rnn_language_model", ts.TaskSetLimits.tiny(), synthetic=True)
     task = family.task(sampled_configs["word_rnn_language_model"][0])
     assert task.sizes["vocab_size"] == 64 and task.sizes["patch_length"] <= 9
     batch = task.datasets.train.sample(jax.random.PRNGKey(0))
     assert batch["tokens"].shape == (task.sizes["batch_size"], task.sizes["patch_length"])
     assert int(batch["tokens"].max()) < 64
-    family = ts.get_family("mlp", ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family("mlp", ts.TaskSetLimits.tiny(), synthetic=True)
     task = family.task(sampled_configs["mlp"][0])
     assert task.sizes["image_size"] == 8
 
 
 def test_classification_normalizer_is_clipped_cross_entropy():
-    family = ts.get_family("mlp", ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family("mlp", ts.TaskSetLimits.tiny(), synthetic=True)
     task = family.task(family.sample(jax.random.PRNGKey(0)))
     top = 1.5 * math.log(10)
     out = task.normalizer(jnp.array([0.5, 100.0, jnp.nan, -1.0]))
@@ -401,7 +412,7 @@ def test_classification_normalizer_is_clipped_cross_entropy():
 def test_autoencoder_loss_and_normalizer_by_hand():
     data = ImageDataConfig("fashion_mnist", 8, None, False)
     cfg = ts.MLPAEConfig((16,), "relu", InitConfig("he_normal"), data, "linear", "l2", "sum")
-    family = ts.get_family("mlp_ae", ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family("mlp_ae", ts.TaskSetLimits.tiny(), synthetic=True)
     task = family.task(cfg)
     params = jax.tree_util.tree_map(jnp.zeros_like, task.init(jax.random.PRNGKey(0)))
     batch = task.datasets.train.sample(jax.random.PRNGKey(1))
@@ -517,7 +528,7 @@ RUNAWAY_FLOW_KEYS = {"maf": (73, 96, 16176), "nvp": (67, 68)}
 
 @pytest.mark.parametrize("kind", flows.FLOW_KINDS)
 def test_runaway_flow_initialisations_stay_finite(kind):
-    family = ts.get_family(kind, ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family(kind, ts.TaskSetLimits.tiny(), synthetic=True)
     for i in RUNAWAY_FLOW_KEYS[kind]:
         task = family.task(family.sample(jax.random.PRNGKey(i)))
         assert task.config.num_bijectors >= 3 and task.config.w_init.scale > 2.0
@@ -548,7 +559,7 @@ def test_made_is_autoregressive():
 
 
 def test_flow_normalizer_floor_is_noise_entropy():
-    family = ts.get_family("maf", ts.TaskSetLimits.tiny(), synthetic=True)
+    family = get_family("maf", ts.TaskSetLimits.tiny(), synthetic=True)
     task = family.task(family.sample(jax.random.PRNGKey(0)))
     h = 0.5 * math.log(2 * math.pi * math.e * 1e-4)
     np.testing.assert_allclose(task.normalizer(task.dim * (h + 1.0)), 1.0, rtol=1e-5)
@@ -561,7 +572,7 @@ def test_flow_normalizer_floor_is_noise_entropy():
 def _losg(**kw):
     base = {"kind": kw.get("problem"), "seed": 3}
     base.update(kw)
-    return losg.LOSGTask(losg.LOSGConfig(**base))
+    return synthetic.LOSGTask(synthetic.LOSGConfig(**base))
 
 
 def test_losg_quadratic_reuses_quadratic_task():
@@ -736,11 +747,11 @@ def test_word_ranking_and_clipping():
 
 
 def test_augmentation_crops_and_flips():
-    aug = taskset_data.AugmentationConfig(2, True, False, True, 0.1, 0.1, 0.1, 0.1)
+    aug = taskset_data.ImageAugmentationConfig(2, True, False, True, 0.1, 0.1, 0.1, 0.1)
     images = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3) / 400
     out = taskset_data.augment_images(jax.random.PRNGKey(0), images, aug)
     assert out.shape == (2, 6, 6, 3)
-    grey = taskset_data.AugmentationConfig(1, False, True, True, 0.1, 0.1, 0.1, 0.1)
+    grey = taskset_data.ImageAugmentationConfig(1, False, True, True, 0.1, 0.1, 0.1, 0.1)
     out = taskset_data.augment_images(jax.random.PRNGKey(1), images[..., :1], grey)
     assert out.shape == (2, 7, 7, 1)  # colour augmentation skips greyscale images
     for b in range(2):  # each image is a 7x7 crop of its input, maybe flipped up-down
@@ -750,7 +761,7 @@ def test_augmentation_crops_and_flips():
 
 
 def test_augmented_split_reports_cropped_shape():
-    aug = taskset_data.AugmentationConfig(1, True, True, False, 0.01, 0.1, 0.1, 0.1)
+    aug = taskset_data.ImageAugmentationConfig(1, True, True, False, 0.01, 0.1, 0.1, 0.1)
     data = ImageDataConfig("fashion_mnist", 8, None, False, aug)
     datasets, sizes = taskset_data.image_datasets(data, ts.TaskSetLimits.tiny(), synthetic=True)
     assert sizes["input_shape"] == (7, 7, 1)
@@ -775,7 +786,7 @@ def test_real_data_tasks_build_and_run(name):
     needed = {"fashion_mnist", "digits", "mnist1d", "shakespeare", "kjv", "austen"}
     if not all(registry.is_present(n) for n in needed):
         pytest.skip("offline data sets not installed")
-    family = ts.get_family(name)
+    family = get_family(name)
     for i in (0, 1):
         task = family.task(family.sample(jax.random.PRNGKey(100 + i)))
         loss, normalized, _ = _init_loss_grad(task)

@@ -1,4 +1,4 @@
-"""The step-time model and time-budgeted sampling (seed 001 §3.2, App. C.4-C.5).
+"""The step-time model and time-budgeted sampling (VeLO, arXiv:2211.09760, §3.2, App. C.4-C.5).
 
 Models are built by hand or fitted to synthetic timings, so these tests do not time anything
 except one tiny task (``test_measure_step_time_of_a_tiny_task``).
@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from learnopt.tasks.families import velo as F
 from learnopt.tasks import timing as T
+from learnopt.tasks.base import config_to_dict
+from learnopt.tasks.families import velo as F
+from learnopt.tasks.families.registry import velo_families
 
 
 def flops_model(families=("mlp", "conv"), rate=1e-9, overhead=1e-5) -> T.TimeModel:
@@ -90,7 +92,7 @@ def test_budget_probabilities_are_renormalised():
 
 
 def test_velo_sampler_allows_lm_and_resnet_only_from_1e_4():
-    families = F.make_families(size="cpu", data="synthetic")
+    families = velo_families(size="cpu", data="synthetic")
     everything_fits = FakeModel([0.0])
     small = collections.Counter()
     large = collections.Counter()
@@ -105,7 +107,7 @@ def test_velo_sampler_allows_lm_and_resnet_only_from_1e_4():
 
 
 def test_velo_sampler_respects_the_scaled_budget():
-    families = {n: F.make_family(n) for n in ("mlp", "conv")}
+    families = velo_families(["mlp", "conv"])
     model = flops_model()
     for i in range(20):
         c = T.sample_velo_config(
@@ -123,15 +125,15 @@ def test_fit_recovers_a_known_model_and_round_trips(tmp_path):
     )
     ms = []
     for name in ("mlp", "rnn_lm"):
-        family = F.make_family(name)
+        family = velo_families([name])[name]
         for i in range(12):
             c = family.sample(jax.random.PRNGKey(i))
-            ms.append(T.Measurement(name, F.to_dict(c), truth.predict(c)))
+            ms.append(T.Measurement(name, config_to_dict(c), truth.predict(c)))
     fitted = T.fit_time_model(ms)
     assert fitted.info["fit_within_factor_2"] == 1.0
     assert fitted.info["fit_rms_log_error"] < 0.02
     for name in ("mlp", "rnn_lm"):
-        family = F.make_family(name)
+        family = velo_families([name])[name]
         for i in range(100, 110):
             c = family.sample(jax.random.PRNGKey(i))
             assert fitted.predict(c) == pytest.approx(truth.predict(c), rel=0.05)

@@ -1,6 +1,7 @@
-"""A learned optimizer against tuned hand-designed baselines on one task (seed 004 §4).
+"""A learned optimizer against tuned hand-designed baselines on one task.
 
-Protocol (seed 004 §4.1 and App. F, at CPU scale):
+The protocol of Metz et al. 2022, "Practical tradeoffs between memory, compute, and
+performance in learned optimizers", arXiv:2203.11860, §4.1 and App. F, at CPU scale:
 
 * The score of a run is its mean normalised training loss over the horizon:
   ``mean_t normalizer(loss_t)``, the same quantity the learned optimizer is

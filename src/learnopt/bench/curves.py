@@ -1,15 +1,13 @@
 """Many training runs in one compiled program: loss curves over hyperparameters and seeds.
 
-Seed 004 §4 compares optimizers by the mean training loss over a fixed
-horizon, with hand-designed baselines tuned over a learning-rate grid (and
-NAdamW by random search). Every run of a grid here is the same program with
-different numbers, so the whole grid runs as ``vmap`` (hyperparameters) of
-``vmap`` (seeds) of a ``lax.scan`` over steps, with batches drawn in-jit from
-``task.datasets.train.sample``.
+Metz et al. 2022 (arXiv:2203.11860, §4) compare optimizers by the mean training loss over
+a fixed horizon, with hand-designed baselines tuned over a learning-rate grid (and NAdamW
+by random search). Every run of a grid here is the same program with different numbers, so
+the whole grid runs as ``vmap`` (hyperparameters) of ``vmap`` (seeds) of a ``lax.scan``
+over steps, with batches drawn in-jit from ``task.datasets.train.sample``.
 
-Runs with the same seed share the initial parameters and the batch sequence
-(common random numbers), so differences between optimizers are not noise of
-the data order.
+Runs with the same seed share the initial parameters and the batch sequence (common random
+numbers), so differences between optimizers are not noise of the data order.
 """
 
 from __future__ import annotations

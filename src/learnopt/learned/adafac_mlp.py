@@ -1,71 +1,17 @@
 """``small_fc_lopt``: the tiny per-parameter MLP learned optimizer with AdaFactor features.
 
-Paper: Metz, Freeman, Harrison, Maheswaranathan, Sohl-Dickstein, "Practical tradeoffs between
-memory, compute, and performance in learned optimizers" (2022), seed
-``shared/seeds/004_aa8a7462e59e5e47.txt``: §2.2 ("New per-parameter learned optimizer"),
-App. A (features and step), §4.2 / Fig. 3b (matmul vs elementwise implementations). The exact
-recipe is ``shared/spec/tradeoffs.md`` §1.6 (the released ``AdafacMLPLOpt``, which matches the
-paper's 197 meta-parameters), with the discrepancies of §7 resolved as listed below.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860, §2.2, App. A and §4.2 / Fig. 3b; the released ``AdafacMLPLOpt``
+of learned_optimization (github.com/google/learned_optimization).
 
-Per tensor, after updating the accumulators with the current gradient (``common.py``), 28
-features are built, in this order (K = 3 timescales each)::
-
-    g, p, m_k, rms, m_k * rsqrt(rms + 1e-6), rsqrt(rms + 1e-6), fac_g_k,
-    row_k, col_k, rsqrt(row_k + 1e-8), rsqrt(col_k + 1e-8), fac_mom_k
-
-``row_k`` / ``col_k`` are the AdaFactor row / column accumulators broadcast back to the tensor's
-shape (for rank < 2 tensors both are the full ``v_k``), ``fac_mom_k = m_k * row_factor_k *
-col_factor_k`` (for rank < 2: ``m_k * (v_k + 1e-6) ** -0.5``). Each feature is normalised to a
-unit second moment over the tensor, ``x * rsqrt(1e-5 + mean(x^2))``; the 11 time features
-``tanh(t / x - 1)`` are appended un-normalised (39 inputs). A ReLU MLP 39 -> 4 -> 4 -> 2 gives a
-direction ``d`` and a magnitude ``m``; the parameter moves by ``-d * exp(0.001 m) * 0.001``
-(this module returns that as an optax update to *add*). The 7 accumulator decays are
-meta-learned as offsets ``theta`` in log(1 - beta) space:
-``beta = 1 - (1 - beta_init) exp(10 theta)``, ``theta`` initialised at 0, so the initial decays
-are momentum (0.9, 0.99, 0.999), rms (0.999,), AdaFactor (0.9, 0.99, 0.999). Meta-parameters:
-190 MLP weights + 7 decay offsets = 197.
-
-Two compute paths (``compute=``), which agree to ~1e-7 (tested):
-
-- ``"concat"`` (the paper's "matrix hardware" path and the released code's default): build the
-  ``[..., 28]`` feature tensor, normalise it, tile and append the time features to
-  ``[..., 39]`` and run the MLP with matmuls.
-- ``"elementwise"`` (Fig. 3b's "vector hardware" path, seed 004 §4.2): every hidden unit is
-  ``relu(sum_v s_v w[v, o] f_v + c_o)``, a plain sum of full-shape arrays. No concatenated
-  tensor is made: the per-tensor normaliser ``s_v`` is folded into the weight (a scalar), and
-  the time features, shared by all parameters, are folded into the first-layer bias
-  ``c_o = b[o] + sum_t time_t w[28 + t, o]``. Measured on this project's 2-core CPU machine
-  (``benchmarks/small_fc_lopt_step.py``, 784-128-10 MLP, batch 128, whole train step; three
-  runs at load averages 0.7 to 13) its step took 2.3-3.2x Adam's, the concat path's 9.9-19x:
-  3.6-6.4x faster, so it is the default. Under autodiff (meta-gradients through the optimizer) a
-  ``custom_jvp`` rule evaluates it as the concat path, the same function, because the
-  derivative of the unrolled scalar graph took XLA 2-6x longer to compile.
-
-Choices where the paper, the released code and this implementation differ (spec §7):
-
-1. Hidden layers: 2 hidden layers of 4 (App. A and the 197 count), not the "1 hidden layer" of
-   §2.2.
-2. The raw gradient ``g`` is a feature (released code; needed for 39 inputs), although App. A's
-   list omits it.
-3. Time features ``tanh(t / x - 1)`` (code) rather than the paper's ``tanh(t / x)``; ``t`` is the
-   iteration count before this update. ``num_steps`` is stored in the state but, as in the
-   released code, not used as a feature.
-4. ``fac_mom`` of rank < 2 tensors uses ``(v + 1e-6) ** -0.5`` (a later commit of the released
-   code) instead of ``v ** -0.5`` (the paper's commit), which is unbounded for zero gradients.
-5. Decays: momentum decays are not clipped, rms and AdaFactor decays are clipped to [0, 1] inside
-   their accumulators (as in the code). No bias correction.
-6. Interface: an optax ``GradientTransformationExtraArgs`` returning updates to add, with the
-   parameters passed to ``update`` rather than kept in the optimizer state (seed 000 §3 layering,
-   ``learned/base.py``). Accumulators are float32; updates are cast to the parameter dtype.
-7. The concat path's matmuls use ``Precision.HIGHEST`` so both paths agree on accelerators too.
-8. Default compute path: elementwise (faster here); the released code defaulted to concat.
-   Differentiated (``jax.grad``, ``jax.jvp``, both supported by the ``custom_jvp`` rule), the
-   elementwise path computes as the concat path (see above); the values agree to ~1e-7.
-9. Weight init ``TruncatedNormal(1/sqrt(fan_in))`` cut at 2 standard deviations without
-   variance correction, zero biases (Haiku's, used by the released code). Scalar parameters are
-   processed as shape [1], so each of their normalised features is ~ +-1 (as in the code).
-10. Validation the code lacks: exactly one rms decay and as many AdaFactor as momentum decays
-   (the feature construction pairs them), else a ValueError.
+Per tensor: momentum (3 decays), rms (1) and AdaFactor (3) accumulators give 28 features, each
+normalised over the tensor, plus 11 time features (39 inputs); a ReLU MLP 39 -> 4 -> 4 -> 2
+outputs a direction ``d`` and magnitude ``m`` and the parameter moves by
+``-d * exp(0.001 m) * 0.001``. The 7 decays are meta-learned as offsets in log(1 - beta) space:
+190 MLP weights + 7 = 197 meta-parameters. Two compute paths give the same function:
+``"elementwise"`` (default, sums of full-shape arrays, fast on CPU) and ``"concat"`` (matmuls).
+Features, the elementwise derivation and timings: docs/derivations.md §3.1; departures from the
+paper and the released code: docs/departures.md.
 """
 
 from __future__ import annotations
@@ -151,7 +97,7 @@ class SmallFcLOptState(NamedTuple):
 
 
 class SmallFcLOpt(LearnedOptimizer):
-    """The 197-parameter ``small_fc_lopt`` of seed 004 (``AdafacMLPLOpt`` in learned_optimization).
+    """The 197-parameter ``small_fc_lopt`` (``AdafacMLPLOpt`` in learned_optimization).
 
     Args:
       hidden_size: width of each hidden layer (4 in the paper).
@@ -201,6 +147,15 @@ class SmallFcLOpt(LearnedOptimizer):
         self.initial_adafactor_decays = tuple(float(d) for d in initial_adafactor_decays)
         self.compute = compute
 
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (``SmallFcLOpt(**lopt.config())`` rebuilds it)."""
+        return {"hidden_size": self.hidden_size, "hidden_layers": self.hidden_layers,
+                "exp_mult": self.exp_mult, "step_mult": self.step_mult,
+                "initial_momentum_decays": list(self.initial_momentum_decays),
+                "initial_rms_decays": list(self.initial_rms_decays),
+                "initial_adafactor_decays": list(self.initial_adafactor_decays),
+                "compute": self.compute}
+
     # ---------------------------------------------------------------------------------------
     @property
     def num_tensor_features(self) -> int:
@@ -242,18 +197,9 @@ class SmallFcLOpt(LearnedOptimizer):
         p = jnp.asarray(p, jnp.float32)
         r = jax.lax.rsqrt(rms + 1e-6)
         blocks = [g[..., None], p[..., None], m, rms, m * r, r, fac_g]
-        shape = p.shape
-        if common.factored_dims(shape) is not None:
-            row, col = common.factored_tiles(v_row, v_col, shape)
-            rrow, rcol = common.factored_tiles(jax.lax.rsqrt(v_row + 1e-8),
-                                               jax.lax.rsqrt(v_col + 1e-8), shape)
-            row_f, col_f = common.factored_preconditioners(v_row, v_col, shape)
-            fac_mom = m * row_f * col_f
-        else:
-            row = col = v_full
-            rrow = rcol = jax.lax.rsqrt(v_full + 1e-8)
-            fac_mom = m * (v_full + 1e-6) ** -0.5
-        return blocks + [row, col, rrow, rcol, fac_mom]
+        return blocks + common.second_moment_features(
+            m, v_row, v_col, v_full, p.shape, lambda v: (v + 1e-6) ** -0.5
+        )
 
     def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype

@@ -2,8 +2,9 @@
 
 A learned optimizer is a function of meta-parameters ``theta`` that returns an
 ordinary optax transformation, so a user trains a model with it exactly as
-with ``optax.adam`` (the layering of seed 000 §3 / seed 004 §2.1, with the
-parameters kept out of the optimizer state, unlike learned_optimization):
+with ``optax.adam``. This is the layering of Metz et al. 2020 (arXiv:2009.11243, §3) and
+Metz et al. 2022 (arXiv:2203.11860, §2), with the parameters kept out of the optimizer state,
+unlike learned_optimization (github.com/google/learned_optimization):
 
     lopt = SmallFcLOpt()
     theta = lopt.init(jax.random.PRNGKey(0))

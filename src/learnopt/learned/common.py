@@ -1,61 +1,22 @@
 """Shared pieces of per-parameter learned optimizers: accumulators, normalisation, time features.
 
-Paper: Metz, Freeman, Harrison, Maheswaranathan, Sohl-Dickstein, "Practical tradeoffs between
-memory, compute, and performance in learned optimizers" (2022), seed
-``shared/seeds/004_aa8a7462e59e5e47.txt``, §2.1 (accumulators, AdaFactor-style factored
-statistics), §4.2 (multi-timescale accumulators) and App. A (feature normalisation, time
-features). The exact recipe follows ``shared/spec/tradeoffs.md`` §1.4, §1.6 and §7, which record
-the released code at the commits the paper links.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860: §2.1 (accumulators, AdaFactor-style factored statistics), §4.2
+(multi-timescale accumulators), App. A (feature normalisation, time features), as in the
+released code of learned_optimization (github.com/google/learned_optimization).
 
-Everything here is a pure function over pytrees. Accumulators for several decays are kept in
-one array per tensor with a *trailing decay axis* of size ``K`` (momentum ``m`` of a tensor of
-shape ``S`` has shape ``S + (K,)``); the decays are traced arrays, so they can be meta-learned
-and differentiated through.
-
-Accumulator equations (no bias correction anywhere; all are updated with the current gradient
-before any feature is computed)::
-
-    m_k   <- b_k m_k + (1 - b_k) g                      momentum_update (b not clipped)
-    rms_k <- c_k rms_k + (1 - c_k) g^2                  rms_update (c clipped to [0, 1])
-    g2     = g^2 + 1e-30
-    rank >= 2, (d1, d0) = factored_dims(shape) (2nd largest, largest):
-      v_row_k <- a_k v_row_k + (1 - a_k) mean(g2, axis=d0)   (shape: d0 removed)
-      v_col_k <- a_k v_col_k + (1 - a_k) mean(g2, axis=d1)   (shape: d1 removed)
-      fac_g_k  = g * rsqrt(v_row_k / mean(v_row_k over the d1 axis)) * rsqrt(v_col_k)
-    rank < 2:
-      v_k     <- a_k v_k + (1 - a_k) g2
-      fac_g_k  = g * rsqrt(v_k + 1e-9)
-    (a clipped to [0, 1]; every rsqrt of a factored quantity is floored: rsqrt(max(x, 1e-9)))
-
-Choices and departures (seed 004 vs released code vs here):
-
-- Decays are vectorised by broadcasting against the trailing decay axis instead of
-  ``jax.vmap(..., out_axes=-1)`` as in the released code; the numbers are the same.
-- Factored dims: the two largest dims of the tensor, ties broken by a *stable* argsort of the
-  shape (the released code used NumPy's default argsort, whose tie order is unspecified). For a
-  square matrix ``(n, n)`` this gives ``d1 = 0`` (rows) and ``d0 = 1``. On a conv kernel
-  ``(3, 3, 8, 16)`` the factored dims are 2 and 3; ``v_row`` has shape ``(3, 3, 8, K)`` and the
-  row-mean normaliser is taken over axis 2 of ``v_row`` (``d1`` shifted only when ``d1 > d0``).
-  A public port once normalised over the wrong axis here and collapsed the row factors to 1 on
-  conv weights; ``tests/learned/test_common.py`` checks the rank-4 values against NumPy.
-- State placeholders: for a tensor that is not factored, ``v_row`` / ``v_col`` hold an empty
-  ``(0, K)`` array, and for a factored one ``v_full`` does (as the released code did with
-  ``[]``), so the three state pytrees keep the parameters' structure and survive jit and vmap.
-- Accumulators are float32 whatever the parameter dtype (the released code forces float32 for
-  the factored ones only).
-- Time features: the released code computes ``tanh(t / x - 1)`` with ``t`` the iteration count
-  before the increment; the paper (App. A) writes ``tanh(t / x)``. We follow the code (default
-  ``shift=1.0``) so that meta-parameters trained with it transfer; ``shift=0.0`` gives the
-  paper's formula. Neither uses the training horizon ``num_steps``.
-- Feature normalisation ``x * rsqrt(1e-5 + mean(x^2))``: the mean is over all axes of the
-  parameter tensor, separately for each feature channel (the trailing axis); the time features
-  are not normalised.
+Pure functions over pytrees. Accumulators for ``K`` decays live in one array per tensor with a
+trailing decay axis (momentum of a tensor of shape ``S`` has shape ``S + (K,)``); the decays are
+traced arrays, so they can be meta-learned. No bias correction. Factored statistics use the two
+largest dims (stable tie-break) and work on tensors of any rank, conv kernels included. Time
+features are the released code's ``tanh(t / x - 1)``. The equations are in docs/derivations.md
+(§2), the departures from the paper and code in docs/departures.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -64,17 +25,17 @@ import numpy as np
 
 PyTree = Any
 
-#: Timescales of the 11 tanh time features (seed 004 App. A; spec §1.4 and §1.6).
+#: Timescales of the 11 tanh time features (Tradeoffs 2022, arXiv:2203.11860, App. A).
 TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5)
 
-#: Floors and epsilons of the released code (spec §7.5).
+#: Floors and epsilons of the released code (learned_optimization).
 GRAD_SQ_EPS = 1e-30
 SAFE_RSQRT_FLOOR = 1e-9
 NORMALIZER_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------------------------
-# Decay parameterisation (spec §1.6 "Meta-learned decays").
+# Decay parameterisation: meta-learned decays live in log(1 - beta) / 10 coordinates.
 
 
 def decay_to_param(decay: jax.Array | float) -> jax.Array:
@@ -242,6 +203,28 @@ def factored_tiles(
     full = tuple(shape) + v_row.shape[-1:]
     return (jnp.broadcast_to(jnp.expand_dims(v_row, d0), full),
             jnp.broadcast_to(jnp.expand_dims(v_col, d1), full))
+
+
+def second_moment_features(
+    m: jax.Array,
+    v_row: jax.Array,
+    v_col: jax.Array,
+    v_full: jax.Array,
+    shape: Sequence[int],
+    full_rsqrt: Callable[[jax.Array], jax.Array],
+) -> list[jax.Array]:
+    """The five Adafactor features of one tensor, each broadcast to ``shape + (K,)``: the row
+    and column second moments, their inverse square roots, and the momentum ``m`` times the
+    factored preconditioner. A tensor of rank < 2 has no factors: its full second moment
+    ``v_full`` stands in for both, and ``full_rsqrt(v_full)`` preconditions its momentum
+    (the architectures differ there; see their modules)."""
+    if factored_dims(shape) is not None:
+        row, col = factored_tiles(v_row, v_col, shape)
+        rrow, rcol = factored_tiles(jax.lax.rsqrt(v_row + 1e-8), jax.lax.rsqrt(v_col + 1e-8), shape)
+        row_f, col_f = factored_preconditioners(v_row, v_col, shape)
+        return [row, col, rrow, rcol, m * row_f * col_f]
+    rsqrt = jax.lax.rsqrt(v_full + 1e-8)
+    return [v_full, v_full, rsqrt, rsqrt, m * full_rsqrt(v_full)]
 
 
 def factored_update_leaf(

@@ -1,151 +1,23 @@
-"""``hierarchical_rnn``: the hierarchical GRU learned optimizer of Wichrowska et al. (2017).
+"""``hierarchical_rnn``: the hierarchical GRU learned optimizer of Wichrowska et al. 2017.
 
-Paper: Wichrowska, Maheswaranathan, Hoffman, Gomez Colmenarejo, Denil, de Freitas,
-Sohl-Dickstein, "Learned Optimizers that Scale and Generalize" (ICML 2017), seed
-``shared/seeds/002_1449a8b5bbd79981.txt``: §3 / Fig. 1 (architecture), §3.1 (hierarchy and
-sizes), §3.2.1 (attention), §3.2.2 (momentum on several timescales, Eq. 1), §3.2.3 (dynamic input
-scaling and relative log gradient magnitudes, Eqs. 2-4), §3.2.4 (direction times step length and
-the relative learning rate, Eqs. 5-9), §3.3 (inputs, outputs, Eqs. 10-13), App. A.1 (shortcut).
-The inventory of the paper's gaps and how the released TensorFlow code (``research/
-learned_optimizer``, "the reference" below) settled them is ``shared/spec/three-papers.md`` [B].
+Wichrowska et al. 2017, "Learned Optimizers that Scale and Generalize", arXiv:1703.04813: §3 /
+Fig. 1 (architecture), §3.1 (hierarchy and sizes), §3.2 (attention, momentum on several
+timescales, dynamic input scaling, direction times step length), §3.3 (inputs and outputs,
+Eqs. 10-13), App. A.1 (shortcut). Where the paper is silent, the released TensorFlow code
+(``research/learned_optimizer`` in tensorflow/models, "the reference") settles it.
 
-Architecture (defaults in brackets)
------------------------------------
-Three GRU levels, each a "bias GRU": a GRU cell whose reset-gate, update-gate and candidate
-pre-activations receive an extra injected bias of size ``3 * hidden``::
+Three GRU levels (Parameter RNN per scalar [10 units], Tensor RNN per tensor [20], one Global
+RNN [20]) pass injected biases down the hierarchy. Inputs are momenta on ``S`` [4] timescales
+scaled by their RMS, relative log gradient magnitudes and the relative log learning rate; outputs
+set a per-tensor normalised direction, a log step length with its own running average, and the
+next step's decays. Per-parameter state is stored flat over all parameters.
 
-    r = sigmoid([x, h] W_r + b_r + bias_r)     u = sigmoid([x, h] W_u + b_u + bias_u)
-    c = tanh([x, r * h] W_c + b_c + bias_c)    h' = u * h + (1 - u) * c
-
-* **Parameter RNN** (hidden ``K_P`` [10]): one per scalar parameter, shared weights. Its injected
-  bias is ``A_TP(h_tensor) + A_GP(h_global)``, two affine maps of the (old) Tensor- and
-  Global-RNN states (Eq. 10, Fig. 1).
-* **Tensor RNN** (hidden ``K_T`` [20]): one per parameter tensor. Input: the mean over the tensor
-  of the *new* Parameter-RNN states, concatenated with the mean over the tensor of the
-  Parameter-RNN inputs ``x`` (Eq. 11 lists ``x^n`` as an argument). Injected bias
-  ``A_GT(h_global)`` (old global state).
-* **Global RNN** (hidden ``K_G`` [20]): one. Input: the mean over tensors of the new Tensor-RNN
-  states (Eq. 12; §3.1 text). No injected bias.
-
-Per-parameter inputs ``x`` (§3.3), ``S`` [4] timescales, for each parameter after folding in the
-gradient ``g`` of this step::
-
-    c_g,s = sigmoid(beta_g) ** (2 ** -s)        c_l,s = sigmoid(beta_l) ** (2 ** -s)
-    gbar_s <- c_g,s * gbar_s + (1 - c_g,s) * g              (Eq. 1, momentum)
-    lam_s  <- c_l,s * lam_s  + (1 - c_l,s) * gbar_s ** 2    (Eq. 2, RMS of the *averaged* grad)
-    m_s     = gbar_s / sqrt(lam_s + 1e-16)                  (Eq. 3, RMS-scaled gradient)
-    gamma_s = log(lam_s + 1e-16) - mean_s log(lam_s + 1e-16)    (Eq. 4)
-    eta_rel = log_lr - mean over ALL parameters of log_lr   (§3.2.4, E_ti)
-    x = [m_0..m_{S-1}, gamma_0..gamma_{S-1}, eta_rel]        (width 2S + 1 = 9)
-        (+ m_s * m_{s+1} for s < S - 1 with ``use_grad_products=True``; width 3S)
-
-``beta_g`` / ``beta_l`` are the decay logits the Parameter RNN output at the previous step
-(stored per parameter in the state).
-
-Outputs (Eq. 13, read out from the new Parameter-RNN state ``h``, App. A.1 shortcut)::
-
-    d_theta = h . w_dir  + sum_s v_s  m_s        (readout bias clamped to 0, §3.3)
-    d_phi   = h . w_attn + sum_s v'_s m_s        (only with attention)
-    delta_eta = h . w_lr + b_lr;  (beta_g, beta_l) = h W_decay + b_decay   (next step's decays)
-
-Step length and learning-rate dynamics (Eqs. 5-9, resolved as in the reference)::
-
-    eta      = clip(log_lr + delta_eta, -33, 33)     (straight-through gradient)
-    log_lr  <- sigmoid(mu) * log_lr + (1 - sigmoid(mu)) * eta      (the running average etabar)
-    dir      = d / sqrt(mean_tensor(d ** 2) + 1e-16)  (RMS normalisation per tensor)
-    Delta theta = -exp(eta) * dir_theta
-    Delta phi   = -exp(eta + c) * dir_phi             (Eq. 9; c meta-learned)
-
-Attention (§3.2.1) in an optax interface
-----------------------------------------
-The paper evaluates the gradient at an attended point ``phi^{n+1} = theta^n + Delta phi^n``
-(offset from the *previous* real parameters), while the real parameters move by
-``theta^{n+1} = theta^n + Delta theta^n``. optax's ``update(grads, state, params)`` evaluates
-gradients at the caller's ``params``, so with ``use_attention=True`` (default):
-
-* the **caller's parameters are the attended point phi**. ``update`` returns
-  ``phi^{n+1} - phi^n`` so that ``optax.apply_updates`` lands on the next attended point, and
-  ``loss`` / ``grads`` the caller computes are at ``phi``, as in the paper;
-* the state keeps the **offset** ``delta = phi - theta`` (zero at ``init``), not a copy of the
-  parameters (the learned_optimization "params inside the optimizer state" complaint, design.md).
-  With ``theta^n = params - delta^n`` the update is ``Delta phi^n - delta^n`` and the new offset
-  ``Delta phi^n - Delta theta^n``;
-* :meth:`HierarchicalRNN.real_params` returns ``params - state.attention_offset``: the real
-  parameters ``theta``, to evaluate or ship the trained model. A transformation chained after
-  this one (e.g. weight decay) shifts ``theta`` and ``phi`` alike.
-
-Consequence: code that records the loss at the caller's parameters (``meta/unroll.py``) records
-``L(phi^n)``, not the paper's ``L(theta^n)`` (Eq. 14). The two differ by one attention offset,
-about one step. ``use_attention=False`` gives plain updates (caller's params = theta), no
-``w_attn``, ``v'`` or ``c`` in theta and no offset in the state.
-
-State layout and cost
----------------------
-Per-parameter state (Parameter-RNN state, ``gbar``, ``lambda``, decay logits, log learning
-rate, attention offset) is stored *flat*: one array per field with a leading axis over all
-``N`` scalar parameters, tensor after tensor in ``jax.tree.leaves(params)`` order
-(:class:`HierarchicalRNNState`; :meth:`HierarchicalRNN.unflatten` gives per-tensor views). The
-per-parameter math then runs once on ``(N, .)`` arrays whatever the number of tensors; only
-the per-tensor means and broadcasts are per tensor. Storing each field in the parameters' tree
-structure instead made the traced step grow with the number of tensors: on this (shared) CPU
-machine compiling one step of an 8-tensor model took about 3.7 CPU seconds that way and 2.4 s
-flat (1.2 s for one tensor). Memory per parameter: ``K_P + 2S + 2 + 1`` (+1 with attention)
-floats, 21 (22) with the defaults (§3.1.1: ``O(N_P K_P)``). :meth:`HierarchicalRNN.step` also
-returns the Parameter-RNN inputs and other internals (``aux``) for inspection.
-
-Choices where the paper is silent or inconsistent (spec [B] gaps) and departures
---------------------------------------------------------------------------------
-1. Global-RNN input: the mean of the new Tensor-RNN states (spec's reference choice and the §3.1
-   text), not Fig. 1's "average hidden state of all Parameter RNNs". The reference passes only
-   the *last* tensor's state to its mean; we average over all tensors as the text says.
-2. Tensor-RNN input includes the tensor mean of ``x`` (reference, and Eq. 11's ``x^n``).
-3. Number of timescales ``S = 4`` (reference ``num_gradient_scales``; paper [GAP]). Each
-   further timescale raises the decay to ``2 ** -s`` (Eq. 1; the reference's repeated sqrt).
-4. The RMS decay also uses ``2 ** -s`` per timescale (Eq. 2; ``multiple_scale_decays=True``).
-   The reference's default used one scale decay for all timescales
-   (``multiple_scale_decays=False`` reproduces that).
-5. First step: decays are forced to 0 at iteration 0 (so ``gbar_s = g`` and ``lam_s = g ** 2``),
-   as in the reference (zero initial decay state and its "ms all zero" rule); later steps use the
-   decays output at the previous step. The accumulators are updated with the current gradient
-   *before* scaling (reference order; the paper's superscripts are ambiguous).
-6. ``m_s = gbar_s / sqrt(lam_s + 1e-16)`` as in Eq. 3. The reference also squashed it with
-   ``asinh`` and added ``1e-12`` to every squared gradient; we do neither.
-7. ``eta_rel`` uses the problem-wide mean (the paper's ``E_ti``); the reference's default was the
-   per-tensor mean. It is computed from the stored (running-average) log learning rate.
-8. Learning-rate dynamics: Eqs. 7-8 are circular as printed; we use the reference's form
-   (stored ``log_lr`` is the running average ``etabar``; the step uses ``eta = etabar +
-   delta_eta``; momentum ``sigmoid(mu)``, ``mu`` initialised at 3.2). ``eta`` is clipped to
-   [-33, ``max_log_lr`` = 33] with a straight-through gradient (reference).
-9. Step-length normaliser: ``sqrt(mean(d ** 2) + 1e-16)`` per tensor (reference), not Eq. 5's
-   ``||d|| / N_t`` (a typo: it would make the step grow with the tensor size).
-10. Sign: updates are ``-exp(eta) * dir`` (reference: ``param - update_step``), so the
-    initial shortcut (mean of ``m_s``) is a descent direction.
-11. Attention step length: ``eta_phi = eta_theta + c`` (Eq. 9) with ``c`` initialised at +1.
-    The reference put the offset on the parameter step instead
-    (``lr_param = exp(eta - 1)``, ``lr_attend = exp(eta)``): the same ratio ``e``, but here the
-    *parameter* learning rate is the one initialised log-uniformly, as §3.2.4 says.
-12. Initial learning rate: the reference's draw, per tensor ``U(a/2, b/2)`` plus per element
-    ``U(a/2, b/2)`` with ``(a, b) = log(init_lr_range)`` [(1e-6, 1e-2)], so ``log_lr`` lies in
-    the paper's ``[log 1e-6, log 1e-2]`` (triangular rather than uniform; tensors get different
-    mean rates, which the relative-LR input needs). optax's ``init(params)`` takes no key: pass
-    ``key=`` to :meth:`HierarchicalRNN.optimizer`, or a key is derived from the bits of the
-    initial parameter values (deterministic and pure; different initialisations get different
-    draws, e.g. under ``vmap`` in the unroll). ``init_lr_range=(lr, lr)`` is deterministic.
-13. Shortcut (App. A.1, truncated in the paper): a bias-free linear map of ``m_s`` added to the
-    direction before normalisation (reference ``use_gradient_shortcut``), one for ``d_theta``
-    and one for ``d_phi``, initialised ``N(1/S, 0.1/sqrt(S))``.
-14. Initialisation (paper [GAP]; reference values): GRU and bias-affine weights
-    ``N(0, 0.5/sqrt(fan_in))``, GRU gate biases 2.2, candidate and affine biases 0; readouts
-    ``N(0, 0.5/sqrt(K_P))`` with ``w_attn`` a copy of ``w_dir``; learning-rate readout zero;
-    decay biases 2.2 (``beta_g``) and 3.2 (``beta_l``); initial hidden states meta-learned,
-    ``U(-1, 1)``.
-15. The loss passed to ``update`` is not used (the gradient is the only raw input, §3.2.1), nor
-    is ``num_steps`` (no time features). Rank-0 parameters are one-element tensors.
-16. State is float32 whatever the parameter dtype; updates are cast to the parameter dtype.
-    Zero-size parameters are allowed (their means count as 0). A parameter tree with no
-    leaves gets no update.
-17. Outputs are read from the *new* Parameter-RNN state (reference; Eq. 13's ``h^n`` is
-    ambiguous) and the decays they output are used from the *next* step on.
+With ``use_attention=True`` (default) the caller's parameters are the paper's *attended* point
+``phi``: ``loss`` and ``grads`` passed to ``update`` are at ``phi``, the state keeps only the
+offset ``phi - theta``, and :meth:`HierarchicalRNN.real_params` returns the real parameters
+``theta`` to evaluate or ship. The equations and this derivation are in docs/derivations.md
+§3.5; each choice where the paper is silent or departs from the reference, in
+docs/departures.md.
 """
 
 from __future__ import annotations
@@ -345,7 +217,7 @@ def key_from_params(params: PyTree) -> jax.Array:
 
 
 class HierarchicalRNN(LearnedOptimizer):
-    """The hierarchical RNN optimizer of seed 002 (see the module docstring).
+    """The hierarchical RNN optimizer of Wichrowska et al. 2017 (see the module docstring).
 
     Args:
       param_hidden, tensor_hidden, global_hidden: GRU sizes ``K_P, K_T, K_G`` (10, 20, 20).
@@ -393,6 +265,16 @@ class HierarchicalRNN(LearnedOptimizer):
         self.multiple_scale_decays = bool(multiple_scale_decays)
         self.init_lr_range = (lo, hi)
         self.max_log_lr = float(max_log_lr)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (``HierarchicalRNN(**lopt.config())``)."""
+        return {"param_hidden": self.param_hidden, "tensor_hidden": self.tensor_hidden,
+                "global_hidden": self.global_hidden, "num_scales": self.num_scales,
+                "use_attention": self.use_attention,
+                "use_gradient_shortcut": self.use_gradient_shortcut,
+                "use_grad_products": self.use_grad_products,
+                "multiple_scale_decays": self.multiple_scale_decays,
+                "init_lr_range": list(self.init_lr_range), "max_log_lr": self.max_log_lr}
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -477,7 +359,7 @@ class HierarchicalRNN(LearnedOptimizer):
     def init_state(self, theta: MetaParams, params: PyTree,
                    key: jax.Array | None = None) -> HierarchicalRNNState:
         """Fresh state for ``params``; ``key`` draws the initial learning rates (else a key is
-        derived from the parameter values, see the module docstring, item 12)."""
+        derived from the parameter values, see docs/departures.md, hierarchical_rnn item 12)."""
         lay = _Layout(params)
         n, t = lay.total, lay.num_tensors
         lo, hi = (math.log(x) for x in self.init_lr_range)

@@ -1,36 +1,18 @@
 """Hand-designed optimizers whose hyperparameters are the meta-parameters.
 
-Learnable SGD, SGD with momentum and Adam, whose hyperparameters are the
-meta-parameters ``theta``: the "Learnable Adam -- Adam where we meta-learn the
-hyperparameters" baseline of seed 001 (VeLO, Metz et al. 2022, App. on
-learned-optimizer architectures, Fig. 17) and the ``LearnableSGD`` /
-``LearnableSGDM`` / ``LearnableAdam`` of learned_optimization's
-``learned_optimizers/base.py`` (spec/anchors.md §1.2). seed 004 §2.2 (nn_adam)
-decodes the same four Adam hyperparameters from a network's outputs.
+Learnable SGD, SGD with momentum and Adam: the "Learnable Adam -- Adam where we meta-learn the
+hyperparameters" baseline of Metz et al. 2022, "VeLO", arXiv:2211.09760, App. B.6 (Fig. 17), and
+the ``LearnableSGD`` / ``LearnableSGDM`` / ``LearnableAdam`` of learned_optimization
+(github.com/google/learned_optimization). ``nn_adam`` (arXiv:2203.11860, §2.2) decodes the same
+four Adam hyperparameters from a network's outputs.
 
-They are the cheapest learned optimizers and the natural first check of any
-meta-gradient estimator: ``theta`` is a handful of scalars whose exact
-meta-gradient can be computed on a quadratic (see ``tests/meta``).
-
-Each ``optimizer(theta, num_steps)`` is the corresponding optax alias
-(``optax.sgd`` / ``optax.adam``) evaluated at the hyperparameters decoded from
-``theta``, so a step equals the optax step at those values bit for bit (Adam with
-``eps_root = 1e-30``, which changes no step with a nonzero second moment; see
-``EPS_ROOT``).
-
-Parametrisation (unconstrained ``theta``, every leaf a float32 scalar):
-
-* learning rate: ``lr = exp(log_lr)``;
-* momentum and Adam's decays: ``beta = sigmoid(logit)``;
-* Adam's epsilon: ``eps = exp(log_eps)``.
-
-Departures from learned_optimization: the decays are parametrised by logits
-(``sigmoid``) instead of ``log(1 - beta)``; both map the real line onto
-(0, 1) one to one, the logit is symmetric and also keeps ``beta > 0``. The
-schedule length ``num_steps`` is accepted and ignored (no schedule), as in the
-reference. The float32 decoding rounds: ``exp(log(0.1))`` is 0.1 within one ulp,
-not exactly, and ``1 - sigmoid(logit(0.999))`` is ``1e-3`` within about 1e-4
-relative; use :meth:`hyperparameters` to read the values actually used.
+They are the cheapest learned optimizers and the natural first check of a meta-gradient
+estimator: ``theta`` is a handful of scalars whose exact meta-gradient can be computed on a
+quadratic (see ``tests/meta``). ``optimizer(theta, num_steps)`` is the optax alias at the
+decoded values (``lr = exp(log_lr)``, ``beta = sigmoid(logit)``, ``eps = exp(log_eps)``), so a
+step equals the optax step bit for bit (Adam with ``eps_root``, see ``EPS_ROOT``). Decoding
+and rounding: docs/derivations.md §3.7; the logit parametrisation of the decays is a departure
+from learned_optimization (docs/departures.md).
 """
 
 from __future__ import annotations
@@ -74,6 +56,10 @@ class LearnableSGD(LearnedOptimizer):
         _check_range("initial_lr", initial_lr, 0.0, None)
         self.initial_lr = initial_lr
 
+    def config(self) -> dict[str, float]:
+        """The constructor arguments (``LearnableSGD(**lopt.config())`` rebuilds it)."""
+        return {"initial_lr": self.initial_lr}
+
     def init(self, key: jax.Array) -> MetaParams:
         del key
         return {"log_lr": _scalar(math.log(self.initial_lr))}
@@ -100,6 +86,10 @@ class LearnableSGDM(LearnedOptimizer):
         _check_range("initial_momentum", initial_momentum, 0.0, 1.0)
         self.initial_lr = initial_lr
         self.initial_momentum = initial_momentum
+
+    def config(self) -> dict[str, float]:
+        """The constructor arguments (``LearnableSGDM(**lopt.config())`` rebuilds it)."""
+        return {"initial_lr": self.initial_lr, "initial_momentum": self.initial_momentum}
 
     def init(self, key: jax.Array) -> MetaParams:
         del key
@@ -141,6 +131,11 @@ class LearnableAdam(LearnedOptimizer):
         self.initial_b1 = initial_b1
         self.initial_b2 = initial_b2
         self.initial_eps = initial_eps
+
+    def config(self) -> dict[str, float]:
+        """The constructor arguments (``LearnableAdam(**lopt.config())`` rebuilds it)."""
+        return {"initial_lr": self.initial_lr, "initial_b1": self.initial_b1,
+                "initial_b2": self.initial_b2, "initial_eps": self.initial_eps}
 
     def init(self, key: jax.Array) -> MetaParams:
         del key

@@ -1,34 +1,14 @@
-"""``fc_lopt``: the per-parameter MLP learned optimizer of Metz et al. (2019a), as in seed 004.
+"""``fc_lopt``: the per-parameter MLP learned optimizer of Metz et al. 2019.
 
-Papers: Metz, Maheswaranathan, Nixon, Freeman, Sohl-Dickstein, "Understanding and correcting
-pathologies in the training of learned optimizers" (ICML 2019, "Metz et al. 2019a"), used as the
-``fc_lopt`` baseline of Metz et al., "Practical tradeoffs between memory, compute, and
-performance in learned optimizers" (2022), seed ``shared/seeds/004_aa8a7462e59e5e47.txt`` §4
-(Figs. 1-4). The exact recipe is ``shared/spec/tradeoffs.md`` §1.4 (the released
-``MLPLOpt``, "LOLv2"):
+Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
+optimizers", arXiv:1810.10180, as the ``fc_lopt`` baseline of Metz et al. 2022, "Practical
+tradeoffs between memory, compute, and performance in learned optimizers", arXiv:2203.11860, §4;
+the released ``MLPLOpt`` of learned_optimization (github.com/google/learned_optimization).
 
-- 6 momentum accumulators with fixed decays (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999), updated with
-  the current gradient first (6 floats of state per parameter; ``common.momentum_update``).
-- 19 inputs per parameter: ``g``, ``p`` and the 6 momenta, each normalised to a unit second
-  moment over the tensor (``x * rsqrt(1e-5 + mean(x^2))``), then the 11 time features
-  ``tanh(t / x - 1)``, ``x`` in 1 ... 1e5, un-normalised.
-- A ReLU MLP 19 -> 32 -> 32 -> 2 (1,762 meta-parameters, all of theta; the decays are fixed).
-- Output direction ``d`` and magnitude ``m``; the parameter moves by
-  ``-d * exp(0.001 m) * 0.001``, returned here as an optax update to add.
-
-Choices and departures:
-
-1. Time features ``tanh(t / x - 1)`` as in the released code (the 2022 paper's App. A writes
-   ``tanh(t / x)`` for small_fc_lopt; spec §7.3). ``t`` is the iteration before this update.
-   ``num_steps`` is stored in the state but not used, as in the code.
-2. Interface: optax ``GradientTransformationExtraArgs`` returning updates to add; parameters are
-   passed to ``update`` instead of living in the optimizer state (``learned/base.py``).
-   Accumulators are float32; updates are cast to the parameter dtype. Scalars are processed as
-   shape [1], as in the code.
-3. Weight init ``TruncatedNormal(1/sqrt(fan_in))``, zero biases (Haiku's ``hk.nets.MLP``
-   default, which the released code used).
-4. Only the matmul path: at width 32 the elementwise expansion of ``small_fc_lopt`` would unroll
-   ~1,700 multiply-adds per parameter into the graph.
+Six momenta with fixed decays (0.1 ... 0.9999), ``g`` and ``p``, each normalised over the
+tensor, plus 11 time features ``tanh(t / x - 1)``: 19 inputs to a ReLU MLP 19 -> 32 -> 32 -> 2
+(1,762 meta-parameters); the parameter moves by ``-d * exp(0.001 m) * 0.001``. Matmul path only.
+Details: docs/derivations.md §3.2; departures: docs/departures.md.
 """
 
 from __future__ import annotations
@@ -43,7 +23,7 @@ import optax
 from learnopt.learned import common
 from learnopt.learned.base import LearnedOptimizer, MetaParams
 
-#: Fixed momentum decays of fc_lopt (spec §1.4).
+#: Fixed momentum decays of fc_lopt (the released ``MLPLOpt``).
 FC_LOPT_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 
 
@@ -84,6 +64,12 @@ class FcLOpt(LearnedOptimizer):
         self.exp_mult = exp_mult
         self.step_mult = step_mult
         self.momentum_decays = tuple(float(d) for d in decays)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (``FcLOpt(**lopt.config())`` rebuilds it)."""
+        return {"hidden_size": self.hidden_size, "hidden_layers": self.hidden_layers,
+                "exp_mult": self.exp_mult, "step_mult": self.step_mult,
+                "decays": list(self.momentum_decays)}
 
     @property
     def num_inputs(self) -> int:

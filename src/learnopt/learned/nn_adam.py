@@ -1,87 +1,17 @@
-"""``nn_adam``: a per-tensor LSTM that sets Adam's hyperparameters (seed 004 §2.2, App. C).
+"""``nn_adam``: a per-tensor LSTM that sets Adam's hyperparameters.
 
-Paper: Metz, Freeman, Harrison, Maheswaranathan, Sohl-Dickstein, "Practical tradeoffs between
-memory, compute, and performance in learned optimizers" (2022), seed
-``shared/seeds/004_aa8a7462e59e5e47.txt`` §2.2 ("Hyperparameter controllers") and App. C
-("nn_adam architecture", C.1 per-tensor features). The constants follow
-``shared/spec/tradeoffs.md`` §1.3 (the released ``NNAdam`` at the commit App. C links) with the
-discrepancies of §7.6 resolved as listed below.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860, §2.2 ("Hyperparameter controllers") and App. C; the released
+``NNAdam`` of learned_optimization (github.com/google/learned_optimization).
 
-For every parameter tensor, once per step, 19 features (below) are stacked into a
-``[num_tensors, 19]`` batch and fed to one 32-unit LSTM (shared weights, one state per tensor).
-A linear layer maps its output to 4 numbers in a *scaled space*, one per Adam hyperparameter of
-that tensor::
-
-    x_lr   = 0.1 log(lr)          lr   = exp(10 x),  x clipped so lr   in [1e-8, 1e3]
-    x_b1   = 0.1 log(1 - beta1)   beta = 1 - exp(10 x), x clipped to [-1, 0] (1 - beta in
-    x_b2   = 0.1 log(1 - beta2)                          [e^-10, 1])
-    x_eps  = 0.1 log(eps)         eps  = exp(10 x),  x clipped so eps  in [1e-11, 1e4]
-
-``x = base + output_scale * (W h + b)`` with ``output_scale = 0.01`` and ``W``, ``b`` zero at
-initialisation; ``base`` is the meta-learned ``initial_hparams`` (``output_mode="absolute"``,
-the default) or the previous step's ``x`` (``output_mode="increment"``, the released code).
-The decoded hyperparameters then drive Adam for that tensor, elementwise::
-
-    g    = clip(g, -1000, 1000)
-    m   <- beta1 m + (1 - beta1) g            v <- beta2 v + (1 - beta2) g^2
-    c1  <- beta1 c1 + (1 - beta1)             c2 <- beta2 c2 + (1 - beta2)   (c1 = c2 = 0 at init)
-    step_rule="adam":     update = -lr * (m / c1) / (sqrt(v / c2) + eps)
-    step_rule="released": update = -lr * (1 + eps) * m / (eps + sqrt(v + 1e-10))
-
-``c1``, ``c2`` (two scalars per tensor) are the exact bias corrections for time-varying betas:
-the same EMA applied to a stream of ones, i.e. ``1 - prod(beta)``, which is ``1 - beta^t`` when
-beta is constant. So with the output layer zeroed and ``initial_hparams`` (or the output bias)
-decoding to ``(lr, 0.9, 0.999, 1e-8)`` an update is ``optax.adam(lr)``'s up to float32 rounding
-(tested; ``|g| <= 1000``).
-
-The 19 per-tensor features, in this order (``T(x) = 0.5 clip(log(1e-8 + |x|), -5, 5)``,
-``var(x) = mean((x - mean x)^2)``, means over all entries of the tensor)::
-
-     0 T(mean m)    1 sign(mean m)   2 T(var m)        m, v: Adam's accumulators before
-     3 T(mean v)    4 sign(mean v)   5 T(var v)              this step's update
-     6 T(mean p)    7 sign(mean p)   8 T(var p)
-     9 T(mean g)   10 sign(mean g)  11 T(var g)   12 T(mean |g|)
-    13 is_scalar (+1 for rank 0, else -1)   14 is_bias (+1 for rank 1, else -1)
-    15-18 the previous step's x (lr, beta1, beta2, eps), each 0.2 clip(x, -5, 5)
-
-Meta-parameters (defaults): LSTM (19 + 32) * 128 + 128 = 6,656; output layer 32 * 4 + 4 = 132;
-``initial_hparams`` 4; the LSTM's initial (h, c), shared by all tensors, 64: 6,856 in total
-(spec §1.3).
-
-Choices and departures (paper, released code, here):
-
-1. Features: App. C.1 lists 12; the released code uses 19 (adds var of v, is_scalar, is_bias and
-   the 4 current hyperparameters). We use the code's 19 in the fixed order above (the code
-   sorted them by dictionary key; names are not in the spec, so meta-parameters are not
-   interchangeable with it anyway). "Variance squared" in App. C.1 is read as the variance
-   ``mean((x - mean x)^2)``, as in the code. ``is_bias`` is read as "rank 1".
-2. Output decoding: the paper says the LSTM *outputs* the four hyperparameters; the released
-   code adds ``0.01 * Linear(h)`` to the previous step's values (increments). The default here is
-   the paper's (``output_mode="absolute"``): ``x = initial_hparams + 0.01 * Linear(h)``, which
-   keeps the controller from drifting and makes "zero output layer = plain Adam" exact at every
-   step. ``output_mode="increment"`` gives the code's rule. Both clip ``x`` to the ranges above
-   (the code clips by a decode-encode round trip; the result is the same).
-3. Step: the paper says "the Adam update equations"; the code drops bias correction and uses
-   ``lr (1 + eps) m / (eps + sqrt(v + 1e-10))`` (so a large eps turns preconditioning off
-   without the step blowing up). The default ``step_rule="adam"`` is the paper's Adam with bias
-   correction generalised to time-varying betas (``c1``, ``c2`` above: 2 extra floats per
-   *tensor*, not per parameter); ``step_rule="released"`` is the code's rule.
-4. Order within a step: features are computed from the accumulators *before* this step's update
-   plus the current gradient, parameter and previous hyperparameters; the LSTM's output sets all
-   four hyperparameters used in *this* step (the code updated ``m``, ``v`` with the previous
-   step's betas, then computed features, then took lr and eps from the new output).
-5. ``sqrt(v / c2)`` has a zero derivative where ``v = 0`` (the true limit, since such entries had
-   only zero gradients) so meta-gradients stay finite when some gradient entries are exactly 0;
-   the value is unchanged.
-6. LSTM: the usual cell with gates ``[i, g, f, o] = [x, h] W + b``, forget-gate bias +1 (as in
-   Haiku's ``hk.LSTM``, which the code used), weights ``TruncatedNormal(1/sqrt(fan_in))``, zero
-   biases; trainable initial state initialised to zeros. The output layer is zero-initialised as
-   in the code; initial hyperparameters (lr 1e-4, 0.9, 0.999, 1e-8) are the code's.
-7. Interface: an optax ``GradientTransformationExtraArgs`` (``learned/base.py``) returning
-   updates to add; parameters are passed to ``update``. Accumulators are float32; updates are
-   cast to the parameter dtype. ``loss`` is accepted and unused (nn_adam has no loss feature).
-   ``num_steps`` is stored in the state and unused, as in the code. Means over empty tensors
-   are taken as 0.
+Once per step, 19 statistics of each parameter tensor go through one 32-unit LSTM (shared
+weights, one state per tensor); a zero-initialised linear layer maps its output to that tensor's
+learning rate, beta1, beta2 and eps in log-scaled coordinates, which then drive Adam
+elementwise. Defaults: the paper's absolute outputs (``output_mode="absolute"``) and Adam with
+exact bias correction for time-varying betas (``step_rule="adam"``), so a zero output layer is
+exactly ``optax.adam``; the released code's rules are options. 6,856 meta-parameters. The
+decoding, the features and the bias-correction derivation are in docs/derivations.md §3.4; the
+departures in docs/departures.md.
 
 The LSTM helpers (:func:`lstm_init`, :func:`lstm_step`) are shared with ``rnn_mlp.py``.
 """
@@ -105,7 +35,7 @@ _RULES = ("adam", "released")
 
 #: Number of per-tensor input features of nn_adam.
 NUM_FEATURES = 19
-#: Bounds of the scaled hyperparameters (lr, beta1, beta2, eps) (spec §1.3).
+#: Bounds of the scaled hyperparameters (lr, beta1, beta2, eps) (the released code's).
 X_LOW = (0.1 * math.log(1e-8), -1.0, -1.0, 0.1 * math.log(1e-11))
 X_HIGH = (0.1 * math.log(1e3), 0.0, 0.0, 0.1 * math.log(1e4))
 
@@ -204,7 +134,7 @@ def decode_hparams(x: jax.Array) -> dict[str, jax.Array]:
 
 def tensor_features(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
                     hparams: jax.Array) -> jax.Array:
-    """The 19 features of one tensor (module docstring): shape ``(19,)``.
+    """The 19 features of one tensor (docs/derivations.md §3.4): shape ``(19,)``.
 
     ``m`` and ``v`` are Adam's accumulators (parameter-shaped) *before* this step's update,
     ``hparams`` the previous step's scaled hyperparameters ``(4,)``.
@@ -245,7 +175,7 @@ class NNAdamState(NamedTuple):
 
 
 class NNAdam(LearnedOptimizer):
-    """LSTM hyperparameter controller for Adam, ``nn_adam`` of seed 004 (``NNAdam`` in
+    """LSTM hyperparameter controller for Adam, ``nn_adam`` of Metz et al. 2022 (``NNAdam`` in
     learned_optimization).
 
     Args:
@@ -287,6 +217,18 @@ class NNAdam(LearnedOptimizer):
         self.output_mode = output_mode
         self.step_rule = step_rule
         self.grad_clip = grad_clip
+        self.initial_learning_rate = initial_learning_rate
+        self.initial_beta1 = initial_beta1
+        self.initial_beta2 = initial_beta2
+        self.initial_epsilon = initial_epsilon
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (``NNAdam(**lopt.config())`` rebuilds it)."""
+        return {"lstm_size": self.lstm_size, "initial_learning_rate": self.initial_learning_rate,
+                "initial_beta1": self.initial_beta1, "initial_beta2": self.initial_beta2,
+                "initial_epsilon": self.initial_epsilon, "output_scale": self.output_scale,
+                "output_mode": self.output_mode, "step_rule": self.step_rule,
+                "grad_clip": self.grad_clip}
 
     def init(self, key: jax.Array) -> MetaParams:
         h = self.lstm_size

@@ -1,99 +1,19 @@
-"""``rnn_fc_lopt`` / "LSTM_FF": per-tensor LSTM + per-parameter MLP (seed 000 §3.3, App. C).
+"""``rnn_fc_lopt`` / "LSTM_FF": per-tensor LSTM + per-parameter MLP.
 
-Paper: Metz, Maheswaranathan, Freeman, Sun, Poole, Sohl-Dickstein, "Training more effective
-learned optimizers" (2020), seed ``shared/seeds/000_b4aa691aef50f445.txt`` §3.3 (optimizer
-architecture, Fig. 1) and App. C (C.1 state and inputs, C.2.1 rolling features, C.2.2 LossAccum,
-C.2.3 RollingGradClip, C.3 the update, C.4 ThetaMod). It is the ``rnn_fc_lopt`` baseline of
-seed 004 (``shared/seeds/004_aa8a7462e59e5e47.txt`` §4). Inventory:
-``shared/spec/three-papers.md`` [A] A.1 and ``shared/spec/tradeoffs.md`` §1.5 (the released
-``RNNMLPLOpt``), with the paper's inconsistencies resolved as listed below.
+Metz et al. 2020, "Tasks, stability, architecture, and compute: Training more effective learned
+optimizers, and using them to train themselves", arXiv:2009.11243, §3.3 (Fig. 1) and App. C
+(C.1 state and inputs, C.2 rolling features, LossAccum and RollingGradClip, C.3 the update, C.4
+sizes). It is the ``rnn_fc_lopt`` baseline of Metz et al. 2022, "Practical tradeoffs",
+arXiv:2203.11860, §4, and the released ``RNNMLPLOpt`` of learned_optimization
+(github.com/google/learned_optimization).
 
-One step, in order (App. C.3)::
-
-    1. train LossAccum <- loss; valid LossAccum <- valid_loss (when given, see below)
-       train_feat = weight(train, loss); valid_feat = weight(train, corrected_mean(valid))
-    2. RollingGradClip: g <- clip(g, +-clip_mult * snd / (1 - alpha^t)), then
-       snd <- alpha snd + (1 - alpha) sqrt(1e-8 + mean_tensors(mean(g^2))), t <- t + 1
-    3. m_k <- d_k m_k + (1 - d_k) g,  rms_k <- d_k rms_k + (1 - d_k) g^2,
-       d = (0.5, 0.9, 0.99, 0.999, 0.9999) (fixed; 10 floats of state per parameter)
-    4. per tensor i, 52 LSTM inputs = [16 tensor features, train_feat, valid_feat,
-       from_lstm (18, shared by all tensors), from_mlp[i] (16)] -> LSTM(64), batched over tensors
-    5. from_lstm' = mean_i Linear18(lstm_out_i)    (message passing between tensors)
-       ff_in_i    = Linear17(lstm_out_i)           (down to tensor i's parameters)
-    6. per parameter, 54 MLP inputs -> MLP 54 -> 32 -> 32 -> 18 (ReLU):
-       update = -0.001 * out[0] * exp(0.001 * out[1]);  from_mlp'[i] = mean_params(out[2:])
-
-LossAccum (decay d; mean = var = 0, updates = 0 at init)::
-
-    mean' = d mean + (1 - d) loss;  var' = d var + (1 - d) (mean' - loss)^2;  updates' += 1
-    c = 1 / (1 - d^updates + 1e-8);  corrected_mean = mean c
-    weight(state, x) = clip((x - mean c) * rsqrt(var c + 1e-8), -5, 5)
-
-The 16 per-tensor features (``L(x) = clip(log(1e-8 + |x|), -5, 5)``, no 0.5 factor; means of
-``m`` and ``rms`` over all entries *and* decays; ``var(x) = mean((x - mean x)^2)``)::
-
-     0 L(mean m)   1 sign(mean m)   2 L(var m)     3 L(mean rms)  4 sign(mean rms)  5 L(var rms)
-     6 L(mean p)   7 sign(mean p)   8 L(var p)     9 L(||p||)    10 L(||g||)
-    11 is_scalar (+1 for rank 0, else -1)   12-15 log(shape_j) - 1, shape padded to rank 4
-
-The 54 per-parameter MLP inputs: 23 features, each normalised over the tensor's entries
-(``x * rsqrt(1e-5 + mean(x^2))``, one channel at a time): ``g, p, log(|p| + 1e-8), m_k (5),
-rms_k (5), rsqrt(rms_k + 1e-6) (5), m_k * rsqrt(rms_k + 1e-6) (5)``; then, not normalised,
-``sin(t / (x pi))`` for x in (1, 3, 10, ..., 1e5) (11), ``log(num_tensors) - 1``,
-``log(||p|| + 1e-8)``, ``log(numel)``, and ``ff_in_i`` (17). ``g`` is the clipped gradient and
-``t`` the iteration before this step.
-
-Meta-parameters (defaults): MLP (54*32 + 32) + (32*32 + 32) + (32*18 + 18) = 3,410; LSTM
-(52 + 64) * 256 + 256 = 29,952; projections (64*17 + 17) + (64*18 + 18) = 2,275; initial
-LSTM state (h, c) 128 + initial from_lstm 18 + initial from_mlp 16 = 162; learned clipping 2:
-35,801 (35,799 with ``learn_clip=False``, the spec §1.5 count).
-
-Validation loss. ``update(grads, state, params, *, loss, valid_loss=None)``: ``valid_loss`` is
-the loss at ``params`` on a batch of the task's *inner-validation* split. The meta-objective of
-seed 000 (§3.1, App. C.1) is computed on the outer-validation split, so a meta-training unroll
-that uses this optimizer must pass ``valid_loss`` computed on ``task.datasets.inner_valid``
-(never ``outer_valid``); the paper passes it every 10th step. When ``valid_loss`` is ``None`` or
-not finite the validation LossAccum is not updated: its statistics are held at their last value
-(as in App. C.3, which carries ``valid_loss_accum`` over unchanged) and the validation feature
-re-normalises that held mean by the *current* training-loss statistics each step. Before any
-validation loss arrives the held mean is 0. A traced loop can pass ``jnp.nan`` on steps without
-one. A non-finite training ``loss`` likewise leaves the training LossAccum unchanged (its
-feature is computed from the accumulator's corrected mean, i.e. ~0), so a diverging inner run
-does not poison the optimizer state.
-
-Choices where the paper, the released code and this implementation differ:
-
-1. Momentum decays: 5 (0.5, 0.9, 0.99, 0.999, 0.9999) as in App. C.2.1's prose and the code;
-   the App. C.3 listing's 4 decays is the inconsistency. Fixed, not learned.
-2. LossAccum decays: train 0.95, valid 0.9 as in App. C.3 (its rationale: the validation loss
-   arrives less often); the released code swaps them. Both are constructor arguments.
-3. RollingGradClip: the paper outer-learns ``alpha`` and ``clip_mult`` ("log scale"); the code
-   fixes them. Here (``learn_clip=True``) they are offsets in log space,
-   ``alpha = 1 - (1 - 0.99) exp(theta_a)`` (clipped to [0, 1 - 1e-6]) and
-   ``clip_mult = 10 exp(theta_c)``, both 0 at init. Initial state ``t = 1``,
-   ``snd = 1 - alpha`` (the code's reading of "initialised to 1": the bias-corrected average
-   starts at 1, so the first clip is at ``clip_mult``).
-4. Normalised MLP features: the paper clips the normaliser's output without giving the value;
-   the code does not clip. Default: no clip (``feature_clip=None``); a float clips to +-value.
-5. Time features ``sin(t / (x pi))`` as in the code; the paper's listing computes
-   ``sin(x t / pi)`` (with a misplaced ``return``).
-6. "Parameter values from the nearest 100 steps in the past" (App. C.1 state, C.4 prose) is
-   never used in the paper's listings nor in the code: omitted.
-7. Validation loss arrives with a training step (above) rather than as a separate
-   validation-only call; a training step never increments anything for it.
-8. Shape features for rank > 4 tensors: the leading dims are merged into one (product kept) so
-   that 4 remain; lower ranks are padded with 1s at the end.
-9. Norms use ``sqrt(max(sum x^2, 1e-30))`` so meta-gradients stay finite at zero tensors
-   (zero-initialised biases); means over empty tensors are 0.
-10. Initialisation: MLP, LSTM and projections ``TruncatedNormal(1/sqrt(fan_in))`` (cut at 2
-    std), zero biases, forget-gate bias +1 (Haiku); initial LSTM state zeros; initial
-    ``from_lstm`` / ``from_mlp`` ``TruncatedNormal(1/sqrt(size))`` (the code: VarianceScaling).
-11. Feature order: the fixed orders written above (the code concatenated dictionaries in
-    sorted-key order, whose names the spec does not give).
-12. Interface: an optax ``GradientTransformationExtraArgs`` returning updates to add
-    (``learned/base.py``); parameters are passed to ``update``. Accumulators are float32;
-    updates are cast to the parameter dtype. ``num_steps`` is stored and unused. Per-tensor
-    state is stacked ``[num_tensors, ...]`` in ``jax.tree.leaves(params)`` order.
+Per step: loss features from two LossAccums (training loss, and ``valid_loss`` on the
+inner-validation split when given), rolling gradient clipping, 5 fixed momentum / rms decays, a
+64-unit LSTM over 16 statistics of each tensor with messages between tensors, and a per-parameter
+MLP 54 -> 32 -> 32 -> 18 whose first two outputs give ``-0.001 * d * exp(0.001 m)``:
+35,801 meta-parameters with the learned clipping. The step, features and counts are in
+docs/derivations.md §3.3; where the paper, the released code and this module differ, and why, in
+docs/departures.md.
 """
 
 from __future__ import annotations
@@ -118,9 +38,9 @@ from learnopt.learned.nn_adam import (
 )
 from learnopt.step import declare_extra_args
 
-#: Fixed accumulator decays (seed 000 App. C.2.1; spec §1.5).
+#: Fixed accumulator decays (arXiv:2009.11243, App. C.2.1; the released code's).
 RNN_MLP_DECAYS: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
-#: Timescales of the sinusoidal step embedding (seed 000 App. C.4).
+#: Timescales of the sinusoidal step embedding (arXiv:2009.11243, App. C.4).
 SIN_TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5)
 #: Per-tensor statistics fed to the LSTM, besides the 2 loss features and the messages.
 NUM_TENSOR_STATS = 16
@@ -228,7 +148,7 @@ def shape_features(shape: Sequence[int]) -> np.ndarray:
 
 
 def tensor_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array) -> jax.Array:
-    """The 16 per-tensor statistics (module docstring), shape ``(16,)``.
+    """The 16 per-tensor statistics (docs/derivations.md §3.3), shape ``(16,)``.
 
     ``g`` is the clipped gradient; ``m`` / ``rms`` the updated accumulators ``p.shape + (K,)``.
     """
@@ -255,7 +175,7 @@ def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
                        iteration: jax.Array, num_tensors: int, ff_in: jax.Array,
                        feature_clip: float | None = None) -> jax.Array:
     """The per-parameter MLP inputs of one tensor, shape ``p.shape + (54,)`` with 5 decays and
-    a 17-wide ``ff_in`` (module docstring for the order)."""
+    a 17-wide ``ff_in`` (order: docs/derivations.md §3.3)."""
     p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
     shape = jnp.shape(p)
     r = jax.lax.rsqrt(rms + 1e-6)
@@ -293,10 +213,10 @@ class RnnFcLOptState(NamedTuple):
 
 
 class RnnFcLOpt(LearnedOptimizer):
-    """The hierarchical LSTM_FF learned optimizer of seed 000 (``rnn_fc_lopt`` in seed 004).
+    """The LSTM_FF learned optimizer of Metz et al. 2020 (``rnn_fc_lopt``, ``RNNMLPLOpt``).
 
     Args:
-      lstm_hidden_size, from_mlp_size, from_lstm_size, lstm_to_ff: seed 000 App. C.4 (64, 16,
+      lstm_hidden_size, from_mlp_size, from_lstm_size, lstm_to_ff: App. C.4 (64, 16,
         18, 17).
       mlp_hidden: hidden layer widths of the per-parameter MLP ((32, 32), the code's).
       step_multiplier, magnitude_rate: ``step = step_multiplier * d * exp(magnitude_rate * m)``

@@ -1,114 +1,22 @@
-"""VeLO: the hypernetwork learned optimizer of Metz et al. (2022).
+"""VeLO: the hypernetwork learned optimizer of Metz et al. 2022.
 
-Paper: Metz, Harrison, Freeman, Merchant, Beyer, Bradbury, Agarwal, Poole, Mordatch, Roberts,
-Sohl-Dickstein, "VeLO: Training Versatile Learned Optimizers by Scaling Up" (2022), seed
-``shared/seeds/001_285dd8716a3186a8.txt``: §3.1 and Fig. 2 (architecture), App. B.1 (two-level
-hypernetwork), B.2 (accumulators), B.3 (per-tensor LSTM, its features and the cross-tensor
-mixing), B.4 (weight bank, per-parameter MLP, update), B.7 (costs). The exact recipe is
-``shared/spec/velo.md`` §1, which records the released ``HyperV2`` of learned_optimization.
+Metz et al. 2022, "VeLO: Training Versatile Learned Optimizers by Scaling Up",
+arXiv:2211.09760: §3.1 and Fig. 2 (architecture), App. B.1 (two-level hypernetwork), B.2
+(accumulators), B.3 (per-tensor LSTM, its features, cross-tensor mixing), B.4 (weight bank,
+per-parameter MLP, update), B.7 (costs). The recipe is the released ``HyperV2`` of
+learned_optimization (github.com/google/learned_optimization).
 
-The model, per call of ``update(grads, state, params, loss=...)``:
-
-1. Gradients are clipped elementwise to [-1000, 1000]. The loss goes into 10 EMAs with
-   half-lives ``logspace(1, log10(T), 10)`` (``T = num_steps``); the incoming loss is first
-   clipped to ``2 |max of the bias-corrected EMAs|``; a running minimum of each corrected EMA is
-   kept.
-2. Per tensor, the LSTM inputs (28 by default, in this order; ``LSTM_FEATURE_NAMES``)::
-
-       tanh(10 (t/T - s)), s in (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)       9
-       clip((ema_i - min_i) / max(1e-8, ema_{i+1} - min_i) - 1, -1, 1), i = 0..8   9
-           (bias-corrected EMAs; all zero while the loss count is <= 2)
-       L(mean(rms'))                                                               1
-       one_hot(#dims of size > 1, 5)                                               5
-       L(var(m'_k)), k = 0..2                                                      3
-       L(var(rms'))                                                                1
-
-   with ``L(x) = 0.5 clip(log(1e-8 + |10 x|), -5, 5)``, ``m' = m / rms(p)``,
-   ``rms' = rms / rms(p)`` (``rms(p) = sqrt(max(1e-9, mean(p^2)))``), statistics over all the
-   tensor's axes, ``t`` the number of updates done before this one, and ``m`` / ``rms`` the
-   accumulators *before* this gradient is added (as in the released code).
-3. Cross-tensor mixing over the ``[num_tensors, 28]`` feature array (the released code's form):
-   ``x = F0(f) + max_tensors(relu(F1(f)))``, ``Fi`` linear to the LSTM width.
-4. An LSTM (Haiku gate order i, g, f, o; forget-gate bias +1) per tensor, with a meta-learned
-   initial state tiled over the tensors and carried in the optimizer state.
-5. Two linear heads on the LSTM output: ``c_hyper`` (one weight per bank member) and ``c_lr``.
-6. The tensor's per-parameter MLP weights: ``W = 100 * mean_k(c_hyper[k] * W_bank[k])`` over
-   the bank of ``param_inits`` weight sets (every weight and bias of the MLP).
-7. Per parameter, after updating the accumulators with the clipped gradient, 30 features
-   (``MLP_FEATURE_NAMES``; momenta ``m`` at 0.9/0.99/0.999, ``rms`` at 0.999, AdaFactor at
-   0.9/0.99/0.999 from ``common.py``)::
-
-       g, clip(g, -0.1, 0.1), p, m_k, rms, m_k rsqrt(rms + 1e-6), rsqrt(rms + 1e-6), fac_g_k,
-       g rsqrt(rms + 1e-6), row_k, col_k, rsqrt(row_k + 1e-8), rsqrt(col_k + 1e-8), fac_mom_k
-
-   (rank < 2: ``row = col = v``, ``fac_mom = m rsqrt(max(v, 1e-9))``), each channel normalised
-   over the tensor, ``x * rsqrt(1e-5 + mean(x^2))``; scalars are treated as shape ``[1]``.
-8. MLP 30 -> 4 -> ReLU -> 4 -> ReLU -> 3: direction ``d`` (output 0), magnitude ``m``
-   (output 1), output 2 unused. The parameter moves by
-   ``-c_lr * d * exp(0.001 m) * 0.001 * sqrt(mean(p^2) + 1e-9)``, returned as an update to add.
-
-Sizes. ``Velo()`` is the paper's (LSTM 512, bank 256): mixing 3 x (28*512 + 512) = 44,544,
-LSTM (512 + 512) * 2048 + 2048 = 2,099,200, c_hyper head 131,328, c_lr head 513, bank
-256 x 159 = 40,704; 2,316,289 meta-parameters plus the 1,024-float learned initial LSTM state
-(``theta["lstm_init_state"]``), 2,317,313 leaves in all. ``Velo.small()`` (LSTM 16, bank 8) has
-1,392 + 2,112 + 136 + 17 + 1,272 = 4,929 plus 32 (4,961), and meta-trains on a CPU.
-
-Paper vs released code (spec §1.10) and the choice made here:
-
-1. Update rule: the paper prints ``0.001 d exp(0.001 c_lr) ||p||_2``; the code uses
-   ``c_lr d exp(0.001 m) 0.001 sqrt(mean(p^2) + 1e-9)``. **Code.**
-2. Mixing: the paper writes ``F0(x) + max(relu(F1(relu(F2(x)))))``; the code applies F1 to
-   ``x`` and never uses F2. **Code** (default ``mixing="code"``): F2 is still created (it is in
-   the 2,316,289 count and in the released checkpoints) and gets an exactly zero meta-gradient.
-   ``mixing="paper"`` gives the paper's formula (F1 becomes width x width).
-3. Loss-EMA timescales: paper "10 values between 1 and log(num_steps)", code
-   ``logspace(1, log10(T), 10)`` half-lives with ``decay = exp(-1/halflife)``. **Code.**
-4. LSTM log features: the code multiplies ``clip(log(1e-8 + |10x|), -5, 5)`` by 0.5.
-   **Code.**
-5. Sizes: the class defaults of ``HyperV2`` are 128 / 64; VeLO's configs use 512 / 256.
-   **Configs** for ``Velo()``.
-6. ``use_bugged_loss_features`` (class default True: T = 10 for the loss timescales): **False**,
-   as in the configs, so the horizon sets the timescales. Likewise the LSTM state is propagated
-   (``use_bugged_next_lstm_state=False``, the paper runs' setting). Neither bug is offered.
-
-A seventh disagreement, found while implementing (it is not in spec §1.10): the released code
-computes ``var_rms = mean((rms' - mean(m'))^2)``, and because ``mean(m')`` has one entry per
-momentum decay this broadcasts to **3** features, so its LSTM sees 30 inputs and the paper-size
-model has 2,319,361 meta-parameters, not the spec's 28 and 2,316,289. Default
-``var_rms="paper"``: the variance of ``rms'`` about its own mean (B.3: "mean and variance of the
-second moment"), one feature, 28 inputs, 2,316,289. ``var_rms="code"`` reproduces the released
-3-feature quirk (needed to load released checkpoints).
-
-Other departures and choices:
-
-- Initialisation (``init_scheme``). ``"released"`` is the code's: every linear layer
-  ``TruncatedNormal(1/sqrt(fan_in))`` with zero bias, each bank member an independently
-  initialised MLP, LSTM initial state zero. ``c_lr`` and the mixed MLP are then random
-  readouts, so the untrained optimizer steps in random directions: 30 steps of the small size
-  on the tests' tiny MLP never lowered the loss monotonically in 6 seeds (4 ended higher, 1 at
-  NaN; with a bank of 8 the x100 mixing also makes the random MLP large). The default
-  ``"descent"`` makes the untrained optimizer a working one: both heads' weights are scaled by
-  0.1 and their biases set to 1 (``c_hyper ~ 1``, ``c_lr ~ 1``), and each bank member is
-  ``(R_k + S) / 100`` with ``R_k`` the released random member and ``S`` a fixed MLP whose
-  direction output equals normalised feature 7, ``m_0.9 rsqrt(rms + 1e-6)`` (an Adam-like
-  direction; ``feature_selector_mlp``). After the x100 mixing the per-tensor MLP is ``S`` plus
-  a random MLP ``sqrt(param_inits)`` times smaller than a standard init, and the initial step is
-  ``~0.001 rms(p)`` along that direction. Parameter counts are the same for both schemes.
-- Rank < 2 ``fac_mom``: the code's ``m v^-0.5`` is replaced by ``m rsqrt(max(v, 1e-9))``: the
-  same value whenever ``v >= 1e-9``, but with a finite derivative when a tensor's gradient is
-  zero (the code's form gives ``0 * inf = NaN`` meta-gradients there; it was trained with ES).
-  ``|m_k| <= sqrt(v_k)`` holds anyway because momentum and AdaFactor share their decays.
-- A non-finite loss is replaced by the clip ceiling ``2 |max EMA|`` (by 0 on the first step),
-  so one NaN loss does not poison the loss EMAs for the rest of the run (the code would).
-- Bias corrections ``1 - decay^n`` are computed as ``-expm1(-n / halflife)`` (same numbers,
-  accurate in float32 for long horizons).
-- Interface: an optax ``GradientTransformationExtraArgs`` returning updates to add; parameters
-  are passed to ``update`` (``learned/base.py``), not kept in the state; ``loss`` is required.
-  ``num_steps`` may be a traced integer (stored in the state). Accumulators are float32 and
-  updates are cast to the parameter dtype. The per-parameter MLP is run as matmuls at
-  ``Precision.HIGHEST`` (the code's per-input-group sum is the same function). No RNG key.
-- The paper's user-side extras (weight decay 1e-6 as an L2 loss, F.4.4; gradient-norm clipping
-  at 1e-2, F.4.5) are not built in; chain them with optax when wanted.
+Per tensor, an LSTM reads 28 features (training-fraction and loss-EMA features, accumulator
+statistics, rank) mixed across tensors, and outputs a learning-rate scale ``c_lr`` and weights
+``c_hyper`` that mix a bank of small per-parameter MLPs (30 -> 4 -> 4 -> 3) into that tensor's
+MLP; the MLP reads 30 per-parameter accumulator features and outputs a direction ``d`` and a
+magnitude ``m``, and the parameter moves by ``-c_lr d exp(0.001 m) 0.001 rms(p)``. ``Velo()`` is
+the paper's size (LSTM 512, bank 256: 2,316,289 meta-parameters); ``Velo.small()`` (LSTM 16,
+bank 8) meta-trains on a CPU. Where the paper and the released code disagree the code is
+followed, except the ``var_rms`` feature (``var_rms="paper"``); ``mixing=``, ``var_rms=`` and
+``init_scheme=`` (default ``"descent"``: an untrained VeLO already descends) select the
+variants. The model step by step, the sizes and the initialisation are in docs/derivations.md
+§3.6; the departures in docs/departures.md.
 """
 
 from __future__ import annotations
@@ -144,7 +52,7 @@ RANK_ONE_HOT = 5
 GRAD_CLIP = 1000.0
 BANK_SCALE = 100.0
 MLP_OUTPUTS = 3
-#: Per-parameter MLP input channels, in order (spec §1.5).
+#: Per-parameter MLP input channels, in order (the released code's).
 MLP_FEATURE_NAMES: tuple[str, ...] = (
     "g", "clip_g", "p", "m_0.9", "m_0.99", "m_0.999", "rms",
     "m_0.9*rsqrt_rms", "m_0.99*rsqrt_rms", "m_0.999*rsqrt_rms", "rsqrt_rms",
@@ -270,7 +178,7 @@ def tensor_statistics(p: jax.Array, m: jax.Array, rms: jax.Array,
 
 
 # --------------------------------------------------------------------------------------------
-# Per-parameter features (App. B.4, spec §1.5).
+# Per-parameter features (App. B.4).
 
 
 def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
@@ -290,17 +198,8 @@ def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
     r = jax.lax.rsqrt(rms + 1e-6)
     gx = g[..., None]
     blocks = [gx, jnp.clip(gx, -0.1, 0.1), p[..., None], m, rms, m * r, r, fac_g, gx * r]
-    if common.factored_dims(shape) is not None:
-        row, col = common.factored_tiles(v_row, v_col, shape)
-        rrow, rcol = common.factored_tiles(jax.lax.rsqrt(v_row + 1e-8),
-                                           jax.lax.rsqrt(v_col + 1e-8), shape)
-        row_f, col_f = common.factored_preconditioners(v_row, v_col, shape)
-        fac_mom = m * row_f * col_f
-    else:
-        row = col = v_full
-        rrow = rcol = jax.lax.rsqrt(v_full + 1e-8)
-        fac_mom = m * common.safe_rsqrt(v_full)
-    x = jnp.concatenate(blocks + [row, col, rrow, rcol, fac_mom], axis=-1)
+    moments = common.second_moment_features(m, v_row, v_col, v_full, shape, common.safe_rsqrt)
+    x = jnp.concatenate(blocks + moments, axis=-1)
     if normalize:
         x = common.second_moment_normalize(x, axis=tuple(range(len(shape))))
     return x
@@ -364,7 +263,7 @@ class VeloState(NamedTuple):
 
 class Velo(LearnedOptimizer):
     """VeLO (``HyperV2`` in learned_optimization): a per-tensor LSTM hypernetwork that mixes a
-    bank of per-parameter MLPs (seed 001 App. B).
+    bank of per-parameter MLPs (arXiv:2211.09760, App. B).
 
     Args:
       lstm_hidden_size: LSTM width, also the width of the mixing layers (512 in VeLO).
@@ -373,7 +272,7 @@ class Velo(LearnedOptimizer):
       mixing: ``"code"`` (default, ``F0(x) + max(relu(F1(x)))``) or ``"paper"``
         (``F0(x) + max(relu(F1(relu(F2(x)))))``).
       var_rms: ``"paper"`` (default; 28 LSTM inputs) or ``"code"`` (the released broadcast, 30).
-      init_scheme: ``"descent"`` (default) or ``"released"``; see the module docstring.
+      init_scheme: ``"descent"`` (default) or ``"released"``; see docs/departures.md (VeLO 8).
       exp_mult, step_mult: the two 0.001 constants of the update.
     """
 
@@ -448,7 +347,7 @@ class Velo(LearnedOptimizer):
                 "exp_mult": self.exp_mult, "step_mult": self.step_mult}
 
     def init(self, key: jax.Array) -> MetaParams:
-        """Initial theta; see the module docstring for the two ``init_scheme`` choices.
+        """Initial theta; docs/departures.md (VeLO 8) explains the two ``init_scheme`` choices.
 
         Every weight is ``TruncatedNormal(1/sqrt(fan_in))`` cut at 2 std (Haiku's ``hk.Linear``
         default, used by the released code), all cut from one draw. Runs under ``jax.jit``

@@ -1,13 +1,14 @@
-"""The outer learner: applies meta-gradients to theta (seed 004 App. D.1).
+"""The outer learner: applies meta-gradients to theta.
 
-Seed 004 meta-trains with Adam and "gradient clipping at 3.0 applied to each
-gradient value independently" (an elementwise clip, not a global-norm clip),
-with no learning-rate schedule. The learner also guards meta-training against
-bad estimates: a meta-gradient with any non-finite entry is dropped (theta
-and the outer optimizer state are left unchanged) and counted, so a NaN in
-one inner run never kills meta-training (design.md, conventions). Several
-gradients (from several estimators or workers) are averaged first; a
-gradient older than ``max_staleness`` outer steps is dropped as stale.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in
+learned optimizers" (arXiv:2203.11860, App. D.1) meta-train with Adam and "gradient
+clipping at 3.0 applied to each gradient value independently" (an elementwise clip,
+not a global-norm clip), with no learning-rate schedule. The learner also guards
+meta-training against bad estimates: a meta-gradient with any non-finite entry is
+dropped (theta and the outer optimizer state are left unchanged) and counted, so a NaN
+in one inner run never kills meta-training. Several gradients (from several estimators
+or workers) are averaged first; a gradient older than ``max_staleness`` outer steps is
+dropped as stale.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from learnopt.trees import tree_all_finite
 
 
 class LearnerState(NamedTuple):
@@ -33,11 +36,6 @@ def outer_optimizer(learning_rate: float, clip: float = 3.0) -> optax.GradientTr
         raise ValueError(f"outer learning rate must be > 0, got {learning_rate}")
     parts = [optax.clip(clip)] if clip and clip > 0 else []
     return optax.chain(*parts, optax.adam(learning_rate))
-
-
-def tree_all_finite(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 class Learner:

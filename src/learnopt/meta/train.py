@@ -1,7 +1,11 @@
 """The meta-training loop: estimator -> learner, with checkpoint/resume and metrics.
 
-Seed 004 App. D.1's setup at CPU scale: PES (or TBPTT) meta-gradients of the
-mean normalised training loss, outer Adam with an elementwise clip of 3.0.
+The setup of Metz et al. 2022, "Practical tradeoffs between memory, compute, and
+performance in learned optimizers" (arXiv:2203.11860, App. D.1) at CPU scale: PES
+(Vicol et al. 2021, arXiv:2112.13835) or TBPTT meta-gradients of the mean normalised
+training loss, outer Adam with an elementwise clip of 3.0. The estimator is built by
+name through ``meta.estimators.registry`` and the learned optimizer by name and config
+through ``learned.registry``; ``learnopt meta-train`` is the command line.
 
 Every random choice of outer step ``k`` derives from ``fold_in(seed_key, k)``,
 and a checkpoint holds everything that changes between steps (the learner
@@ -9,11 +13,11 @@ state, the estimator state with all inner runs and PES accumulators, the
 step). So a run that is killed and resumed from its last checkpoint repeats
 exactly the steps it lost and reaches the same theta as an uninterrupted run.
 
-Files in ``out_dir``: ``config.json`` (the MetaTrainConfig), ``checkpoint.msgpack``
-(written atomically: temp file, fsync, rename), ``theta.msgpack`` (the latest
-meta-parameters alone, for evaluation), ``metrics.jsonl`` (one line per outer
-step; on resume, lines past the checkpoint are dropped so each step appears
-once).
+Files in ``out_dir``: ``config.json`` (the MetaTrainConfig), ``machine.json``,
+``checkpoint.msgpack`` and ``theta.msgpack`` (the full state, and the latest
+meta-parameters alone for evaluation; both ``learnopt.io`` checkpoints holding the config
+and a format version, written atomically), ``metrics.jsonl`` (one line per outer step; on
+resume, lines past the checkpoint are dropped so each step appears once).
 """
 
 from __future__ import annotations
@@ -21,62 +25,98 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
 from tqdm.auto import tqdm
 
+from learnopt.io import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    machine_info,
+    save_checkpoint,
+)
+from learnopt.learned.registry import get_learned_optimizer
+from learnopt.meta.estimators.registry import build_estimator, estimator_options
 from learnopt.meta.learner import Learner
+from learnopt.meta.unroll import TruncatedUnroll
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
-    """Everything that defines a meta-training run (saved as ``config.json``)."""
+    """Everything that defines a meta-training run (saved as ``config.json``).
+
+    ``lopt`` and ``lopt_config`` name a learned optimizer of ``learned.registry`` and its
+    constructor hyperparameters; ``estimator`` and ``estimator_options`` a gradient
+    estimator of ``meta.estimators.registry`` and its options (PES: ``std``). Both configs
+    are completed with the defaults on construction, so equal runs have equal configs.
+    """
 
     task: str = "fmnist_mlp_8x8"
     lopt: str = "small_fc_lopt"
-    estimator: str = "pes"  # "pes" or "tbptt"
+    lopt_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    estimator: str = "pes"
+    estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     num_tasks: int = 8
     horizon: int = 2000
     trunc_length: int = 20
-    std: float = 0.01
     outer_lr: float = 3e-4
     clip: float = 3.0
     outer_steps: int = 100_000
     max_seconds: float | None = None
     checkpoint_every: int = 100
     seed: int = 0
-    meta_loss_split: str = "train"  # or "outer_valid" (seed 000 App. C)
+    # or "outer_valid" (Metz et al. 2020, arXiv:2009.11243, App. C)
+    meta_loss_split: str = "train"
+
+    def __post_init__(self):
+        lopt = get_learned_optimizer(self.lopt, self.lopt_config)
+        object.__setattr__(self, "lopt_config", lopt.config())
+        options = estimator_options(self.estimator, self.estimator_options)
+        object.__setattr__(self, "estimator_options", options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> MetaTrainConfig:
-        data = json.loads(text)
+    def from_dict(cls, data: Mapping[str, Any]) -> MetaTrainConfig:
+        """A config from :meth:`to_dict`'s output, or from an older ``config.json``.
+
+        Older files held PES's ``std`` as a top-level field; it moves into
+        ``estimator_options`` (and is dropped for estimators without a ``std``).
+        """
+        data = dict(data)
+        if "std" in data and "estimator_options" not in data:
+            std = data.pop("std")
+            name = data.get("estimator", cls.estimator)
+            if "std" in estimator_options(name):
+                data["estimator_options"] = {"std": std}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def from_json(cls, text: str) -> MetaTrainConfig:
+        return cls.from_dict(json.loads(text))
+
 
 # Fields that say how long to run, not what is run: a resumed run may change them.
 BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every")
 
 
-def build_estimator(config: MetaTrainConfig, task, lopt):
-    """The gradient estimator named by ``config.estimator`` over ``task`` and ``lopt``."""
-    from learnopt.meta.estimators.pes import PES
-    from learnopt.meta.estimators.tbptt import TruncatedBPTT
-    from learnopt.meta.unroll import TruncatedUnroll
-
-    unroll = TruncatedUnroll(
+def build_unroll(config: MetaTrainConfig, task, lopt) -> TruncatedUnroll:
+    """The truncated unroll of ``config`` over ``task`` and ``lopt`` (random offsets)."""
+    return TruncatedUnroll(
         task,
         lopt,
         num_tasks=config.num_tasks,
@@ -85,37 +125,12 @@ def build_estimator(config: MetaTrainConfig, task, lopt):
         random_offset=True,
         meta_loss_split=config.meta_loss_split,
     )
-    if config.estimator == "pes":
-        return PES(unroll, std=config.std)
-    if config.estimator == "tbptt":
-        return TruncatedBPTT(unroll)
-    raise ValueError(f"unknown estimator {config.estimator!r}; valid: pes, tbptt")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-    }
 
 
 class MetaTrainer:
     """Owns one run directory; ``run()`` meta-trains, resuming if a checkpoint exists."""
 
     def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike, task=None, lopt=None):
-        from learnopt.learned.registry import get_learned_optimizer
         from learnopt.tasks.fixed.registry import get_task
 
         self.config = config
@@ -131,13 +146,17 @@ class MetaTrainer:
                     f"config (only {', '.join(BUDGET_FIELDS)} may change on resume)"
                 )
             if saved != config:  # a longer (or shorter) budget for a resumed run
-                cfg_path.write_text(config.to_json())
+                atomic_write_text(cfg_path, config.to_json())
         else:
-            cfg_path.write_text(config.to_json())
-            (self.out / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
+            atomic_write_text(cfg_path, config.to_json())
+            atomic_write_json(self.out / "machine.json", machine_info())
         self.task = task if task is not None else get_task(config.task)
-        self.lopt = lopt if lopt is not None else get_learned_optimizer(config.lopt)
-        self.estimator = build_estimator(config, self.task, self.lopt)
+        if lopt is None:
+            lopt = get_learned_optimizer(config.lopt, config.lopt_config)
+        self.lopt = lopt
+        self.estimator = build_estimator(
+            config.estimator, build_unroll(config, self.task, self.lopt), config.estimator_options
+        )
         self.learner = Learner(config.outer_lr, config.clip)
         self.key = jax.random.PRNGKey(config.seed)
 
@@ -153,15 +172,27 @@ class MetaTrainer:
         }
 
     def save(self, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self.out / "checkpoint.msgpack", serialization.to_bytes(state))
-        theta = serialization.to_bytes(state["learner"].theta)
-        atomic_write_bytes(self.out / "theta.msgpack", theta)
+        config = self.config.to_dict()
+        save_checkpoint(self.out / "checkpoint.msgpack", state, config)
+        save_checkpoint(self.out / "theta.msgpack", state["learner"].theta, config)
 
     def restore(self) -> dict[str, Any] | None:
+        """The state of ``checkpoint.msgpack``, or None if there is none.
+
+        A checkpoint written under a different config (other than the budget fields)
+        raises ``ValueError`` naming the file.
+        """
         path = self.out / "checkpoint.msgpack"
         if not path.exists():
             return None
-        return serialization.from_bytes(self.init_state(), path.read_bytes())
+        ckpt = load_checkpoint(path, self.init_state())
+        if ckpt.config is not None:
+            saved = MetaTrainConfig.from_dict(ckpt.config)
+            budget = {k: getattr(self.config, k) for k in BUDGET_FIELDS}
+            if dataclasses.replace(saved, **budget) != self.config:
+                raise ValueError(f"{path} was written under a different config than "
+                                 f"{self.out / 'config.json'}")
+        return ckpt.state
 
     # -- loop ----------------------------------------------------------------------------
     def _trim_metrics(self, step: int) -> None:
@@ -238,25 +269,4 @@ class MetaTrainer:
 def load_theta(run_dir: str | os.PathLike, lopt) -> Any:
     """The latest theta of a run directory, restored onto ``lopt.init``'s structure."""
     template = lopt.init(jax.random.PRNGKey(0))
-    return serialization.from_bytes(template, (Path(run_dir) / "theta.msgpack").read_bytes())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m learnopt.meta.train OUT_DIR [--config CONFIG.json]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="meta-train a learned optimizer (resumable)")
-    p.add_argument("out_dir")
-    p.add_argument("--config", default=None, help="JSON MetaTrainConfig (default: OUT_DIR's)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    cfg_path = Path(args.config) if args.config else Path(args.out_dir) / "config.json"
-    config = MetaTrainConfig.from_json(cfg_path.read_text()) if cfg_path.exists() else None
-    if config is None:
-        raise SystemExit(f"no config: give --config or put config.json in {args.out_dir}")
-    MetaTrainer(config, args.out_dir).run(progress=not args.no_progress)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return load_checkpoint(Path(run_dir) / "theta.msgpack", template).state

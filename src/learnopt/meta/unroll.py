@@ -1,66 +1,20 @@
 """Truncated, vectorised, resumable inner training: the unroll under every estimator.
 
-Meta-training (seed 004 App. D.1; Vicol et al. 2021 for PES) trains a learned
-optimizer on inner runs of ``horizon`` steps (2,000 in seed 004) that are cut
-into truncations of ``trunc_length`` steps (20 in seed 004). A gradient
-estimator sees one truncation at a time and carries the inner state over to
-the next. This module is that inner training, for ``num_tasks`` independent
-inner runs of ONE task (same structure, different initialisations and data),
-vectorised over tasks. It is the layering of learned_optimization's
-``TruncatedStep`` / ``VectorizedLOptTruncatedStep`` (spec/anchors.md §1.2),
-written over pure functions and optax optimizers.
+Meta-training (Metz et al. 2022, "Practical tradeoffs", arXiv:2203.11860, App. D.1; PES of
+Vicol et al. 2021, arXiv:2112.13835) trains a learned optimizer on inner runs of ``horizon``
+steps (2,000 in that paper) cut into truncations of ``trunc_length`` steps (20). A gradient
+estimator sees one truncation at a time and carries the inner state over to the next. This
+module is that inner training, for ``num_tasks`` independent runs of one task, vectorised over
+tasks: the layering of ``TruncatedStep`` in learned_optimization
+(github.com/google/learned_optimization), over pure functions and optax optimizers.
 
-**One step of one task** (inner step ``s`` of its current run):
-
-1. if the run has finished (``s == horizon``) it is reset first: fresh
-   parameters ``task.init(k_init)``, a fresh optimizer state and ``s = 0``
-   (flagged ``is_reset``);
-2. a training batch ``task.datasets.train.sample(k_data)``;
-3. ``loss, grads = value_and_grad(task.loss)(params, k_loss, batch)``;
-4. ``updates, opt_state = opt.update(grads, opt_state, params, loss=loss)`` and
-   ``params = optax.apply_updates(params, updates)``, with
-   ``opt = lopt.optimizer(theta, horizon)``;
-5. the recorded loss is ``task.normalizer(loss)``, the training loss at the
-   parameters *before* the update. A run therefore records the losses at its
-   iterates ``x_0 .. x_{horizon-1}``.
-
-The reset is lazy (at the start of the step after the run's last one), so the
-fresh optimizer state is built with the ``theta`` of the truncation that uses
-it; a state returned between truncations can hold ``step == horizon``.
-
-**Meta-loss** (seed 004 §3.2 and App. D.1): the mean normalised training loss
-over the truncation's valid steps, per task, then averaged over tasks
-(:func:`meta_loss`). Summed over the truncations of a run, this is the mean
-training loss over the course of inner training, clipped by the task's
-normaliser (``ln 10`` in the paper, ``1.5 ln 10`` in its code, see
-``tasks.base.clip_normalizer``). In this unroll every step is valid (``mask``
-is all true); the mask is part of the contract so that estimators stay correct
-for unrolls that pad or drop steps.
-
-**Keys.** Every random choice of a step (reset initialisation, batch, loss
-key) comes from the ``key`` passed to :meth:`TruncatedUnroll.unroll`: step ``t``
-of task ``i`` uses ``split(split(split(key, T)[t], N)[i], 3)``. Nothing depends
-on ``theta``, so two unrolls called with the same key and the same state see
-identical batches and identical resets: the antithetic pairs of ES/PES
-(seed 004 App. D.1: "the same data batches and RNG keys").
-
-**Random initial offsets** (learned_optimization's
-``random_initial_iteration_offset``; spec/tradeoffs.md §3.2): with
-``random_offset=True`` each task starts at a random step in ``[0, horizon)``
-with freshly initialised parameters and optimizer state, so its first run is
-shorter and the tasks reset out of lockstep. As in the reference, only the step
-counter is offset: the optimizer's own state starts from ``opt.init``. After
-every task's first reset (at most ``horizon`` steps) the inner step of each task
-is uniform over ``[0, horizon)``.
-
-**Cost** (shared/spec/data-and-cpu.md §2): the scan body is wrapped in
-``jax.checkpoint`` (``checkpoint=True``): backprop through the unroll then
-stores one state per step instead of every intermediate, 3 to 6x less memory
-and faster on CPU. Tasks are vectorised with ``vmap`` (``task_map="vmap"``,
-best for tiny tasks) or looped with ``lax.map`` (``task_map="map"``, better
-for tasks of about 100k parameters, whose vmapped per-parameter feature tensors
-become memory bound). Every step also computes the fresh initialisation used by
-a reset (a select under vmap); this is cheap next to the optimizer step.
+Each step resets a finished run (lazily, at the start of the next step), draws a batch, takes
+one inner step and records the normalised training loss at the parameters before the update;
+the meta-loss is its mean over the truncation. Every random choice comes from the ``key`` given
+to :meth:`TruncatedUnroll.unroll`, never from ``theta``, so antithetic pairs see identical
+batches and resets. ``random_offset`` starts tasks at random steps so they reset out of
+lockstep; ``checkpoint`` rematerialises the scan body. The step order, the key scheme and why
+the meta-loss is the mean training loss over a run are in docs/derivations.md §1.1.
 """
 
 from __future__ import annotations
@@ -131,19 +85,19 @@ class TruncatedUnroll:
       lopt: the learned optimizer; the inner optimizer is
         ``lopt.optimizer(theta, horizon)``.
       num_tasks: ``N``, the number of independent inner runs.
-      horizon: length of a whole inner run (seed 004: 2,000).
-      trunc_length: ``T``, steps per call to :meth:`unroll` (seed 004: 20).
+      horizon: length of a whole inner run (2,000 in arXiv:2203.11860).
+      trunc_length: ``T``, steps per call to :meth:`unroll` (20 there).
       random_offset: start each task at a random step in ``[0, horizon)``.
       checkpoint: wrap the scan body in ``jax.checkpoint``.
       task_map: ``"vmap"`` or ``"map"`` (``lax.map``) over tasks.
       meta_loss_split: the split whose loss is recorded for the meta-objective:
-        ``"train"`` (the training-batch loss, seed 004) or e.g. ``"outer_valid"``
-        (a fresh batch of that split at the same parameters, seed 000 App. C's
-        validation meta-objective).
+        ``"train"`` (the training-batch loss, arXiv:2203.11860) or e.g. ``"outer_valid"``
+        (a fresh batch of that split at the same parameters, the validation
+        meta-objective of arXiv:2009.11243, App. B and C.1).
 
     A learned optimizer with ``uses_valid_loss`` (``rnn_fc_lopt``) also gets
     ``valid_loss=``, the loss on an ``inner_valid`` batch at the same parameters
-    (seed 000 App. C.3), at every step. Both extra batches use keys folded from
+    (arXiv:2009.11243, App. C.3), at every step. Both extra batches use keys folded from
     the step's data key, so the keys of the training batch are unchanged.
 
     ``theta_batched=True`` (in :meth:`init_state` and :meth:`unroll`) means

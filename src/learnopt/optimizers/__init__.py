@@ -1,6 +1,7 @@
 """Hand-designed optimizers as optax transformations, with their search spaces.
 
-The baselines of seed 004 (Metz et al. 2022), §2.1 and App. F: SGD, SGD with
+The baselines of Metz et al. 2022 ("Practical tradeoffs", arXiv:2203.11860), §2.1 and
+App. F: SGD, SGD with
 momentum 0.9, Adam, and NAdamW (Nesterov Adam, AdamW decay, cosine schedule
 with warm-up; App. F.1) with its random-search space (App. F.2) and the
 learning-rate grid used to tune the others.

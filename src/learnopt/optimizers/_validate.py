@@ -1,4 +1,4 @@
-"""Argument checks shared by the hand-designed optimizers (seed 004 §2.1, App. F).
+"""Argument checks shared by the hand-designed optimizers (arXiv:2203.11860, §2.1, App. F).
 
 Each check looks only at concrete values (Python numbers, numpy scalars, concrete
 jax arrays). Traced values (inside ``jit``/``vmap``/``grad``) pass unchecked, so a

@@ -1,56 +1,17 @@
 """NAdamW: Nesterov Adam with AdamW-style weight decay and a cosine schedule.
 
-Seed 004 (Metz et al. 2022, "Practical tradeoffs between memory, compute, and
-performance in learned optimizers"), §2.1 and App. F.1, Eqs. 10-21; the
-schedule (Eqs. 4-9) lives in :mod:`learnopt.optimizers.schedules`. The ten
-hyperparameters of App. F.1 are the fields of :class:`NAdamWConfig`.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860, §2.1 and App. F.1, Eqs. 10-21; the schedule (Eqs. 4-9) is in
+:mod:`learnopt.optimizers.schedules`. The ten hyperparameters of App. F.1 are the fields of
+:class:`NAdamWConfig`.
 
-With ``t`` the number of updates already applied (0 at the first update),
-``alpha`` the scheduled learning rate at ``t`` and ``b = use_nesterov``:
-
-    g     = grad + l2_wd * phi                                      (13, see below)
-    m     = beta1 * m + (1 - beta1) * g                             (14)
-    v     = beta2 * v + (1 - beta2) * g^2                           (15)
-    mhat  = m / (1 - beta1^(t+1))                                   (16)
-    vhat  = v / (1 - beta2^(t+1))                                   (17)
-    u_hb  = mhat / (sqrt(vhat) + eps)                               (18)
-    u_nes = (beta1 * mhat + (1 - beta1) * g) / (sqrt(vhat) + eps)   (19)
-    phi'  = phi - (1 - b) alpha u_hb - b alpha u_nes - alpha adamw_wd phi   (20-21)
-
-Choices and departures, each deliberate:
-
-* **Eq. 20 sign.** The paper prints ``+ b_nes alpha u_nes``; that would ascend
-  the loss whenever Nesterov is on. It is a typo and we subtract.
-* **Eq. 13 scale.** Literally ``d/dphi (l2_wd ||phi||^2) = 2 l2_wd phi``. We add
-  ``l2_wd * phi`` (the gradient of ``l2_wd/2 ||phi||^2``), the scale of the
-  released library and of the usual "L2 weight decay added to the gradient"
-  (e.g. ``optax.add_decayed_weights``), so the F.2 range for ``l2_wd`` means what
-  it meant when it was tuned. The library's sign flip (``grad - l2_wd * phi``,
-  which *grows* the weights) is a bug and is not copied.
-* **Bias correction and eps as printed** (Eqs. 16-19): eps is added to
-  ``sqrt(vhat)``, and in Eq. 19 only ``mhat`` is bias-corrected, not the
-  ``(1 - beta1) g`` term. The library instead folds the correction into the step
-  size, ``lr_t = alpha sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1))``, which amounts
-  to an eps of ``eps / sqrt(1 - beta2^(t+1))`` and also divides the Nesterov
-  gradient term by ``1 - beta1^(t+1)``. The two agree for small eps once
-  ``beta^t`` has decayed; they differ early in training and for large eps
-  (F.2 samples eps up to 1e4).
-* ``1 - beta^(t+1)`` is evaluated as ``-expm1((t+1) log1p(-(1 - beta)))`` with
-  ``1 - beta`` formed before rounding to float32: the naive float32 form is off
-  by ~1e-3 relative at ``1 - beta2 = 1e-5``, the edge of the F.2 range. (Betas
-  passed as float32 arrays are already rounded; pass Python floats where this
-  matters.)
-* **Decoupled decay scaled by alpha** (Eq. 21): ``alpha * adamw_wd * phi`` with
-  the scheduled ``alpha``, not the library's bias-corrected ``lr_t``.
-* ``b`` mixes the two updates arithmetically as Eq. 20 does, so every
-  hyperparameter, ``use_nesterov`` included, may be a traced array and a sweep
-  can vmap over configurations.
-* The schedule needs the run length, so ``num_steps`` is required, as for the
-  learned optimizers. The first update is at schedule step 0.
-
-The transformation returns updates to *add* to the parameters (optax
-convention) and accepts extra keyword arguments such as ``loss=`` and ignores
-them, like the learned optimizers.
+The update follows the printed equations with two typos fixed (the sign of Eq. 20, the scale
+of the L2 term of Eq. 13); ``use_nesterov`` mixes the heavy-ball and Nesterov updates
+arithmetically, so every hyperparameter may be a traced array and a sweep can vmap over
+configurations. ``num_steps`` is required (the schedule needs it). The transformation returns
+updates to add and ignores extra keyword arguments such as ``loss=``. Equations:
+docs/derivations.md §4.2; how this differs from the paper and the released library, and why:
+docs/departures.md.
 """
 
 from __future__ import annotations
@@ -118,7 +79,7 @@ def nadamw(
     *,
     num_steps: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    """NAdamW of seed 004 App. F.1 (Eqs. 4-21) as an optax transformation.
+    """NAdamW of arXiv:2203.11860, App. F.1 (Eqs. 4-21) as an optax transformation.
 
     Args:
       learning_rate: ``alpha_base``, the peak of the schedule.
@@ -133,7 +94,7 @@ def nadamw(
 
     Concrete values are range-checked (ValueError); traced ones pass unchecked.
     ``update`` needs ``params`` unless both weight decays are literally 0.
-    All choices are listed in the module docstring.
+    All choices are listed in docs/departures.md.
     """
     check_num_steps(num_steps)
     _check_hparams(
@@ -199,7 +160,7 @@ def nadamw(
 
 @dataclasses.dataclass(frozen=True)
 class NAdamWConfig:
-    """The ten NAdamW hyperparameters of seed 004 App. F.1.
+    """The ten NAdamW hyperparameters of arXiv:2203.11860, App. F.1.
 
     Defaults: Adam's usual ``learning_rate=1e-3, beta1=0.9, beta2=0.999,
     eps=1e-8``, Nesterov on, no weight decay, no warm-up, no constant phase and

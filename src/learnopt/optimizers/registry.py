@@ -1,6 +1,6 @@
 """Named hand-designed optimizers: ``get_optimizer(name, ...)`` and their listing.
 
-The baselines of seed 004 (Metz et al. 2022), §2.1 and App. F: ``sgd``,
+The baselines of Metz et al. 2022 (arXiv:2203.11860), §2.1 and App. F: ``sgd``,
 ``momentum`` (SGDM, heavy ball, 0.9), ``adam`` and ``nadamw``. Every optimizer
 returned is an ``optax.GradientTransformationExtraArgs`` whose ``update``
 accepts and ignores extra keyword arguments such as ``loss=``, exactly like the
@@ -91,7 +91,7 @@ _REGISTRY: dict[str, OptimizerInfo] = {
     for info in (
         OptimizerInfo(
             name="sgd",
-            description="SGD, phi -= lr * g (seed 004 §2.1); default lr 0.1",
+            description="SGD, phi -= lr * g (arXiv:2203.11860 §2.1); default lr 0.1",
             default_learning_rate=0.1,
             needs_num_steps=False,
             options=(),
@@ -99,7 +99,8 @@ _REGISTRY: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="momentum",
-            description="SGD with heavy-ball momentum 0.9 (SGDM, seed 004 §2.1); default lr 0.01",
+            description="SGD with heavy-ball momentum 0.9 (SGDM, arXiv:2203.11860 §2.1); "
+            "default lr 0.01",
             default_learning_rate=0.01,
             needs_num_steps=False,
             options=("momentum",),
@@ -107,7 +108,7 @@ _REGISTRY: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="adam",
-            description="Adam, b1=0.9 b2=0.999 eps=1e-8 (seed 004 §2.1); default lr 1e-3",
+            description="Adam, b1=0.9 b2=0.999 eps=1e-8 (arXiv:2203.11860 §2.1); default lr 1e-3",
             default_learning_rate=1e-3,
             needs_num_steps=False,
             options=("b1", "b2", "eps"),
@@ -117,7 +118,7 @@ _REGISTRY: dict[str, OptimizerInfo] = {
             name="nadamw",
             description=(
                 "Nesterov Adam + AdamW decay + cosine warm-up schedule, 10 hyperparameters "
-                "(seed 004 App. F); needs num_steps; default lr 1e-3"
+                "(arXiv:2203.11860 App. F); needs num_steps; default lr 1e-3"
             ),
             default_learning_rate=NAdamWConfig().learning_rate,
             needs_num_steps=True,

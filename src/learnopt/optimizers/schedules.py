@@ -1,54 +1,16 @@
 """The NAdamW learning-rate schedule: single-cycle cosine decay with warm-up.
 
-Seed 004 (Metz et al. 2022, "Practical tradeoffs between memory, compute, and
-performance in learned optimizers"), App. F.1, Eqs. 4-9, which repeat the
-schedule of Metz et al. 2020b. The printed equations are
-
-    u            = [c_warmup * T > t]                                      (4)
-    alpha_dc     = (alpha_base - c_min) * (0.5 cos(t pi / (T - c_constant)) + 0.5)
-                   + c_min                                                 (5-7)
-    alpha_warmup = t / (T * c_warmup)                                      (8)
-    alpha        = (1 - u) alpha_dc + u alpha_warmup                       (9)
-
-and cannot be used literally: ``c_min`` (the min learning-rate *multiplier*) is
-used as an absolute learning rate, ``T - c_constant`` subtracts a fraction from
-a step count, the cosine has no constant phase, and Eq. 8 lacks the factor
-``alpha_base``. As the spec asks (``spec/tradeoffs.md`` §1.2), we follow the
-released library (learned_optimization ``CosineLearningRateSchedule`` at
-f4455dc), which is what produced the paper's NAdamW numbers:
-
-    t            <- min(t, T)                  (steps past the end hold the final value)
-    C            = c_constant * T              (constant steps)
-    alpha_min    = c_min_lr_mult * alpha_base
-    x            = max(t, C)
-    alpha_dc     = (alpha_base - alpha_min) * (0.5 cos(pi (x - C) / (T - C)) + 0.5) + alpha_min
-    if c_warmup > 0:
-        W            = T * max(c_warmup, c_constant)
-        u            = [W > t]
-        alpha_warmup = alpha_base * t / W
-    else:
-        u            = 0
-    alpha        = (1 - u) alpha_dc + u alpha_warmup
-
-Choices, all deliberate:
-
-* **The max() quirk is kept.** With any nonzero warm-up the ramp runs over
-  ``T * max(c_warmup, c_constant)`` steps, not ``T * c_warmup``: when
-  ``c_constant >= c_warmup`` the "constant" phase becomes a linear ramp from 0
-  to ``alpha_base`` and the cosine starts right after it; when
-  ``c_warmup > c_constant`` the ramp runs into the decay window and the rate
-  drops at ``t = W`` from about ``alpha_base`` to ``alpha_dc(W)``. We keep it
-  because the F.2 search space (and the paper's 1000-configuration NAdamW
-  baseline) was tuned and reported with exactly this behaviour; "fixing" it
-  would change what a sampled configuration means.
-* ``t`` is the 0-based count of updates already applied, as in Eq. 8 and the
-  library, so with warm-up the very first update has learning rate 0.
-* ``c_constant = 1`` makes ``T - C = 0``; the library then computes 0/0 = NaN.
-  Here the decay fraction is defined as 0, so the rate stays at ``alpha_base``.
-  Denominators are guarded so that gradients with respect to the
-  hyperparameters stay finite too.
-* Every argument may be a traced array (the function uses ``jnp.where``, not
-  Python branches), so a sweep can vmap over sampled configurations.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860, App. F.1, Eqs. 4-9, which repeat the schedule of Metz et al. 2020,
+"Using a thousand optimization tasks to learn hyperparameter search strategies", arXiv:2002.11887.
+The printed equations cannot be used literally, so this follows the released library
+(``CosineLearningRateSchedule`` of learned_optimization, github.com/google/learned_optimization,
+commit f4455dc), which produced the paper's NAdamW numbers: a warm-up ramp, an optional constant
+phase, and a cosine decay to ``min_lr_mult * learning_rate`` at step ``T``; later steps hold the
+final value. The library's warm-up quirk (the ramp spans ``T * max(c_warmup, c_constant)``) is
+kept, since the paper's search space was tuned with it; ``c_constant = 1`` gives a constant rate
+instead of the library's NaN. Every argument may be a traced array. The printed and the implemented
+formulas: docs/derivations.md §4.3; the choices: docs/departures.md.
 """
 
 from __future__ import annotations
@@ -73,7 +35,7 @@ def cosine_warmup_schedule(
     constant_fraction: Any = 0.0,
     min_lr_mult: Any = 0.0,
 ) -> Schedule:
-    """The NAdamW schedule of seed 004 App. F.1 (Eqs. 4-9, as the library runs them).
+    """The NAdamW schedule of arXiv:2203.11860, App. F.1 (Eqs. 4-9, as the library runs them).
 
     Args:
       learning_rate: ``alpha_base``, the peak learning rate.
@@ -85,7 +47,7 @@ def cosine_warmup_schedule(
 
     Returns:
       ``schedule(step) -> learning rate`` (a float32 scalar), an optax schedule.
-      See the module docstring for the exact formula and the library quirk it keeps.
+      See docs/derivations.md §4.3 for the exact formula and the library quirk it keeps.
     """
     if callable(learning_rate):
         raise ValueError(

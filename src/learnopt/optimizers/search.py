@@ -1,34 +1,13 @@
 """Hyperparameter search spaces of the hand-designed baselines.
 
-Seed 004 (Metz et al. 2022, "Practical tradeoffs between memory, compute, and
-performance in learned optimizers"):
-
-* §2.1: SGD, SGDM and Adam are tuned over learning rates "every half order of
-  magnitude between 1e-7 and 1": the 15 values of :data:`LR_GRID`.
-* App. F.2: NAdamW is tuned by random search (1000 configurations per task)
-  over the space of Metz et al. 2020b, sampled by :func:`sample_nadamw_config`:
-
-  ===================  ==========================================================
-  learning_rate        log-uniform in [1e-5, 1]
-  1 - beta1            log-uniform in [1e-3, 1]
-  1 - beta2            log-uniform in [1e-5, 1]  (the text only says "sampled
-                       between"; log-uniform is presumed, like every other
-                       range spanning decades)
-  eps                  log-uniform in [1e-8, 1e4]
-  use_nesterov         True with probability 1/2
-  l2_wd, adamw_wd      each log-uniform in [1e-5, 1e-1], drawn independently;
-                       then with probability 1/3 each: keep both, set l2_wd = 0,
-                       or set adamw_wd = 0
-  min_lr_mult          with probability 1/2 log-uniform in [1e-5, 1], else 0
-  warmup_fraction      with probability 1/2 in [1e-5, 1e-1], else 0; the text
-                       does not say log or linear: log-uniform is presumed
-  constant_fraction    uniform in [0, 1)
-  ===================  ==========================================================
-
-The sampler is deterministic in its seed and always consumes 13 uniform draws
-in a fixed order, so each hyperparameter's stream does not depend on the
-branches taken for the others. It runs on the host (numpy) and returns Python
-values; a jax key is turned into a numpy generator by drawing 128 bits from it.
+Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
+optimizers", arXiv:2203.11860: SGD, SGDM and Adam are tuned over learning rates "every half order
+of magnitude between 1e-7 and 1" (§2.1: the 15 values of :data:`LR_GRID`); NAdamW by random search,
+1000 configurations per task, over the space of Metz et al. 2020, arXiv:2002.11887 (App. F.2:
+:func:`sample_nadamw_config`). Ranges spanning decades are drawn log-uniformly. The sampler is
+deterministic in its seed, always consumes 13 uniform draws in a fixed order, runs on the host
+(numpy) and returns Python values; a jax key becomes a numpy generator through 128 bits drawn from
+it. The full table of the space: docs/derivations.md §4.4.
 """
 
 from __future__ import annotations
@@ -42,10 +21,10 @@ import numpy as np
 
 from learnopt.optimizers.nadamw import NAdamWConfig
 
-#: Seed 004 §2.1: 10^-7, 10^-6.5, ..., 10^0 (15 learning rates, ratio sqrt(10)).
+#: arXiv:2203.11860, §2.1: 10^-7, 10^-6.5, ..., 10^0 (15 learning rates, ratio sqrt(10)).
 LR_GRID: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-14, 1))
 
-#: Seed 004 App. F.2 ranges (low, high) of the log-uniform draws.
+#: arXiv:2203.11860, App. F.2 ranges (low, high) of the log-uniform draws.
 NADAMW_LOG_RANGES: dict[str, tuple[float, float]] = {
     "learning_rate": (1e-5, 1.0),
     "one_minus_beta1": (1e-3, 1.0),
@@ -109,7 +88,7 @@ def _draw(rng: np.random.Generator) -> NAdamWConfig:
 
 
 def sample_nadamw_config(key_or_rng: KeyOrRng) -> NAdamWConfig:
-    """One NAdamW configuration from the seed 004 App. F.2 search space.
+    """One NAdamW configuration from the App. F.2 search space of arXiv:2203.11860.
 
     ``key_or_rng`` is a jax PRNG key or an int seed (the same one gives the same
     config) or a ``numpy.random.Generator`` (advanced in place, so repeated calls
@@ -119,7 +98,7 @@ def sample_nadamw_config(key_or_rng: KeyOrRng) -> NAdamWConfig:
 
 
 def sample_nadamw_configs(key_or_rng: KeyOrRng, num: int) -> list[NAdamWConfig]:
-    """``num`` configurations drawn in sequence from one generator (seed 004 App. F.2).
+    """``num`` configurations drawn in sequence from one generator (arXiv:2203.11860, App. F.2).
 
     Deterministic in the seed; the first config equals ``sample_nadamw_config`` of
     the same seed. The paper uses ``num = 1000`` per task.

@@ -4,11 +4,16 @@ One line from optax::
 
     opt = learnopt.pretrained.optimizer("small_fc_lopt_fmnist8", num_steps=2000)
 
-Each shipped file is self-describing: a msgpack holding ``metadata`` (a JSON
-string: architecture name and hyperparameters, task, estimator, meta-training
-config, outer steps, wall time, machine, the command that reproduces it, and
-the evaluation it passed) and ``theta``. ``load`` rebuilds the architecture
-from the metadata alone.
+Each shipped file is self-describing: a ``learnopt.io`` checkpoint whose state is
+``theta`` and whose config is the metadata: the architecture's registry name
+(``architecture``) and constructor hyperparameters (``architecture_config``), task,
+estimator, meta-training config, outer steps, wall time, machine, the command that
+reproduces it, and the evaluation it passed. ``load`` rebuilds the architecture
+from the metadata alone, through ``learned.registry``.
+
+Files written before checkpoint format versions (format 0: a msgpack map of a
+``metadata`` JSON string, with the hyperparameters under
+``architecture_hyperparameters``, and ``theta``) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ from typing import Any
 
 import jax
 import optax
-from flax import serialization
+
+from learnopt.io import (
+    CheckpointError,
+    load_checkpoint,
+    machine_info,
+    restore_state,
+    save_checkpoint,
+)
+from learnopt.learned.base import LearnedOptimizer
+from learnopt.learned.registry import default_config, learned_optimizer_from_config
 
 HERE = Path(__file__).parent
 SUFFIX = ".msgpack"
@@ -40,27 +54,60 @@ def _path(name: str) -> Path:
     return path
 
 
-def save(path: str | os.PathLike, theta: Any, metadata: dict[str, Any]) -> None:
-    """Write ``theta`` and its ``metadata`` (must name ``architecture``) to one file."""
+def save(path: str | os.PathLike, theta: Any, metadata: dict[str, Any]) -> Path:
+    """Write ``theta`` and its ``metadata`` to one file, atomically.
+
+    ``metadata`` must name the ``architecture`` (a ``learned.registry`` name) and may give
+    its ``architecture_config`` (constructor hyperparameters; defaults otherwise). It must
+    be JSON-ready.
+    """
     if "architecture" not in metadata:
         raise ValueError("metadata must name the 'architecture' (a learned optimizer name)")
-    blob = {"metadata": json.dumps(metadata, sort_keys=True), "theta": theta}
-    data = serialization.msgpack_serialize(serialization.to_state_dict(blob))
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    return save_checkpoint(path, theta, config=metadata)
+
+
+def read(name: str) -> tuple[dict[str, Any], Any]:
+    """``(metadata, theta state dict)`` of a shipped name or file, without building anything."""
+    path = _path(name)
+    ckpt = load_checkpoint(path)
+    if ckpt.format_version == 0:  # {"metadata": JSON text, "theta": state dict}
+        raw = ckpt.state
+        if set(raw) != {"metadata", "theta"}:
+            raise CheckpointError(f"{path}: not a pretrained optimizer file (keys "
+                                  f"{', '.join(sorted(raw))}; expected metadata, theta)")
+        return json.loads(raw["metadata"]), raw["theta"]
+    if not isinstance(ckpt.config, dict) or "architecture" not in ckpt.config:
+        raise CheckpointError(f"{path}: its metadata does not name the 'architecture'")
+    return ckpt.config, ckpt.state
+
+
+def architecture(metadata: dict[str, Any]) -> LearnedOptimizer:
+    """The learned optimizer a file's metadata describes (registry name and config)."""
+    name = metadata["architecture"]
+    if "architecture_config" in metadata:
+        config = metadata["architecture_config"]
+    else:  # format 0 files: the numeric/string attributes of the optimizer object
+        accepted = default_config(name)
+        config = {k: v for k, v in metadata.get("architecture_hyperparameters", {}).items()
+                  if k in accepted}
+    return learned_optimizer_from_config(name, config)
 
 
 def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
     """``(lopt, theta, metadata)`` of a shipped name or a file path."""
-    from learnopt.learned.registry import get_learned_optimizer
-
-    raw = serialization.msgpack_restore(_path(name).read_bytes())
-    metadata = json.loads(raw["metadata"])
-    lopt = get_learned_optimizer(metadata["architecture"])
-    template = lopt.init(jax.random.PRNGKey(0))
-    theta = serialization.from_state_dict(template, raw["theta"])
+    metadata, theta_dict = read(name)
+    lopt = architecture(metadata)
+    template = jax.eval_shape(lopt.init, jax.random.PRNGKey(0))
+    theta = restore_state(template, theta_dict, source=str(_path(name)))
     return lopt, theta, metadata
+
+
+def describe(name: str) -> str:
+    """One line: architecture, meta-training task, estimator and outer steps."""
+    meta, _ = read(name)
+    steps = meta.get("outer_steps")
+    return (f"{meta['architecture']} meta-trained on {meta.get('task', '?')} with "
+            f"{meta.get('estimator', '?')}" + (f", {steps:,} outer steps" if steps else ""))
 
 
 def optimizer(name: str, num_steps: int) -> optax.GradientTransformationExtraArgs:
@@ -82,20 +129,18 @@ def export_run(
     its metrics, the machine it ran on, ``command`` (which reproduces it)
     and, if given, the evaluation it passed.
     """
-    from learnopt.learned.registry import get_learned_optimizer
     from learnopt.meta.report import read_metrics
-    from learnopt.meta.train import MetaTrainConfig, load_theta, machine_info
+    from learnopt.meta.train import MetaTrainConfig
 
     run = Path(run_dir)
     config = MetaTrainConfig.from_json((run / "config.json").read_text())
-    lopt = get_learned_optimizer(config.lopt)
+    lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
+    theta = load_checkpoint(run / "theta.msgpack", lopt.init(jax.random.PRNGKey(0))).state
     last = read_metrics(run)[-1]
     machine_path = run / "machine.json"
     metadata = {
         "architecture": config.lopt,
-        "architecture_hyperparameters": {
-            k: v for k, v in vars(lopt).items() if isinstance(v, int | float | str | tuple)
-        },
+        "architecture_config": lopt.config(),
         "num_meta_params": lopt.num_meta_params(),
         "task": config.task,
         "estimator": config.estimator,
@@ -110,6 +155,4 @@ def export_run(
         "command": command,
         "evaluation": evaluation or {},
     }
-    path = HERE / f"{name}{SUFFIX}"
-    save(path, load_theta(run, lopt), metadata)
-    return path
+    return save(HERE / f"{name}{SUFFIX}", theta, metadata)

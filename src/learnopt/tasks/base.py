@@ -1,9 +1,10 @@
 """The task contract: Task, TaskFamily, data splits.
 
-Follows the Task / TaskFamily / Datasets layering of seed 000 (Metz et al. 2020,
-"Tasks, stability, architecture, and compute", §3.2): a task is a loss over
-parameters with its own data, and a family is a distribution over tasks from
-which configs are sampled.
+Follows the Task / TaskFamily / Datasets layering of Metz et al. 2020, "Tasks,
+stability, architecture, and compute: Training more effective learned optimizers,
+and using them to train themselves", arXiv:2009.11243, §3.2 and App. I: a task is a
+loss over parameters with its own data, and a family is a distribution over tasks
+from which configs are sampled.
 
 * ``Task.init(key) -> params``; ``Task.loss(params, key, batch) -> scalar``.
 * ``Task.datasets`` holds four splits, ``train``, ``inner_valid``,
@@ -11,6 +12,10 @@ which configs are sampled.
   ``split.sample(key)`` draws one batch inside jit/vmap/scan (used by
   meta-training), and ``split.iterator(seed)`` yields shuffled epochs of
   batches deterministically (used by plain training and evaluation).
+* ``Task.value_and_grad(params, key, batch, grad_state)`` and
+  ``Task.grad_state_init(params)``: the gradient protocol every training loop uses
+  (``jax.value_and_grad(loss)`` unless the task has gradient state, e.g. delayed
+  gradients).
 * ``Task.normalizer(loss)`` maps a loss onto a comparable scale (finite,
   clipped), as used by the meta-objective.
 * ``TaskFamily.sample(key) -> config`` and ``TaskFamily.task(config) -> Task``;
@@ -148,7 +153,7 @@ Split = ArraySplit | SequenceSplit | NoDataSplit
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-    """The four splits of seed 000 §3.2: train, inner_valid, outer_valid, test."""
+    """The four splits of arXiv:2009.11243, App. I.1.2: train, inner_valid, outer_valid, test."""
 
     train: Split
     inner_valid: Split
@@ -170,8 +175,9 @@ def no_data() -> Datasets:
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int = 0):
     """Disjoint train / inner_valid / outer_valid index sets over ``n`` examples.
 
-    The convention of seed 000's datasets is train[0:80%], train[80:90%],
-    train[90:100%] of the original training set (the test set stays apart).
+    The convention of learned_optimization's datasets (the code of arXiv:2009.11243) is
+    train[0:80%], train[80:90%], train[90:100%] of the original training set (the test
+    set stays apart).
     The order is a seeded permutation, so classes stay balanced in expectation
     even if the source file is sorted.
     """
@@ -186,7 +192,8 @@ def split_indices(n: int, fractions: tuple[float, float, float], seed: int = 0):
 def clip_normalizer(max_loss: float) -> Callable[[jax.Array], jax.Array]:
     """``clip(nan_to_num(loss, nan=max), 0, max)``: the classification normalizer.
 
-    Seed 004 App. D.1 clips the meta-objective at the loss at initialisation;
+    Metz et al. 2022 (arXiv:2203.11860, App. D.1) clip the meta-objective at the loss
+    at initialisation;
     for ``C``-way classification that is ``ln C``; the released code clips at
     ``1.5 ln C``. We take the code's value via ``max_loss`` (see the task).
     """
@@ -199,12 +206,12 @@ def clip_normalizer(max_loss: float) -> Callable[[jax.Array], jax.Array]:
 
 
 class Task:
-    """A training problem: parameters, a loss and its data (seed 000 §3.2)."""
+    """A training problem: parameters, a loss and its data (arXiv:2009.11243, §3.2)."""
 
     name: str = "task"
     datasets: Datasets = no_data()
     # False for tasks whose batches must keep their size (learned-optimizer tasks, which the
-    # batch-size-reduction augmentation of seed 001 C.5 skips).
+    # batch-size-reduction augmentation of VeLO, arXiv:2211.09760, App. C.5, skips).
     batch_reducible: bool = True
 
     def init(self, key: jax.Array) -> Params:

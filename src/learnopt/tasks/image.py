@@ -1,4 +1,6 @@
-"""Image classification tasks (seed 004 App. B; seed 000 §3.2 splits).
+"""Image classification tasks (Metz et al. 2022, "Practical tradeoffs", arXiv:2203.11860,
+App. B; the splits of Metz et al. 2020, "Tasks, stability, architecture, and compute",
+arXiv:2009.11243, §3.2).
 
 Images are scaled to [0, 1]. The original training set is split into
 train[0:80%], inner_valid[80:90%] and outer_valid[90:100%] by a seeded
@@ -69,9 +71,8 @@ class ImageClassificationTask(Task):
     """Softmax cross-entropy of a flax model on a labelled image dataset.
 
     The normalizer clips the loss to ``[0, 1.5 ln C]`` after mapping NaN/inf to
-    that maximum: the released code's choice for seed 004's tasks (the paper's
-    App. D.1 says "clipped at the initialization value", ln C; see
-    ../shared/spec/tradeoffs.md §3.1).
+    that maximum: the released code's choice for the tasks of Metz et al. 2022 (arXiv:2203.11860;
+    its App. D.1 says "clipped at the initialization value", ln C).
     """
 
     def __init__(self, name: str, model: nn.Module, datasets: Datasets):

@@ -1,4 +1,5 @@
-"""Character-level language modelling tasks (seed 000 App. I, char_rnn_language_model).
+"""Character-level language modelling tasks (Metz et al. 2020, "Tasks, stability, architecture,
+and compute", arXiv:2009.11243, App. I.2.6, char_rnn_language_model).
 
 A corpus is encoded with its own character vocabulary and cut into contiguous
 pieces: train [0, 80%), inner_valid [80, 90%), outer_valid [90, 95%) and test

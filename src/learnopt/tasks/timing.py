@@ -1,13 +1,13 @@
-"""A model of seconds per training step, and time-budgeted task sampling (seed 001 §3.2, C.4,
-C.5).
+"""A model of seconds per training step, and time-budgeted task sampling.
 
-Seed 001 times about 10,000 sampled tasks per family and trains one neural run-time predictor
-per family on the flattened config (C.4); tasks are then rejection-sampled to fit a maximum
-time per step drawn from {2e-5 s (p 0.65), 1e-4 (0.3), 4e-4 (0.1), 1e-3 (0.05)} (C.5; the
-probabilities sum to 1.1 and are renormalised, as ``jax.random.choice`` does in the released
-code). Below 1e-4 s only the image MLP, ConvNet, MLP auto-encoder, MLP VAE and ViT families
-are allowed; from 1e-4 s on also the RNN and Transformer LMs, ResNets (and learned-optimizer
-tasks, which :mod:`learnopt.tasks.families` does not implement).
+VeLO (Metz et al. 2022, VeLO, arXiv:2211.09760, §3.2, App. C.4, C.5) times about 10,000 sampled
+tasks per family and trains one neural run-time predictor per family on the flattened config
+(C.4); tasks are then rejection-sampled to fit a maximum time per step drawn from {2e-5 s (p
+0.65), 1e-4 (0.3), 4e-4 (0.1), 1e-3 (0.05)} (C.5; the probabilities sum to 1.1 and are
+renormalised, as ``jax.random.choice`` does in the released code). Below 1e-4 s only the image
+MLP, ConvNet, MLP auto-encoder, MLP VAE and ViT families are allowed; from 1e-4 s on also the
+RNN and Transformer LMs, ResNets (and learned-optimizer tasks, which C.5 lists in neither set;
+we leave ``lopt`` out of both).
 
 What we do instead of the neural predictor, so that calibration takes minutes on a 2-core CPU:
 
@@ -45,7 +45,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -55,14 +54,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from learnopt.io import atomic_write_text, machine_info
+from learnopt.tasks.base import config_to_dict
 from learnopt.tasks.families import velo as fam
+from learnopt.tasks.families.registry import family_config_from_dict
 from learnopt.tasks.families.velo import FamilyConfig, SampledFamily, SampledTask
 
 SHARED_FEATURES = ("activations", "params", "layers", "inputs")
 PER_FAMILY_FEATURES = ("overhead", "flops")
 FORMAT_VERSION = 1
 
-# seed 001 App. C.5 (phase 1) and the released phase-two distribution (spec velo.md §2.6).
+# VeLO App. C.5 (phase 1) and the phase-two distribution of the released VeLO code.
 PHASE_ONE_THRESHOLDS = (2e-5, 1e-4, 4e-4, 1e-3)
 PHASE_ONE_PROBS = (0.65, 0.3, 0.1, 0.05)
 PHASE_TWO_THRESHOLDS = (1e-4, 4e-4, 1e-3, 3e-3)
@@ -150,12 +152,7 @@ class TimeModel:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TimeModel:
@@ -169,14 +166,14 @@ class TimeModel:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One timed config: family name, config (as ``families.to_dict``) and seconds per step."""
+    """One timed config: family name, config (as ``config_to_dict``) and seconds per step."""
 
     family: str
     config: dict
     seconds: float
 
     def as_config(self) -> FamilyConfig:
-        return fam.from_dict(self.config)
+        return family_config_from_dict(self.config)
 
 
 def fit_time_model(measurements: Sequence[Measurement], info: dict | None = None) -> TimeModel:
@@ -309,7 +306,7 @@ def measure_families(
         for i in range(num_samples):
             config = family.sample(jax.random.fold_in(fkey, i))
             seconds = measure(family.task(config, data="synthetic"))
-            out.append(Measurement(name, fam.to_dict(config), float(seconds)))
+            out.append(Measurement(name, config_to_dict(config), float(seconds)))
             if log is not None:
                 log(f"{name} {i}: {seconds * 1e3:.3f} ms/step")
     return out
@@ -317,16 +314,6 @@ def measure_families(
 
 def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode()) % (2**31)
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
 
 
 def calibrate(
@@ -417,7 +404,7 @@ def sample_velo_config(
     time_scale: float = 1.0,
     max_tries: int = 100,
 ) -> FamilyConfig:
-    """One draw from the time-budgeted task distribution of seed 001 App. C.5.
+    """One draw from the time-budgeted task distribution of VeLO App. C.5.
 
     Draws a maximum step time from ``thresholds`` with ``probs`` (renormalised), the allowed
     families (those of ``SMALL_BUDGET_FAMILIES`` below 1e-4 s, ``LARGE_BUDGET_FAMILIES`` from

@@ -3,7 +3,7 @@
 A gradient estimator turns the current meta-parameters ``theta`` and its own
 persistent state (inner runs in progress, PES accumulators) into one estimate
 of the meta-gradient, the layering of learned_optimization's
-``GradientEstimator`` (spec/anchors.md §1.2) without its worker-weights and
+``GradientEstimator`` (``outer_trainers/gradient_learner.py``) without its worker-weights and
 outer-state plumbing:
 
     est = PES(TruncatedUnroll(task, lopt, num_tasks=8, horizon=2000, trunc_length=20))
@@ -11,8 +11,9 @@ outer-state plumbing:
     meta_loss, grad, state, metrics = est.estimate(theta, state, key)
 
 ``grad`` has the structure of ``theta``. ``metrics`` is a flat dict of scalars.
-The meta-objective is the one of seed 004 App. D.1: the mean normalised training
-loss over inner training (``meta.unroll.meta_loss``).
+The meta-objective is the one of Metz et al. 2022, "Practical tradeoffs between
+memory, compute, and performance in learned optimizers" (arXiv:2203.11860, App. D.1):
+the mean normalised training loss over inner training (``meta.unroll.meta_loss``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class GradientEstimator(abc.ABC):
     def estimate(self, theta: MetaParams, state: Any, key: jax.Array) -> Estimate:
         """``(meta_loss, grad, state, metrics)`` for one truncation."""
 
+    def config(self) -> dict[str, Any]:
+        """The estimator's options, JSON-ready (see ``meta.estimators.registry``)."""
+        return {}
+
 
 def sample_perturbations(theta: MetaParams, key: jax.Array, std: float, num: int) -> MetaParams:
     """``num`` Gaussian perturbations ``eps ~ N(0, std^2 I)`` shaped like ``theta``.
@@ -66,11 +71,3 @@ def sample_perturbations(theta: MetaParams, key: jax.Array, std: float, num: int
 def batched_theta(theta: MetaParams, delta: MetaParams, sign: float = 1.0) -> MetaParams:
     """``theta + sign * delta_i`` for each ``i`` of ``delta``'s leading axis."""
     return jax.tree_util.tree_map(lambda t, d: t[None] + sign * d, theta, delta)
-
-
-def tree_all_finite(tree: Any) -> jax.Array:
-    """True when every leaf of ``tree`` is finite."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -1,10 +1,11 @@
 r"""Persistent Evolution Strategies (PES) and truncated ES.
 
 PES (Vicol, Metz and Sohl-Dickstein 2021, "Unbiased Gradient Estimation in
-Unrolled Computation Graphs with Persistent Evolution Strategies") is the
-estimator of seed 004 App. D.1: antithetic pairs with perturbation std 0.01,
-truncations of 20 steps of inner runs of 2,000 steps, 8 tasks per worker
-(spec/tradeoffs.md §3.2). Truncated ES is the same estimator without the
+Unrolled Computation Graphs with Persistent Evolution Strategies", arXiv:2112.13835)
+is the estimator of Metz et al. 2022, "Practical tradeoffs between memory, compute,
+and performance in learned optimizers" (arXiv:2203.11860, App. D.1): antithetic
+pairs with perturbation std 0.01, truncations of 20 steps of inner runs of 2,000
+steps, 8 tasks per worker. Truncated ES is the same estimator without the
 accumulator (``accumulate=False``).
 
 **Estimate.** Each task ``i`` draws ``eps_i ~ N(0, std^2 I)`` over all of
@@ -23,7 +24,8 @@ losses and ``w_{i,t} = mask_{i,t} / sum_t mask_{i,t}``,
 where ``r_i`` is the first step of the truncation at which task ``i`` reset
 (``r_i = T`` when it did not) and ``A_i`` is the sum of the perturbations used
 by task ``i``'s current run in earlier truncations. Without a reset,
-``g_i = c_i (A_i + eps_i)``: the formula of spec/tradeoffs.md §3.2.
+``g_i = c_i (A_i + eps_i)``: the formula of learned_optimization's
+``outer_trainers/truncated_pes.py``, the code released with arXiv:2203.11860.
 
 **Derivation.** A run's loss at step ``t`` depends on every theta the run has
 used: ``l^+_t = f_t(theta + e_1, ..., theta + e_k)`` for the perturbations
@@ -47,10 +49,10 @@ would still have zero mean (``A_i`` is independent of them) but only add
 variance, so they are left out. Averaged over tasks whose inner steps are
 uniform over ``[0, horizon)`` (random offsets, after every task's first reset),
 ``E g`` is the gradient of the mean training loss over a whole inner run, the
-seed 004 meta-objective.
+meta-objective of arXiv:2203.11860.
 
-Departure from learned_optimization (``truncated_pes.compute_pes_grad``, code of
-seed 004): on a truncation with a reset the reference multiplies the whole
+Departure from learned_optimization (``truncated_pes.compute_pes_grad``, the code of
+arXiv:2203.11860): on a truncation with a reset the reference multiplies the whole
 truncation's ``c_i`` by a mixture of ``A_i + eps_i`` (the fraction of steps
 before the reset) and ``eps_i`` (the fraction after); its pre-reset losses then
 lose part of their ``A_i`` term, a bias on those truncations that the per-step
@@ -133,8 +135,8 @@ class PES(GradientEstimator):
 
     Args:
       unroll: the truncated unroll (its ``num_tasks`` antithetic pairs, its
-        ``trunc_length``; seed 004 uses 8 tasks and truncations of 20).
-      std: perturbation standard deviation (seed 004: 0.01).
+        ``trunc_length``; arXiv:2203.11860 uses 8 tasks and truncations of 20).
+      std: perturbation standard deviation (arXiv:2203.11860: 0.01).
       accumulate: keep the PES accumulators; ``False`` is truncated ES.
       jit: compile :meth:`init_state` and :meth:`estimate`.
     """
@@ -150,6 +152,10 @@ class PES(GradientEstimator):
         self.name = "pes" if self.accumulate else "truncated_es"
         self._init = jax.jit(self._init_state) if jit else self._init_state
         self._estimate = jax.jit(self._estimate_impl) if jit else self._estimate_impl
+
+    def config(self) -> dict[str, Any]:
+        """The options of ``meta.estimators.registry.build_estimator(self.name, ...)``."""
+        return {"std": self.std}
 
     def init_state(self, theta: MetaParams, key: jax.Array) -> PESState:
         return self._init(theta, key)

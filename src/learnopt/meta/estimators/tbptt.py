@@ -1,16 +1,18 @@
 """Truncated backpropagation through time (TBPTT) over the unroll.
 
 The gradient of the truncation's meta-loss (the mean normalised training loss
-over its steps, seed 004 App. D.1; ``meta.unroll.meta_loss``) with respect to
-``theta``, by ``jax.value_and_grad`` through the ``lax.scan`` of the truncation
-(whose body is wrapped in ``jax.checkpoint`` by ``TruncatedUnroll``, see
-shared/spec/data-and-cpu.md §2). The inner state carried from one truncation to
+over its steps, as in Metz et al. 2022, "Practical tradeoffs", arXiv:2203.11860,
+App. D.1; ``meta.unroll.meta_loss``) with respect to ``theta``, by
+``jax.value_and_grad`` through the ``lax.scan`` of the truncation (whose body is
+wrapped in ``jax.checkpoint`` by ``TruncatedUnroll``: activations are recomputed in
+the backward pass instead of stored). The inner state carried from one truncation to
 the next is ``stop_gradient``-ed: the estimate ignores how earlier truncations'
 theta shaped the state it starts from, which biases it toward short horizons
-(Vicol et al. 2021, §2; the reason seed 004 trains with PES). With
-``trunc_length == horizon`` and no random offset, one call is the exact
+(Vicol et al. 2021, arXiv:2112.13835, §2; the reason arXiv:2203.11860 trains with
+PES). With ``trunc_length == horizon`` and no random offset, one call is the exact
 gradient of the full-run meta-loss: learned_optimization's ``FullGrad`` /
-``TruncatedGrad`` with ``loss_type='avg'`` (spec/anchors.md §1.2).
+``TruncatedGrad`` with ``loss_type='avg'`` (``outer_trainers/full_grad.py``,
+``truncated_grad.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from learnopt.learned.base import MetaParams
-from learnopt.meta.estimators.base import Estimate, GradientEstimator, tree_all_finite
+from learnopt.meta.estimators.base import Estimate, GradientEstimator
 from learnopt.meta.unroll import TruncatedUnroll, UnrollState, meta_loss
+from learnopt.trees import tree_all_finite
 
 
 class TBPTTState(NamedTuple):

@@ -142,7 +142,7 @@ def log_uniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def sample_augmentation(key: jax.Array) -> AugmentationConfig:
-    """Draw augmentations with the probabilities of C.5 (module docstring)."""
+    """Draw augmentations with the probabilities of C.5 (listed in :mod:`.wrappers`)."""
     rng = rng_from_key(key)
     level = str(rng.choice(REPARAM_LEVEL_CHOICES))
     scale_range = REPARAM_RANGES[int(rng.integers(len(REPARAM_RANGES)))]
@@ -175,7 +175,7 @@ def sample_augmentation(key: jax.Array) -> AugmentationConfig:
 
 
 def apply(task: Task, config: AugmentationConfig) -> Task:
-    """Wrap ``task`` with the augmentations of ``config`` (order: module docstring)."""
+    """Wrap ``task`` with the augmentations of ``config`` (order: docs/derivations.md §5.1)."""
     if config.batch_fraction < 1.0 and task.batch_reducible:
         task = reduce_batch_size(task, config.batch_fraction)
     if config.bf16:

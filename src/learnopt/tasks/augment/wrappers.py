@@ -1,92 +1,28 @@
-"""Task augmentations of VeLO meta-training (seed 001 App. C.5; shared/spec/velo.md §3.4).
+"""Task augmentations of VeLO meta-training.
 
-Each augmentation is a function ``Task -> Task`` that returns a wrapped task
-with different optimization dynamics. The seven of C.5, with the probabilities
-the paper states (they match the released ``parametric.py``):
+Metz et al. 2022, "VeLO: Training Versatile Learned Optimizers by Scaling Up",
+arXiv:2211.09760, App. C.5, with the probabilities the paper states (they match the
+released ``parametric.py`` of learned_optimization, github.com/google/learned_optimization).
+Each augmentation is a function ``Task -> Task`` returning a wrapped task:
 
 1. weight reparameterisation (:func:`reparameterize`, :func:`reparameterize_random`):
-   level uniform over ``[None, None, global, global, tensor, tensor, parameter]``;
-   the scale range one of (0.001, 1000), (0.01, 100), (0.1, 10), then every
-   global / tensor / parameter scale log-uniform inside it;
-2. ES gradient estimates (:func:`es_gradient`), p = 0.08: std log-uniform in
-   [0.001, 0.1], antithetic pairs in {1, 2, 4, 8, 16};
-3. batch-size reduction (:func:`reduce_batch_size`), p = 0.2: the batch times a
-   factor uniform in [0.01, 1.0] (at least one example);
+   level uniform over ``[None, None, global, global, tensor, tensor, parameter]``, the scale
+   range one of (0.001, 1000), (0.01, 100), (0.1, 10), each scale log-uniform inside it;
+2. ES gradient estimates (:func:`es_gradient`), p = 0.08: std log-uniform in [0.001, 0.1],
+   antithetic pairs in {1, 2, 4, 8, 16};
+3. batch-size reduction (:func:`reduce_batch_size`), p = 0.2: a factor uniform in [0.01, 1];
 4. bfloat16 training (:func:`to_bfloat16`), p = 0.2;
 5. gradient normalisation (:func:`normalize_gradient`), p = 0.05;
-6. directional-gradient subspace (:func:`directional_gradient`), p = 0.08: the
-   average of 1-1024 (log-uniform) directional derivatives, with probability
-   0.5 only their sign;
-7. delayed (asynchronous) gradients (:func:`delayed_gradients`), p = 0.05: a
-   delay log-uniform in 1-8 steps.
+6. directional-gradient subspace (:func:`directional_gradient`), p = 0.08: the average of
+   1-1024 (log-uniform) directional derivatives, with probability 0.5 only their sign;
+7. delayed gradients (:func:`delayed_gradients`), p = 0.05: a delay log-uniform in 1-8 steps.
 
-:func:`sample_augmentation` draws an :class:`AugmentationConfig` with these
-probabilities and :func:`apply` wraps a task with it.
-
-How gradients reach an optimizer
---------------------------------
-Augmentations 1-4 change the task's ``init``/``loss``/``datasets`` only, so
-``jax.value_and_grad(task.loss)`` is their exact gradient.
-
-Augmentations 2, 5 and 6 replace the *gradient* but keep the loss: they are
-written with ``jax.custom_vjp`` on ``loss``. The forward value is the inner
-task's loss; the backward pass returns the modified gradient (ES estimate,
-normalised gradient, subspace estimate). So the existing inner loops
-(``training.make_train_step``, ``meta.unroll``, ``bench.curves``), which call
-``jax.value_and_grad(task.loss)(params, key, batch)``, apply them unchanged. The
-randomness of the estimate comes from the loss ``key`` (folded with a constant,
-so the inner loss still sees ``key`` itself): same key, same estimate.
-Differentiating through these gradients (meta-gradients through an unroll)
-differentiates the estimator as written (e.g. through the ES loss
-evaluations), not the true gradient.
-
-Augmentation 7 needs state across steps (a buffer of past parameters), which a
-loss cannot carry. A delayed task sets ``has_gradient_state = True`` and overrides
-the task contract's gradient protocol, ``grad_state_init(params)`` and
-``value_and_grad(params, key, batch, state) -> ((loss, grads), state)``. Its
-``loss`` is the plain inner loss (right for evaluation). Every training loop in
-learnopt goes through :func:`learnopt.step.inner_step`, which calls the protocol,
-so the delay applies everywhere. Wrappers other than :func:`delayed_gradients`
-refuse to wrap a task with gradient state (apply the delay last, as :func:`apply` does).
-
-Order in :func:`apply` (inner to outer): batch-size reduction, bfloat16,
-reparameterisation, ES estimate, directional subspace, gradient normalisation,
-delay. So ES and the subspace estimate act on the optimizer's (reparameterised)
-parameters, the optimizer always sees a unit-norm gradient when normalisation is
-on, and the delay holds back whatever gradient results.
-
-Departures and choices (the paper gives no more detail than the above):
-
-* Reparameterisation stores ``v = w0 / s`` and uses ``w = s * v`` (the code's
-  ``param_scale``; the paper's ``c`` is ``1 / s``, and the sampled ranges are
-  symmetric in ``log s``, so the distributions agree). Tensor and parameter
-  scales are generated from a seed inside the computation, so a config stays
-  small and large models carry no large constants.
-* ES: ``g = 1/(2 sigma n) sum_i [f(x + sigma e_i) - f(x - sigma e_i)] e_i`` with
-  ``e_i ~ N(0, I)`` over all parameters and the same key and batch for every
-  evaluation; unbiased on quadratics. Perturbations are evaluated one after the
-  other (``fori_loop``) so memory does not grow with the number of pairs.
-* Gradient normalisation divides by the global norm over all tensors (the
-  released code); ``mode="tensor"`` normalises each tensor instead. A zero
-  gradient stays zero.
-* Directional subspace: ``n`` directions ``u_i`` uniform on the unit sphere of all
-  parameters (normalised Gaussians, as in the code), the estimate
-  ``(1/n) sum_i <g, u_i> u_i``, or ``(1/n) sum_i sign(<g, u_i>) u_i``. The paper
-  says "average"; the released code sums (``n`` times larger). Its expectation
-  is ``g / d`` (``d`` parameters), or ``c_d g / ||g||`` with the sign, where
-  ``c_d = Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)) = E|u_1|``; see
-  :func:`directional_expectation_factor`.
-* Delay: as in the released ``AsyncDelayedGradients``, the gradient (and the
-  loss) at step ``t`` is evaluated at the parameters of step ``t - k`` on the
-  current batch and key (an asynchronous worker reading stale weights); steps
-  before the first ``k`` use the initial parameters. The reported loss is the
-  stale one too (one forward/backward per step).
-* bfloat16: parameters and floating-point data are cast to bfloat16; integer
-  data (labels, tokens) is untouched; the returned loss is cast to float32 for
-  the normaliser and meta-objective (its value is the bfloat16 computation).
-* Batch-size reduction acts on all four splits (as the released code), giving
-  ``max(1, int(batch_size * fraction))``; :func:`apply` skips it for tasks with
-  ``batch_reducible = False`` (learned-optimizer tasks, as the released code).
+Augmentations 2, 5 and 6 keep the loss and replace its gradient (``jax.custom_vjp``), so
+``jax.value_and_grad(task.loss)`` sees them; the delay needs state across steps and overrides the
+task's gradient protocol (``grad_state_init`` / ``value_and_grad``), which every training loop
+calls through :func:`learnopt.step.inner_step`. How gradients reach the optimizer, the order
+:func:`apply` uses and the expectation of the directional estimate are in docs/derivations.md
+§5; the choices the paper leaves open are in docs/departures.md.
 """
 
 from __future__ import annotations
@@ -619,5 +555,5 @@ class DelayedGradientTask(Task):
 
 
 def delayed_gradients(task: Task, delay: int) -> DelayedGradientTask:
-    """Gradients computed ``delay`` steps late (C.5 item 7); see the module docstring."""
+    """Gradients computed ``delay`` steps late (C.5 item 7); see :class:`DelayedGradientTask`."""
     return DelayedGradientTask(task, delay)

@@ -7,39 +7,22 @@ the new file or nothing, never half a file. Readers treat an unreadable file as 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; caches are as readable as the data
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+from learnopt.io import atomic_open
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write ``arrays`` to ``path`` (uncompressed .npz) atomically; returns the path."""
     path = Path(path)
-    with _atomic_file(path) as f:
+    with atomic_open(path) as f:
         np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
     return path
 
@@ -59,7 +42,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
 def save_json(path: str | os.PathLike, record: Any) -> Path:
     """Write ``record`` as JSON to ``path`` atomically; returns the path."""
     path = Path(path)
-    with _atomic_file(path) as f:
+    with atomic_open(path) as f:
         f.write(json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
     return path
 

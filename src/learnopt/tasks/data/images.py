@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from learnopt.tasks.data import cache, paths
+import learnopt.tasks.data.cache as cache
+import learnopt.tasks.data.paths as paths
 
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0

@@ -28,7 +28,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from learnopt.tasks.data import cache, cifar, idx, images, paths, text
+import learnopt.tasks.data.cache as cache
+import learnopt.tasks.data.cifar as cifar
+import learnopt.tasks.data.idx as idx
+import learnopt.tasks.data.images as images
+import learnopt.tasks.data.paths as paths
+import learnopt.tasks.data.text as text
 
 IMAGE = "image"
 TEXT = "text"

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from learnopt.tasks.data import cache, paths
+import learnopt.tasks.data.cache as cache
+import learnopt.tasks.data.paths as paths
 
 SIZES = (8, 14, 16, 28)
 _CHUNK = 4096

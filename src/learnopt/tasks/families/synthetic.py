@@ -1,7 +1,21 @@
-"""The synthetic meta-training ensemble of seed 002 (Wichrowska et al. 2017, §4.1).
+"""The Wichrowska ensemble and the LOSG problems.
 
-Small problems chosen to cover common properties of loss landscapes and
-stochastic gradients (shared/spec/three-papers.md B.3). All have a global
+Two families over one set of problem definitions:
+
+* :class:`SyntheticFamily`: the synthetic meta-training ensemble of Wichrowska et al. 2017,
+  "Learned Optimizers that Scale and Generalize", arXiv:1703.04813, §4.1;
+* :class:`LOSGFamily`: TaskSet's ``losg_tasks`` (Metz et al. 2020, "Tasks, stability,
+  architecture, and compute", arXiv:2009.11243, App. I.2.8), the same problems resampled with
+  the ranges and conventions of the released LOSG code (sums over the batch, LOSG's offsets),
+  which TaskSet's family in :mod:`learnopt.tasks.families.taskset` wraps.
+
+The objectives both use (:func:`norm_objective`, :func:`dependency_chain`,
+:func:`min_max_well`, :func:`outward_snake`, :func:`sum_of_quadratics`,
+:func:`projection_quadratic`, the test functions, :func:`log_objective`) are defined once;
+where the two differ (batch sum or mean, offsets) it is an argument.
+
+The ensemble's problems are small, chosen to cover common properties of loss landscapes and
+stochastic gradients. All have a global
 minimum of 0 (§4.1: "in some cases a constant offset was added"), except
 logistic regression on non-separable data (minimum above 0) and the outward
 snake (infimum 0 at infinity); minibatch losses of the sum of quadratics can
@@ -49,32 +63,19 @@ Transformations (``SyntheticConfig.transform``, §4.1.5 and LOSG):
 * multi-task: a config with several problems sums their losses over the
   concatenation (a dict) of their parameters (§4.1.5).
 
-Ranges. The paper gives batch sizes 10-200 and noise std 0.1-2.0 (§4.1.3) and
-no other numbers ([GAP]); the rest come from the resampled LOSG family of
-seed 000 (three-papers.md A.3): dimensions log-uniform ``[3, 100]`` (chain,
-snake, sums and projections of quadratics), ``[3, 1000]`` (norm, with
-``p ~ U[0.1, 5]``), ``[10, 1000]`` (min-max well), dataset sizes
-``[100, 20000]``, sparsity ``U[0.9, 0.99]``, sparse noise ``[0.01, 10]`` with
-probability 0.5, rescaling ``[0.001, 1000]``. Our choices where neither gives
-one: bowl dimension ``[2, 1000]`` (LOSG's 2-D bowl and 10-1000 quadratic) and
-condition number ``[1, 1e4]``; logistic-regression features ``[2, 100]`` with
-labels flipped (probability ``[0.01, 0.2]``) a quarter of the time; noise on
-full-batch problems half the time (the paper: "sometimes").
+Ranges: batch sizes 10-200 and noise std 0.1-2.0 are §4.1.3's; the paper gives no others,
+so the rest follow the LOSG ranges of App. I.2.8, and our own choices fill the remaining gaps
+(docs/departures-tasks.md lists them).
 
 The family draws one of 15 kinds uniformly: the 10 base problems and the
 ``sparse``, ``rescale``, ``log``, ``power`` and ``multi_task`` (2-4 base
 problems) transformations, whose base problems are drawn uniformly.
 
 Every synthetic task's ``normalizer`` is ``log(clip(loss, 0, 1e30) + 1e-8)``:
-the mean over steps is then seed 002's meta-objective (eq. 14, the average log
-loss) up to its constant second term.
-
-Departures from the released LOSG code, where it differs: losses average over
-the batch instead of summing (the scale no longer depends on the batch size);
-the dependency chain adds ``x_0^2`` once (the code's broadcasting adds it
-``dim`` times); the minibatch quadratic follows the paper's inner product
-(LOSG's "projection quadratic", kept as its own problem, squares elementwise);
-Michalewicz uses the standard ``m = 10`` and ``i x_i^2`` (the code: ``m = 5``).
+the mean over steps is then §4.1's meta-objective (eq. 14, the average log
+loss) up to its constant second term. Where the ensemble departs from the
+released LOSG code (batch means, the chain's ``x_0^2`` once, Michalewicz's
+``m``), see docs/departures-tasks.md.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ import optax
 
 from learnopt.tasks import augment
 from learnopt.tasks.base import ArraySplit, Datasets, NoDataSplit, Task, TaskFamily, no_data
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
+from learnopt.tasks.families.taskset_parts import (
+    activation_fn,
+    bernoulli,
+    key_rng,
+    log_float,
+    log_int,
+    sample_activation,
+)
+from learnopt.tasks.families.taskset_parts import choice as taskset_choice
+from learnopt.tasks.families.taskset_parts import uniform_int as taskset_uniform_int
 
 Params = Any
 
@@ -230,6 +242,83 @@ TEST_FUNCTIONS: dict[str, TestFunction] = {
     ),
 }
 
+# -- objectives shared by the ensemble and the LOSG problems (one definition each) -------------
+#
+# ``reduction`` says how a data problem combines its batch: ``"mean"`` (the ensemble; the scale
+# does not depend on the batch size) or ``"sum"`` (the released LOSG code, which TaskSet's
+# ``losg_tasks`` follows). Vectors ``x`` may carry a leading axis of 1 (LOSG's ``(1, dim)``
+# parameters); it broadcasts against the batch.
+
+SHARED_EPS = 1e-6
+
+
+def reduce_batch(terms: jax.Array, reduction: str) -> jax.Array:
+    """Per-example terms ``[batch, ...]`` combined over the batch: ``"mean"`` averages the
+    per-example sums, ``"sum"`` adds every term (the released LOSG code's order)."""
+    if reduction == "mean":
+        return jnp.mean(jnp.sum(terms.reshape(terms.shape[0], -1), axis=-1))
+    if reduction == "sum":
+        return jnp.sum(terms)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def norm_objective(x: jax.Array, w: jax.Array, y: jax.Array, power: float) -> jax.Array:
+    """``(sum_i (|W x - y|_i + eps)^p)^(1/p)`` (LOSG ``Norm``; minimum ``N^(1/p) eps``)."""
+    r = jnp.abs(w @ x - y) + SHARED_EPS
+    return jnp.sum(r**power) ** (1.0 / power)
+
+
+def dependency_chain(x: jax.Array) -> jax.Array:
+    """``x_0^2 + sum_{i>=1} x_i^2 / (x_{i-1}^2 + eps)``: a chain of couplings (§4.1.4)."""
+    return x[0] ** 2 + jnp.sum(x[1:] ** 2 / (x[:-1] ** 2 + SHARED_EPS))
+
+
+def min_max_well(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``max_i x_i^2 + 1 / (min_i x_i^2 + eps) - 2`` (squares, as the released LOSG code; the
+    paper writes ``max x + 1 / min x - 2``); minimum 0 at ``|x_i| = 1``."""
+    sq = x**2
+    return jnp.max(sq) + 1.0 / (jnp.min(sq) + eps) - 2.0
+
+
+def outward_snake(x: jax.Array, d: jax.Array, reduction: str = "mean") -> jax.Array:
+    """``reduce_b [d_b0 / (||x|| + eps) + sum_{i>=1} ((x_i - pi cos x_{i-1}) d_bi)^2]``."""
+    radius = _safe_sqrt(jnp.sum(x**2))
+    radial = d[:, 0] / (radius + SHARED_EPS)
+    valley = ((x[1:] - jnp.pi * jnp.cos(x[:-1])) * d[:, 1:]) ** 2
+    if reduction == "sum":
+        return jnp.sum(radial) + jnp.sum(valley)
+    return reduce_batch(radial + jnp.sum(valley, axis=-1), reduction)
+
+
+def sum_of_quadratics(x: jax.Array, d: jax.Array, reduction: str = "mean") -> jax.Array:
+    """``reduce_b ||x - d_b||^2 - reduce_b ||d_b||^2``."""
+    return reduce_batch((x - d) ** 2, reduction) - reduce_batch(d**2, reduction)
+
+
+def projection_quadratic(x: jax.Array, d: jax.Array, reduction: str = "mean") -> jax.Array:
+    """``reduce_b sum_i (x_i d_bi)^2`` (LOSG ``ProjectionQuadratic``)."""
+    return reduce_batch((x * d) ** 2, reduction)
+
+
+def log_objective(f: jax.Array) -> jax.Array:
+    """``log(max(f, 0) + eps) - log(eps)`` (LOSG ``LogObjective``, floored at 0)."""
+    return jnp.log(jnp.maximum(f, 0.0) + SHARED_EPS) - math.log(SHARED_EPS)
+
+
+def symmetric_data(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """``n`` Gaussian rows in pairs ``(d, -d)`` (the last pair cut to one row if ``n`` is odd;
+    LOSG's ``random_symmetric`` data for even ``n``)."""
+    half = rng.normal(size=((n + 1) // 2, d))
+    return np.concatenate([half, -half])[:n].astype(np.float32)
+
+
+def norm_data(rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The norm problem's ``W`` (``d x d``) and ``y``, standard normal."""
+    w = rng.normal(size=(d, d)).astype(np.float32)
+    y = rng.normal(size=d).astype(np.float32)
+    return w, y
+
+
 PROBLEMS = (
     "quadratic_bowl",
     "logistic_regression",
@@ -362,14 +451,11 @@ class SyntheticConfig:
             raise ValueError(f"power must be > 0, got {self.power}")
 
 
-CONFIG_TYPES = {"SyntheticConfig": SyntheticConfig}
-
-
 # -- base tasks ---------------------------------------------------------------------------
 
 
 def log_normalizer(loss: jax.Array) -> jax.Array:
-    """``log(clip(loss, 0, 1e30) + 1e-8)`` with NaN/inf mapped to the top (seed 002 eq. 14)."""
+    """``log(clip(loss, 0, 1e30) + 1e-8)`` with NaN/inf mapped to the top (§4.1, eq. 14)."""
     loss = jnp.nan_to_num(jnp.asarray(loss, jnp.float32), nan=1e30, posinf=1e30, neginf=0.0)
     return jnp.log(jnp.clip(loss, 0.0, 1e30) + 1e-8)
 
@@ -457,21 +543,16 @@ class QuadraticBowlTask(SyntheticTask):
 class NormTask(SyntheticTask):
     """``(sum_i (|W x - y|_i + eps)^p)^(1/p) - N^(1/p) eps`` (LOSG ``Norm``)."""
 
-    eps = 1e-6
-
     def __init__(self, config: ProblemConfig):
         super().__init__(config)
-        rng = np.random.default_rng(config.seed)
         d = config.dim
-        self.w = rng.normal(size=(d, d)).astype(np.float32)
-        self.y = rng.normal(size=d).astype(np.float32)
-        self._offset = float(d ** (1.0 / config.power) * self.eps)
+        self.w, self.y = norm_data(np.random.default_rng(config.seed), d)
+        self._offset = float(d ** (1.0 / config.power) * SHARED_EPS)
 
     def objective(self, params, batch):
         del batch
-        p = self.config.power
-        r = jnp.abs(jnp.asarray(self.w) @ params["x"] - jnp.asarray(self.y)) + self.eps
-        return jnp.sum(r**p) ** (1.0 / p) - self._offset
+        w, y = jnp.asarray(self.w), jnp.asarray(self.y)
+        return norm_objective(params["x"], w, y, self.config.power) - self._offset
 
     def optimum(self):
         x = np.linalg.solve(self.w.astype(np.float64), self.y.astype(np.float64))
@@ -481,15 +562,12 @@ class NormTask(SyntheticTask):
 class DependencyChainTask(SyntheticTask):
     """``x_0^2 + sum_{i>=1} x_i^2 / (x_{i-1}^2 + eps)``: a chain of couplings (§4.1.4)."""
 
-    eps = 1e-6
-
     def init(self, key):
         return {"x": jax.random.normal(key, (self.config.dim + 1,), jnp.float32)}
 
     def objective(self, params, batch):
         del batch
-        x = params["x"]
-        return x[0] ** 2 + jnp.sum(x[1:] ** 2 / (x[:-1] ** 2 + self.eps))
+        return dependency_chain(params["x"])
 
     def optimum(self):
         return {"x": np.zeros(self.config.dim + 1, np.float32)}, 0.0
@@ -500,20 +578,13 @@ class MinMaxWellTask(SyntheticTask):
 
     def objective(self, params, batch):
         del batch
-        sq = params["x"] ** 2
-        return jnp.max(sq) + 1.0 / (jnp.min(sq) + 1e-12) - 2.0
+        return min_max_well(params["x"])
 
     def optimum(self):
         return {"x": np.ones(self.config.dim, np.float32)}, 0.0
 
 
 # -- data problems --------------------------------------------------------------------------
-
-
-def _symmetric(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    """``n`` Gaussian rows in pairs ``(d, -d)`` (the last pair cut to one row if ``n`` is odd)."""
-    half = rng.normal(size=((n + 1) // 2, d))
-    return np.concatenate([half, -half])[:n].astype(np.float32)
 
 
 def _datasets(draw: Callable[[int], dict[str, np.ndarray]], n: int, batch_size: int) -> Datasets:
@@ -589,11 +660,11 @@ class ProjectionQuadraticTask(SyntheticTask):
 
     def __init__(self, config: ProblemConfig):
         rng = np.random.default_rng(config.seed)
-        draw = lambda n: {"d": _symmetric(rng, n, config.dim)}
+        draw = lambda n: {"d": symmetric_data(rng, n, config.dim)}
         super().__init__(config, _datasets(draw, config.num_examples, config.batch_size))
 
     def objective(self, params, batch):
-        return jnp.mean(jnp.sum((params["x"] * batch["d"]) ** 2, axis=-1))
+        return projection_quadratic(params["x"], batch["d"])
 
     def optimum(self):
         return {"x": np.zeros(self.config.dim, np.float32)}, 0.0
@@ -608,12 +679,11 @@ class SumOfQuadraticsTask(SyntheticTask):
 
     def __init__(self, config: ProblemConfig):
         rng = np.random.default_rng(config.seed)
-        draw = lambda n: {"d": _symmetric(rng, n, config.dim)}
+        draw = lambda n: {"d": symmetric_data(rng, n, config.dim)}
         super().__init__(config, _datasets(draw, config.num_examples, config.batch_size))
 
     def objective(self, params, batch):
-        d = batch["d"]
-        return jnp.mean(jnp.sum((params["x"] - d) ** 2, -1)) - jnp.mean(jnp.sum(d**2, -1))
+        return sum_of_quadratics(params["x"], batch["d"])
 
     def optimum(self):
         return {"x": np.zeros(self.config.dim, np.float32)}, 0.0
@@ -633,11 +703,7 @@ class OutwardSnakeTask(SyntheticTask):
         super().__init__(config, _datasets(draw, config.num_examples, config.batch_size))
 
     def objective(self, params, batch):
-        x, d = params["x"], batch["d"]
-        radius = _safe_sqrt(jnp.sum(x**2))
-        radial = d[:, 0] / (radius + 1e-6)
-        valley = jnp.sum(((x[1:] - jnp.pi * jnp.cos(x[:-1])) * d[:, 1:]) ** 2, axis=-1)
-        return jnp.mean(radial + valley)
+        return outward_snake(params["x"], batch["d"])
 
 
 _PROBLEM_CLASSES: dict[str, Callable[[ProblemConfig], SyntheticTask]] = {
@@ -696,7 +762,7 @@ class MonotoneObjectiveTask(augment.TaskWrapper):
     Both are increasing and keep a minimum of 0 at the inner task's minimum.
     """
 
-    eps = 1e-6
+    eps = SHARED_EPS
 
     def __init__(self, task: Task, kind: str, power: float = 1.0):
         if kind not in ("log", "power"):
@@ -709,9 +775,10 @@ class MonotoneObjectiveTask(augment.TaskWrapper):
         self.power = float(power)
 
     def loss(self, params, key, batch):
-        f = jnp.maximum(self.task.loss(params, key, batch), 0.0)
+        f = self.task.loss(params, key, batch)
         if self.kind == "log":
-            return jnp.log(f + self.eps) - math.log(self.eps)
+            return log_objective(f)
+        f = jnp.maximum(f, 0.0)
         return (f + self.eps) ** self.power - self.eps**self.power
 
     def normalizer(self, loss):
@@ -805,7 +872,7 @@ def build_task(config: SyntheticConfig) -> Task:
 
 
 class SyntheticFamily(TaskFamily):
-    """Seed 002 §4.1's ensemble as a family (module docstring for the distribution).
+    """Wichrowska et al. 2017 §4.1's ensemble as a family (module docstring for the distribution).
 
     ``max_dim`` / ``max_examples`` cap sampled dimensions and dataset sizes (for
     tests and cheap runs; ``None`` keeps the paper's ranges). ``kinds`` restricts
@@ -905,3 +972,423 @@ class SyntheticFamily(TaskFamily):
 
     def task(self, config: SyntheticConfig) -> Task:
         return build_task(config)
+
+
+# == the LOSG problems and TaskSet's ``losg_tasks`` family =====================================
+#
+# Metz et al. 2020 (arXiv:2009.11243, App. I.2.8) resample the problems of Wichrowska et al.
+# 2017 with the ranges of the released LOSG code: 11 base problems and 3 transformations of a
+# base problem, uniformly. The problems shared with the ensemble above use its objectives,
+# with LOSG's conventions as arguments (sums over the batch, no minimum subtracted, LOSG's
+# offsets of the test functions); the ranges are listed in docs/departures-tasks.md.
+
+LOSG_L2_REG_SCALE = 1e-3
+LOSG_BASE_PROBLEMS = (
+    "quadratic",
+    "bowl",
+    "sparse_softmax_regression",
+    "optimization_test_problems",
+    "fully_connected",
+    "norm",
+    "dependency_chain",
+    "outward_snake",
+    "min_max_well",
+    "sum_of_quadratics",
+    "projection_quadratic",
+)
+LOSG_TRANSFORMATIONS = ("sparse_problems", "rescale_problems", "log_objective")
+LOSG_KINDS = LOSG_BASE_PROBLEMS + LOSG_TRANSFORMATIONS
+LOSG_TRANSFORMABLE = tuple(p for p in LOSG_BASE_PROBLEMS if p != "sparse_softmax_regression")
+# LOSG's test functions: (function, the constant the released code adds to it). Michalewicz
+# uses the code's m = 5; the initialisation boxes are ``TEST_FUNCTIONS``' except logsumexp's
+# (standard normal).
+LOSG_TEST_FUNCTIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], float]] = {
+    "ackley": (ackley, 0.0),
+    "beale": (beale, 0.0),
+    "branin": (branin, 0.0),
+    "logsumexp": (logsumexp_2d, 0.0),
+    "matyas": (matyas, 0.0),
+    "michalewicz": (lambda x: michalewicz(x, m=5.0), 2.0),
+    "rosenbrock": (rosenbrock, 0.0),
+    "styblinski_tang": (styblinski_tang, 80.0),
+}
+LOSG_NOISE_RANGE = (0.01, 10.0)
+CHEAP_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class LOSGConfig:
+    """A sampled LOSG problem. ``kind`` is one of :data:`LOSG_KINDS`; ``problem`` is the base
+    problem (``kind`` itself unless ``kind`` is a transformation). Fields a problem does not
+    use stay ``None`` / default. ``seed`` fixes the problem's matrices and data."""
+
+    kind: str
+    problem: str
+    seed: int
+    dim: int | None = None
+    noise_std: float = 0.0
+    min_singular: float | None = None
+    max_singular: float | None = None
+    condition_number: float | None = None
+    angle: float | None = None
+    function: str | None = None
+    n_features: int | None = None
+    n_classes: int | None = None
+    hidden_sizes: tuple[int, ...] = ()
+    activation: str | None = None
+    batch_size: int | None = None
+    n_samples: int | None = None
+    norm_power: float | None = None
+    zero_probability: float | None = None
+    sparse_noise_std: float = 0.0
+    loss_scale: float | None = None
+
+
+CONFIG_TYPES = {"SyntheticConfig": SyntheticConfig, "LOSGConfig": LOSGConfig}
+
+
+def _losg_noise(rng: np.random.Generator) -> float:
+    return log_float(rng, *LOSG_NOISE_RANGE) if bernoulli(rng, 0.5) else 0.0
+
+
+def _sample_losg_base(rng: np.random.Generator, problem: str) -> dict:
+    if problem == "quadratic":
+        key = jax.random.PRNGKey(int(rng.integers(2**31 - 1)))
+        q = QuadraticFamily(10, 1000).sample(key)
+        return {
+            "dim": q.dim,
+            "min_singular": q.min_singular,
+            "max_singular": q.max_singular,
+            "noise_std": q.noise_std,
+        }
+    if problem == "bowl":
+        return {
+            "condition_number": log_float(rng, 0.01, 100.0),
+            "angle": float(taskset_choice(rng, (0.0, 0.0, math.pi / 4, math.pi / 3))),
+            "noise_std": _losg_noise(rng),
+        }
+    if problem == "sparse_softmax_regression":
+        return {
+            "n_features": log_int(rng, 2, 100),
+            "n_classes": 2,
+            "noise_std": _losg_noise(rng),
+            "batch_size": log_int(rng, 1, 50),
+            "n_samples": log_int(rng, 1, 30),
+        }
+    if problem == "optimization_test_problems":
+        return {
+            "function": taskset_choice(rng, tuple(LOSG_TEST_FUNCTIONS)),
+            "noise_std": _losg_noise(rng),
+        }
+    if problem == "fully_connected":
+        n_layers = taskset_uniform_int(rng, 2, 5)
+        fixed = bernoulli(rng, 0.5)
+        out = {
+            "n_features": log_int(rng, 1, 16),
+            "n_classes": 2,
+            "activation": sample_activation(rng),
+            "batch_size": log_int(rng, 1, 200),
+            "n_samples": log_int(rng, 1, 30),
+        }
+        if fixed:
+            out["hidden_sizes"] = (log_int(rng, 4, 32),) * n_layers
+        else:
+            out["hidden_sizes"] = tuple(log_int(rng, 4, 32) for _ in range(n_layers))
+        return out
+    if problem == "norm":
+        return {"dim": log_int(rng, 3, 1000), "norm_power": float(rng.uniform(0.1, 5.0))}
+    if problem == "dependency_chain":
+        return {"dim": log_int(rng, 3, 100)}
+    if problem in ("outward_snake", "sum_of_quadratics", "projection_quadratic"):
+        return {
+            "dim": log_int(rng, 3, 100),
+            "batch_size": log_int(rng, 1, 200),
+            "n_samples": log_int(rng, 100, 20000),
+        }
+    if problem == "min_max_well":
+        return {"dim": log_int(rng, 10, 1000), "noise_std": _losg_noise(rng)}
+    raise ValueError(f"unknown LOSG problem {problem!r}; valid: {', '.join(LOSG_BASE_PROBLEMS)}")
+
+
+def sample_losg_config(key: jax.Array) -> LOSGConfig:
+    """A config from the ``losg_tasks`` distribution (arXiv:2009.11243, App. I.2.8)."""
+    rng = key_rng(key, "losg_tasks")
+    kind = taskset_choice(rng, LOSG_KINDS)
+    problem = taskset_choice(rng, LOSG_TRANSFORMABLE) if kind in LOSG_TRANSFORMATIONS else kind
+    fields = _sample_losg_base(rng, problem)
+    if kind == "sparse_problems":
+        fields["zero_probability"] = float(rng.uniform(0.9, 0.99))
+        fields["sparse_noise_std"] = _losg_noise(rng)
+    elif kind == "rescale_problems":
+        fields["loss_scale"] = log_float(rng, 0.001, 1000.0)
+    seed = int(rng.integers(0, 100000))
+    return LOSGConfig(kind=kind, problem=problem, seed=seed, **fields)
+
+
+LOSGObjective = Callable[[list[jax.Array], dict], jax.Array]
+LOSGInitializer = Callable[[jax.Array], list[jax.Array]]
+
+
+def _normal_init(shapes: list[tuple[int, ...]], scale: Callable[[tuple], float] | None = None):
+    def init(key):
+        keys = jax.random.split(key, len(shapes))
+        out = []
+        for k, s in zip(keys, shapes, strict=True):
+            x = jax.random.normal(k, s)
+            out.append(x * scale(s) if scale else x)
+        return out
+
+    return init
+
+
+def _uniform_init(lo: tuple[float, float], hi: tuple[float, float]):
+    def init(key):
+        return [jax.random.uniform(key, (2,), minval=jnp.array(lo), maxval=jnp.array(hi))]
+
+    return init
+
+
+def _softmax_scale(shape: tuple) -> float:
+    return 1.2 / math.sqrt(shape[0])
+
+
+def _losg_test_function(name: str) -> tuple[LOSGInitializer, LOSGObjective]:
+    if name not in LOSG_TEST_FUNCTIONS:
+        raise ValueError(
+            f"unknown test function {name!r}; valid: {', '.join(LOSG_TEST_FUNCTIONS)}"
+        )
+    fn, offset = LOSG_TEST_FUNCTIONS[name]
+    box = TEST_FUNCTIONS[name]
+    if name == "logsumexp":
+        init = _normal_init([(2,)])
+    else:
+        init = _uniform_init(box.init_low, box.init_high)
+    return init, lambda ps, batch: fn(ps[0]) + offset
+
+
+def _logistic_loss(logits: jax.Array, labels: jax.Array, params: list[jax.Array]) -> jax.Array:
+    """LOSG's 2-class loss: sigmoid cross-entropy on the first logit, plus L2 regularisation."""
+    z = logits[:, 0]
+    y = labels.astype(z.dtype)
+    ce = jnp.mean(jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z))))
+    reg = jnp.mean(jnp.stack([jnp.sum(p**2) for p in params]))
+    return ce + LOSG_L2_REG_SCALE * reg
+
+
+def random_mlp_data(n_features: int, n_samples: int, rng: np.random.Generator):
+    """LOSG's ``random_mlp`` data: normal inputs, label = sign of a 6-layer random ReLU
+    network's first output (width 20)."""
+    x = rng.normal(size=(n_samples, n_features))
+    y, n_in = x, n_features
+    scale = math.sqrt(2.0) / math.sqrt(n_features)
+    for _ in range(6):
+        y = np.maximum(y @ (rng.normal(size=(n_in, 20)) * scale), 0)
+        n_in = 20
+    return x.astype(np.float32), (y[:, 0] > 0).astype(np.int32)
+
+
+def noisy_parity_data(n_samples: int, n_classes: int, rng: np.random.Generator):
+    """LOSG's ``noisy_parity_class`` data: 5 context ids, label their sum mod ``n_classes``
+    with a flip of probability 0.25."""
+    x = rng.integers(0, n_classes, (n_samples, 5))
+    y = (x.sum(1) + rng.binomial(1, 0.25, n_samples)) % n_classes
+    return x.astype(np.int32), y.astype(np.int32)
+
+
+@dataclasses.dataclass
+class LOSGProblem:
+    """A built LOSG base problem: parameter initializer, objective, data (or ``None``)."""
+
+    init: LOSGInitializer
+    objective: LOSGObjective
+    data: dict[str, np.ndarray] | None = None
+
+
+def build_losg_problem(cfg: LOSGConfig) -> LOSGProblem:
+    """The base problem ``cfg.problem`` with its matrices and data drawn from ``cfg.seed``."""
+    rng = np.random.default_rng(cfg.seed)
+    p = cfg.problem
+    if p == "quadratic":
+        q = QuadraticTask(
+            QuadraticConfig(cfg.dim, cfg.min_singular, cfg.max_singular, 0.0, cfg.seed)
+        )
+        a, b = jnp.asarray(q.a, jnp.float32), jnp.asarray(q.b, jnp.float32)
+        return LOSGProblem(
+            _normal_init([(cfg.dim,)]), lambda ps, _: 0.5 * jnp.sum((a @ ps[0] - b) ** 2)
+        )
+    if p == "bowl":
+        c, t = cfg.condition_number, cfg.angle
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+        m = jnp.asarray(np.sqrt(np.diag([c, 1.0])) @ rot, jnp.float32)
+        return LOSGProblem(_normal_init([(2,)]), lambda ps, _: 0.5 * jnp.sum((m @ ps[0]) ** 2))
+    if p == "sparse_softmax_regression":
+        nf, nc = cfg.n_features, cfg.n_classes
+        x, y = noisy_parity_data(cfg.n_samples, nc, rng)
+
+        def objective(ps, batch):
+            emb, w, bias = ps
+            feats = jnp.sum(emb[batch["x"]], axis=1)
+            return _logistic_loss(feats @ w + bias, batch["y"], ps)
+
+        shapes = [(nc, nf), (nf, nc), (nc,)]
+        return LOSGProblem(_normal_init(shapes, _softmax_scale), objective, {"x": x, "y": y})
+    if p == "optimization_test_problems":
+        init, objective = _losg_test_function(cfg.function)
+        return LOSGProblem(init, objective)
+    if p == "fully_connected":
+        x, y = random_mlp_data(cfg.n_features, cfg.n_samples, rng)
+        sizes = (cfg.n_features, *cfg.hidden_sizes, cfg.n_classes)
+        shapes: list[tuple[int, ...]] = []
+        for a_, b_ in zip(sizes[:-1], sizes[1:], strict=True):
+            shapes += [(a_, b_), (b_,)]
+        act = activation_fn(cfg.activation)
+
+        def objective(ps, batch):
+            h = batch["x"] @ ps[0] + ps[1]
+            for i in range(2, len(ps), 2):
+                h = act(h) @ ps[i] + ps[i + 1]
+            return _logistic_loss(h, batch["y"], ps)
+
+        return LOSGProblem(_normal_init(shapes, _softmax_scale), objective, {"x": x, "y": y})
+    if p == "norm":
+        w, yv = (jnp.asarray(v) for v in norm_data(rng, cfg.dim))
+        power = cfg.norm_power
+        return LOSGProblem(
+            _normal_init([(cfg.dim,)]), lambda ps, _: norm_objective(ps[0], w, yv, power)
+        )
+    if p == "dependency_chain":
+        return LOSGProblem(_normal_init([(cfg.dim + 1,)]), lambda ps, _: dependency_chain(ps[0]))
+    if p == "outward_snake":
+        x, _ = random_mlp_data(cfg.dim, cfg.n_samples, rng)
+        return LOSGProblem(
+            _normal_init([(cfg.dim,)]),
+            lambda ps, batch: outward_snake(ps[0], batch["x"], "sum"),
+            {"x": x},
+        )
+    if p == "min_max_well":
+        # The released code adds its 1e-12 to the loss, not to the denominator.
+        return LOSGProblem(
+            _normal_init([(cfg.dim,)]), lambda ps, _: min_max_well(ps[0], eps=0.0) + 1e-12
+        )
+    if p in ("sum_of_quadratics", "projection_quadratic"):
+        x = symmetric_data(rng, max(2, cfg.n_samples // 2 * 2), cfg.dim)
+        if p == "sum_of_quadratics":  # + 1e-12 as the released code
+
+            def objective(ps, batch):
+                return sum_of_quadratics(ps[0], batch["x"], "sum") + 1e-12
+
+        else:
+
+            def objective(ps, batch):
+                return projection_quadratic(ps[0], batch["x"], "sum")
+
+        return LOSGProblem(_normal_init([(1, cfg.dim)]), objective, {"x": x})
+    raise ValueError(f"unknown LOSG problem {p!r}; valid: {', '.join(LOSG_BASE_PROBLEMS)}")
+
+
+def _tile(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Repeat the examples so that a batch of ``n`` can be drawn (LOSG's ``repeat()``)."""
+    m = len(next(iter(arrays.values())))
+    reps = -(-n // m)
+    return {k: np.concatenate([v] * reps) for k, v in arrays.items()}
+
+
+def _gradient_noise(xs: list[jax.Array], key: jax.Array, std: float) -> jax.Array:
+    """``std * sum <xi, x>`` minus its stopped value: zero in value, ``std * xi`` in gradient."""
+    keys = jax.random.split(key, len(xs))
+    dot = sum(jnp.sum(jax.random.normal(k, x.shape) * x) for k, x in zip(keys, xs, strict=True))
+    return std * (dot - jax.lax.stop_gradient(dot))
+
+
+class LOSGTask(Task):
+    """A built LOSG problem; params are ``{"p0": ..., "p1": ...}`` in LOSG's order.
+
+    Gradient noise and sparsity act through the loss (``x * m + stop_gradient(x * (1 - m))``
+    has the value of ``x`` and passes gradient only where ``m = 1``), so ``jax.grad(loss)``
+    is the noisy, sparse gradient. The normalizer divides the loss by ``|loss at init|``
+    (mean over 4 initialisations, noise-free, first data batch), clipped to [0, 1.5].
+    """
+
+    def __init__(self, config: LOSGConfig):
+        if config.kind not in LOSG_KINDS:
+            raise ValueError(f"unknown LOSG kind {config.kind!r}; valid: {', '.join(LOSG_KINDS)}")
+        self.config = config
+        self.name = f"losg_{config.kind}" + (
+            f"_{config.problem}" if config.kind in LOSG_TRANSFORMATIONS else ""
+        )
+        self.problem = build_losg_problem(config)
+        if self.problem.data is not None:
+            bs = config.batch_size
+            split = ArraySplit(_tile(self.problem.data, bs), bs)
+            self.datasets = Datasets(split, split, split, split)
+        else:
+            self.datasets = no_data()
+        self.sizes = {"num_params": None}
+        self.init_loss = self._init_loss()
+        self.sizes["num_params"] = self.num_params()
+
+    def init(self, key: jax.Array) -> dict[str, jax.Array]:
+        return {f"p{i}": x for i, x in enumerate(self.problem.init(key))}
+
+    def objective(self, params: dict[str, jax.Array], batch: dict) -> jax.Array:
+        """The noise-free, untransformed base objective."""
+        return self.problem.objective([params[f"p{i}"] for i in range(len(params))], batch)
+
+    def loss(self, params, key, batch) -> jax.Array:
+        cfg = self.config
+        xs = [params[f"p{i}"] for i in range(len(params))]
+        k_noise, k_mask, k_sparse = jax.random.split(key, 3)
+        if cfg.kind == "sparse_problems":
+            keys = jax.random.split(k_mask, len(xs))
+            masks = [
+                (jax.random.uniform(k, x.shape) >= cfg.zero_probability).astype(x.dtype)
+                for k, x in zip(keys, xs, strict=True)
+            ]
+            xs = [
+                x * m + jax.lax.stop_gradient(x * (1 - m)) for x, m in zip(xs, masks, strict=True)
+            ]
+        obj = self.problem.objective(xs, batch)
+        if cfg.noise_std > 0:
+            obj = obj + _gradient_noise(xs, k_noise, cfg.noise_std)
+        if cfg.kind == "sparse_problems" and cfg.sparse_noise_std > 0:
+            obj = obj + _gradient_noise(xs, k_sparse, cfg.sparse_noise_std)
+        if cfg.kind == "log_objective":
+            obj = log_objective(obj)
+        elif cfg.kind == "rescale_problems":
+            obj = obj * cfg.loss_scale
+        return obj
+
+    def _init_loss(self) -> float:
+        split = self.datasets.train
+        batch = split.full() if isinstance(split, ArraySplit) else {}
+        if batch:
+            batch = {k: v[: split.batch_size] for k, v in batch.items()}
+
+        def at_init(k):
+            k_init, k_loss = jax.random.split(k)
+            return self.loss(self.init(k_init), k_loss, batch)
+
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)
+        lowered = jax.jit(jax.vmap(at_init)).lower(keys)
+        # A one-off evaluation: on CPU, cheap XLA settings cut the compile time several-fold.
+        options = CHEAP_COMPILE if jax.default_backend() == "cpu" else None
+        losses = np.asarray(lowered.compile(compiler_options=options)(keys), np.float64)
+        finite = [abs(float(v)) for v in losses if math.isfinite(v)]
+        return max(float(np.mean(finite)) if finite else 1.0, 1e-12)
+
+    def normalizer(self, loss: jax.Array) -> jax.Array:
+        r = loss / self.init_loss
+        return jnp.clip(jnp.nan_to_num(r, nan=1.5, posinf=1.5, neginf=0.0), 0.0, 1.5)
+
+
+class LOSGFamily(TaskFamily):
+    """TaskSet's ``losg_tasks`` (arXiv:2009.11243, App. I.2.8) over the LOSG problems above."""
+
+    name = "losg_tasks"
+    config_type = LOSGConfig
+
+    def sample(self, key: jax.Array) -> LOSGConfig:
+        return sample_losg_config(key)
+
+    def task(self, config: LOSGConfig) -> LOSGTask:
+        return LOSGTask(config)

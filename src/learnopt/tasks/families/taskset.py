@@ -1,11 +1,12 @@
-"""The sampled TaskSet task families of seed 000 (Metz et al. 2020, App. I.2).
+"""The sampled TaskSet task families of Metz et al. 2020, "Tasks, stability, architecture, and
+compute", arXiv:2009.11243, App. I.2.
 
-Seed 000 ("Tasks, stability, architecture, and compute: Training more effective learned
-optimizers") meta-trains on TaskSet-style families, each a distribution over configs
-(App. I.2; ranges inventoried in ../shared/spec/three-papers.md A.3):
+The paper ("Training more effective learned optimizers") meta-trains on TaskSet-style
+families (Metz et al. 2020, TaskSet, arXiv:2002.11887), each a distribution over configs
+(App. I.2):
 
 =============================  ============================================================
-family (``FAMILIES`` key)      what a config samples (seed 000 section)
+family (registry: taskset_*)   what a config samples (App. I section)
 =============================  ============================================================
 ``mlp``                        1-6 hidden layers of log[16, 128] units on a sampled image
                                data set; activation, initializer, centring (I.2.1)
@@ -26,7 +27,7 @@ family (``FAMILIES`` key)      what a config samples (seed 000 section)
 ``rnn_text_classification``    vocabulary log[100, 10000]; embedding log[8, 128]; RNN core;
                                readout last / mean / max (I.2.12)
 ``losg_tasks``                 the LOSG problems and transformations (I.2.8), see
-                               :mod:`learnopt.tasks.families.losg`
+                               :mod:`learnopt.tasks.families.synthetic`
 ``maf``, ``nvp``               1-4 bijectors of 1 or 2 layers of log[16, 128]; MAF / real NVP
                                on flattened images (I.2.9, I.2.10), see
                                :mod:`learnopt.tasks.models.flows`
@@ -34,8 +35,9 @@ family (``FAMILIES`` key)      what a config samples (seed 000 section)
 
 Shared components (activations, initializers, RNN cores; I.1.1) live in
 :mod:`learnopt.tasks.families.taskset_parts`, data sampling (I.1.2-I.1.4) in
-:mod:`learnopt.tasks.families.taskset_data`. Where the paper's text is silent or garbled we follow the
-released TaskSet code; every such place, and every departure, is noted at its definition.
+:mod:`learnopt.tasks.families.taskset_data`. Where the paper's text is silent or garbled we
+follow the released TaskSet code; every such place, and every departure, is noted at its
+definition.
 
 Data sets. The paper's image and text data sets cannot be installed here (CIFAR, ImageNet,
 LM1B, Wikipedia, Amazon, IMDB). Configs record the paper's name; :data:`DATASET_SUBSTITUTES`
@@ -70,7 +72,7 @@ a comparable, clipped scale, NaN / inf to the maximum):
 
 Usage::
 
-    family = get_family("mlp")
+    family = registry.get_family("taskset_mlp")  # learnopt.tasks.families.registry
     config = family.sample(jax.random.PRNGKey(0))
     task = family.task(config)
     params = task.init(jax.random.PRNGKey(1))
@@ -100,11 +102,22 @@ from learnopt.tasks.base import (
     config_from_dict,
     config_to_dict,
 )
-from learnopt.tasks.models.conv import Conv
-from learnopt.tasks.models.flows import Flow
-from learnopt.tasks.image import ImageClassificationTask
-from learnopt.tasks.language import LanguageModelTask
-from learnopt.tasks.families.losg import LOSGConfig, LOSGFamily, LOSGTask
+from learnopt.tasks.families.synthetic import LOSGConfig, LOSGFamily, LOSGTask
+from learnopt.tasks.families.taskset_data import (
+    DATASET_SUBSTITUTES,
+    SUBWORD_VOCAB,
+    ImageDataConfig,
+    TaskSetLimits,
+    TextDataConfig,
+    classification_datasets,
+    image_datasets,
+    lm_datasets,
+    native_substitutes,
+    sample_byte_data,
+    sample_classification_data,
+    sample_image_data,
+    sample_subword_data,
+)
 from learnopt.tasks.families.taskset_parts import (
     InitConfig,
     NestedConfig,
@@ -122,29 +135,16 @@ from learnopt.tasks.families.taskset_parts import (
     uniform_int,
     weighted_choice,
 )
-from learnopt.tasks.families.taskset_data import (
-    DATASET_SUBSTITUTES,
-    SUBWORD_VOCAB,
-    ImageDataConfig,
-    TaskSetLimits,
-    TextDataConfig,
-    classification_datasets,
-    image_datasets,
-    lm_datasets,
-    native_substitutes,
-    sample_byte_data,
-    sample_classification_data,
-    sample_image_data,
-    sample_subword_data,
-)
+from learnopt.tasks.image import ImageClassificationTask
+from learnopt.tasks.language import LanguageModelTask
+from learnopt.tasks.models.conv import Conv
+from learnopt.tasks.models.flows import Flow
 
 __all__ = [
     "CONFIG_TYPES",
     "DATASET_SUBSTITUTES",
-    "FAMILIES",
+    "FAMILY_CLASSES",
     "TaskSetLimits",
-    "get_family",
-    "list_families",
     "native_substitutes",
     "taskset_config_from_dict",
     "taskset_config_to_dict",
@@ -154,7 +154,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPConfig(NestedConfig):
+class TaskSetMLPConfig(NestedConfig):
     """I.2.1: hidden sizes, activation, initializer, image data, centring to [-1, 1]."""
 
     hidden_sizes: tuple[int, ...]
@@ -281,7 +281,7 @@ class NVPConfig(NestedConfig):
 CONFIG_TYPES: dict[str, type] = {
     c.__name__: c
     for c in (
-        MLPConfig,
+        TaskSetMLPConfig,
         MLPAEConfig,
         MLPVAEConfig,
         ConvPoolingConfig,
@@ -352,7 +352,7 @@ def effective_paddings(
     return tuple(out), size
 
 
-class ConvNet(nn.Module):
+class TaskSetConvNet(nn.Module):
     """3x3 convolutions (all followed by the activation), then pooling + linear
     (``pool_type`` set) or flatten + MLP (``pool_type=None``)."""
 
@@ -389,7 +389,7 @@ class ConvNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=init)(x)
 
 
-class MLPAutoencoder(nn.Module):
+class TaskSetMLPAutoencoder(nn.Module):
     hidden_sizes: Sequence[int]
     activation: str
     w_init: InitConfig
@@ -412,7 +412,7 @@ class MLPAutoencoder(nn.Module):
 
 
 class MLPVAE(nn.Module):
-    """Returns ``(log p(x | z), KL(q(z | x) || N(0, I)))`` per example (seed 000 I.2.3).
+    """Returns ``(log p(x | z), KL(q(z | x) || N(0, I)))`` per example (App. I.2.3).
 
     As in the released code, the decoder's ``[mu, log sigma]`` is clipped to [-10, 10] and
     the likelihood is a normal density at ``x + U(-bin/2, bin/2)`` times the bin width 1/255
@@ -530,8 +530,8 @@ class _FlatImageTask(Task):
         return x.reshape((x.shape[0], -1))
 
 
-class AutoencoderTask(_FlatImageTask):
-    """Seed 000 I.2.2: reconstruction distance, reduced per example then averaged."""
+class TaskSetAutoencoderTask(_FlatImageTask):
+    """App. I.2.2: reconstruction distance, reduced per example then averaged."""
 
     def init(self, key: jax.Array) -> Any:
         return self.model.init(key, jnp.zeros((1, self.dim)))["params"]
@@ -555,8 +555,8 @@ class AutoencoderTask(_FlatImageTask):
         return jnp.clip(r, 0.0, 1.5)
 
 
-class VAETask(_FlatImageTask):
-    """Seed 000 I.2.3: negative ELBO in nats per image, averaged over the batch."""
+class TaskSetVAETask(_FlatImageTask):
+    """App. I.2.3: negative ELBO in nats per image, averaged over the batch."""
 
     def init(self, key: jax.Array) -> Any:
         k_init, k_sample = jax.random.split(key)
@@ -584,7 +584,7 @@ FLOW_IDENTITY_MAX = 0.5 * math.log(2 * math.pi) + 0.5
 
 
 class FlowTask(_FlatImageTask):
-    """Seed 000 I.2.9 / I.2.10: ``-mean log p(x + N(0, 0.01^2))`` in nats per image."""
+    """App. I.2.9 / I.2.10: ``-mean log p(x + N(0, 0.01^2))`` in nats per image."""
 
     def init(self, key: jax.Array) -> Any:
         return self.model.init(key, jnp.zeros((1, self.dim)))["params"]
@@ -604,7 +604,7 @@ class FlowTask(_FlatImageTask):
 
 
 class TextClassificationTask(Task):
-    """Seed 000 I.2.12: softmax cross-entropy of an RNN classifier on token windows."""
+    """App. I.2.12: softmax cross-entropy of an RNN classifier on token windows."""
 
     def __init__(self, name: str, model: nn.Module, datasets: Datasets, config: Any, sizes: dict):
         self.name, self.model, self.datasets = name, model, datasets
@@ -679,15 +679,15 @@ def _sizes_log(rng: np.random.Generator, n: int, low: int, high: int) -> tuple[i
     return tuple(log_int(rng, low, high) for _ in range(n))
 
 
-class MLPFamily(TaskSetFamily):
-    """Seed 000 I.2.1. ``center_data`` (50 %) appears in the paper's sample configs only; its
+class TaskSetMLPFamily(TaskSetFamily):
+    """App. I.2.1. ``center_data`` (50 %) appears in the paper's sample configs only; its
     probability is the released code's."""
 
-    key, config_type = "mlp", MLPConfig
+    key, config_type = "mlp", TaskSetMLPConfig
 
     def _sample(self, rng):
         n = uniform_int(rng, 1, 6)
-        return MLPConfig(
+        return TaskSetMLPConfig(
             hidden_sizes=_sizes_log(rng, n, 16, 128),
             activation=sample_activation(rng),
             w_init=sample_initializer(rng),
@@ -713,7 +713,7 @@ AE_LOSS_WEIGHTS = {"l2": 2, "l1": 1}
 
 
 class MLPAEFamily(TaskSetFamily):
-    """Seed 000 I.2.2. Layers uniform in [2, 7] count the output layer, so 1-6 hidden layers of
+    """App. I.2.2. Layers uniform in [2, 7] count the output layer, so 1-6 hidden layers of
     log[16, 128] units (the released code: [1, 6] hidden of log[32, 128]; we follow the
     paper). Output weights are the paper's (the code gives sigmoid weight 2)."""
 
@@ -733,14 +733,14 @@ class MLPAEFamily(TaskSetFamily):
 
     def _build(self, config, name):
         datasets, sizes = self._images(config.data)
-        model = MLPAutoencoder(
+        model = TaskSetMLPAutoencoder(
             config.hidden_sizes, config.activation, config.w_init, config.output_type
         )
-        return AutoencoderTask(name, model, datasets, config, sizes)
+        return TaskSetAutoencoderTask(name, model, datasets, config, sizes)
 
 
 class MLPVAEFamily(TaskSetFamily):
-    """Seed 000 I.2.3. The latent dimension is sampled separately, log[32, 128], as the paper
+    """App. I.2.3. The latent dimension is sampled separately, log[32, 128], as the paper
     says (the released code uses the last encoder width and 1-4 encoder layers)."""
 
     key, config_type = "mlp_vae", MLPVAEConfig
@@ -768,7 +768,7 @@ class MLPVAEFamily(TaskSetFamily):
             config.activation,
             config.w_init,
         )
-        return VAETask(name, model, datasets, config, sizes)
+        return TaskSetVAETask(name, model, datasets, config, sizes)
 
 
 STRIDE_PATTERNS = ("all_two", "one_two", "two_one")
@@ -790,7 +790,7 @@ def _sample_paddings(rng: np.random.Generator, n: int) -> tuple[str, ...]:
 
 
 class ConvPoolingFamily(TaskSetFamily):
-    """Seed 000 I.2.4 (3x3 kernels as in the released code; see :func:`effective_paddings`)."""
+    """App. I.2.4 (3x3 kernels as in the released code; see :func:`effective_paddings`)."""
 
     key, config_type = "conv_pooling", ConvPoolingConfig
 
@@ -813,7 +813,7 @@ class ConvPoolingFamily(TaskSetFamily):
             datasets.extra_info["image_shape"][0], config.strides, config.paddings
         )
         sizes = {**sizes, "paddings": paddings}
-        model = ConvNet(
+        model = TaskSetConvNet(
             config.channels,
             config.strides,
             paddings,
@@ -828,7 +828,7 @@ class ConvPoolingFamily(TaskSetFamily):
 
 
 class ConvFCFamily(TaskSetFamily):
-    """Seed 000 I.2.5: the I.2.4 conv part, flattened, then 0-4 hidden layers of log[32, 128]
+    """App. I.2.5: the I.2.4 conv part, flattened, then 0-4 hidden layers of log[32, 128]
     units and a linear head."""
 
     key, config_type = "conv_fc", ConvFCConfig
@@ -854,7 +854,7 @@ class ConvFCFamily(TaskSetFamily):
             datasets.extra_info["image_shape"][0], config.strides, config.paddings
         )
         sizes = {**sizes, "paddings": paddings, "flat_features": final**2 * config.channels[-1]}
-        model = ConvNet(
+        model = TaskSetConvNet(
             config.channels,
             config.strides,
             paddings,
@@ -874,7 +874,7 @@ def _vocab(sampled: int, limit: int | None) -> int:
 
 
 class CharRNNLMFamily(TaskSetFamily):
-    """Seed 000 I.2.6 on bytes (ids clipped to ``vocab_size - 1``; the byte vocabulary is
+    """App. I.2.6 on bytes (ids clipped to ``vocab_size - 1``; the byte vocabulary is
     never clamped by ``max_vocab_size``)."""
 
     key, config_type = "char_rnn_language_model", CharRNNLMConfig
@@ -903,7 +903,7 @@ class CharRNNLMFamily(TaskSetFamily):
 
 
 class WordRNNLMFamily(TaskSetFamily):
-    """Seed 000 I.2.7 on frequency-ranked words; vocabulary ``min(sampled, max_vocab_size)``."""
+    """App. I.2.7 on frequency-ranked words; vocabulary ``min(sampled, max_vocab_size)``."""
 
     key, config_type = "word_rnn_language_model", WordRNNLMConfig
 
@@ -935,7 +935,7 @@ READOUTS = ("last", "mean", "max")
 
 
 class RNNTextClassificationFamily(TaskSetFamily):
-    """Seed 000 I.2.12. The vocabulary is ``min(sampled, 8185, max_vocab_size)`` (8185: the
+    """App. I.2.12. The vocabulary is ``min(sampled, 8185, max_vocab_size)`` (8185: the
     subword vocabulary the released code trims, ``max_token``). The embedding is normal with
     std 1, as for the language models (the paper does not say). The data are the corpus
     classification stand-in for IMDB (:mod:`learnopt.tasks.families.taskset_data`)."""
@@ -1002,20 +1002,20 @@ class _FlowFamily(TaskSetFamily):
 
 
 class MAFFamily(_FlowFamily):
-    """Seed 000 I.2.9 (see :mod:`learnopt.tasks.models.flows`)."""
+    """App. I.2.9 (see :mod:`learnopt.tasks.models.flows`)."""
 
     key, config_type, flow_kind = "maf", MAFConfig, "maf"
 
 
 class NVPFamily(_FlowFamily):
-    """Seed 000 I.2.10 (see :mod:`learnopt.tasks.models.flows`)."""
+    """App. I.2.10 (see :mod:`learnopt.tasks.models.flows`)."""
 
     key, config_type, flow_kind = "nvp", NVPConfig, "nvp"
 
 
 class TaskSetLOSGFamily(LOSGFamily):
-    """Seed 000 I.2.8 (:mod:`learnopt.tasks.families.losg`); takes (and ignores) the data options of the
-    other families so that every family is built the same way."""
+    """App. I.2.8 (:mod:`learnopt.tasks.families.synthetic`); takes (and ignores) the data
+    options of the other families so that every family is built the same way."""
 
     key = "losg_tasks"
 
@@ -1036,38 +1036,18 @@ class TaskSetLOSGFamily(LOSGFamily):
         return task
 
 
-FAMILIES: dict[str, type] = {
-    f.key: f
-    for f in (
-        MLPFamily,
-        MLPAEFamily,
-        MLPVAEFamily,
-        ConvPoolingFamily,
-        ConvFCFamily,
-        CharRNNLMFamily,
-        WordRNNLMFamily,
-        RNNTextClassificationFamily,
-        TaskSetLOSGFamily,
-        MAFFamily,
-        NVPFamily,
-    )
-}
-
-
-def list_families() -> list[str]:
-    """The family names of seed 000 App. I.2 implemented here."""
-    return list(FAMILIES)
-
-
-def get_family(
-    name: str,
-    limits: TaskSetLimits | None = None,
-    substitutes: Mapping[str, str] | None = None,
-    synthetic: bool = False,
-) -> TaskFamily:
-    """The TaskSet family ``name`` (a key of :data:`FAMILIES`, with or without the
-    ``taskset_`` prefix)."""
-    key = name.removeprefix("taskset_")
-    if key not in FAMILIES:
-        raise ValueError(f"unknown TaskSet family {name!r}; valid: {', '.join(FAMILIES)}")
-    return FAMILIES[key](limits=limits, substitutes=substitutes, synthetic=synthetic)
+# The eleven families of App. I.2; :mod:`learnopt.tasks.families.registry` lists them as
+# ``taskset_<key>``.
+FAMILY_CLASSES: tuple[type[TaskFamily], ...] = (
+    TaskSetMLPFamily,
+    MLPAEFamily,
+    MLPVAEFamily,
+    ConvPoolingFamily,
+    ConvFCFamily,
+    CharRNNLMFamily,
+    WordRNNLMFamily,
+    RNNTextClassificationFamily,
+    TaskSetLOSGFamily,
+    MAFFamily,
+    NVPFamily,
+)

@@ -1,8 +1,9 @@
-"""Sampled data sets of the TaskSet families (seed 000 App. I.1.2-I.1.4), offline.
+"""Sampled data sets of the TaskSet families, offline (Metz et al. 2020, "Tasks, stability,
+architecture, and compute", arXiv:2009.11243, App. I.1.2-I.1.4).
 
-Seed 000 App. I.1.2 samples image tasks uniformly over ten data sets, I.1.3 classifies IMDB
+App. I.1.2 samples image tasks uniformly over ten data sets, I.1.3 classifies IMDB
 reviews, and I.1.4 models bytes or 8k subwords of eleven text sources. None of these but
-MNIST / Fashion-MNIST can be had offline here (../shared/spec/data-and-cpu.md §1), so a
+MNIST / Fashion-MNIST can be had offline (``learnopt data`` lists what is), so a
 config records the *paper's* data set name and :data:`DATASET_SUBSTITUTES` maps it to a
 registry data set (``learnopt.tasks.data.registry``) when the task is built:
 
@@ -228,8 +229,8 @@ def _cap_opt(value: int | None, limit: int | None) -> int | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentationConfig:
-    """Image augmentation fields of the released code (seed 000 I.2.1 sample configs)."""
+class ImageAugmentationConfig:
+    """Image augmentation fields of the released code (App. I.2.1 sample configs)."""
 
     crop_amount: int
     flip_left_right: bool
@@ -250,16 +251,16 @@ class ImageDataConfig:
     batch_size: int
     num_train: int | None
     just_train: bool
-    augmentation: AugmentationConfig | None = None
+    augmentation: ImageAugmentationConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augmentation, dict):
-            object.__setattr__(self, "augmentation", AugmentationConfig(**self.augmentation))
+            object.__setattr__(self, "augmentation", ImageAugmentationConfig(**self.augmentation))
 
 
-def sample_augmentation(rng: np.random.Generator) -> AugmentationConfig:
+def sample_augmentation(rng: np.random.Generator) -> ImageAugmentationConfig:
     """The released code's augmentation distribution (the paper gives none)."""
-    return AugmentationConfig(
+    return ImageAugmentationConfig(
         crop_amount=int(choice(rng, (0, 0, 0, 1, 2))),
         flip_left_right=bernoulli(rng, 0.5),
         flip_up_down=bernoulli(rng, 0.5),
@@ -357,7 +358,9 @@ def _yiq_to_rgb(x: jax.Array) -> jax.Array:
     return x @ m.T
 
 
-def augment_images(key: jax.Array, images: jax.Array, aug: AugmentationConfig) -> jax.Array:
+def augment_images(
+    key: jax.Array, images: jax.Array, aug: ImageAugmentationConfig
+) -> jax.Array:
     """Apply ``aug`` to a batch ``(B, H, W, C)`` independently per image (jit-compatible).
 
     Random crop to ``H - c``; random left-right / up-down flips; for RGB images with
@@ -402,7 +405,7 @@ def augment_images(key: jax.Array, images: jax.Array, aug: AugmentationConfig) -
 class AugmentedSplit:
     """An image :class:`ArraySplit` whose batches pass through :func:`augment_images`."""
 
-    def __init__(self, inner: ArraySplit, aug: AugmentationConfig):
+    def __init__(self, inner: ArraySplit, aug: ImageAugmentationConfig):
         self.inner, self.aug = inner, aug
         self.batch_size, self.num_examples = inner.batch_size, inner.num_examples
         self._augment = jax.jit(functools.partial(augment_images, aug=aug))

@@ -1,7 +1,7 @@
-"""Shared sampled components of the TaskSet families (seed 000 App. I.1.1).
+"""Shared sampled components of the TaskSet families (Metz et al. 2020, "Tasks, stability,
+architecture, and compute", arXiv:2009.11243, App. I.1.1).
 
-Seed 000 (Metz et al. 2020, "Tasks, stability, architecture, and compute") App. I.1.1 defines
-the sampling routines every sampled task family uses:
+App. I.1.1 defines the sampling routines every sampled task family uses:
 
 * **Activations**, by weight: relu 6, tanh 3, cos 1, elu 1, sigmoid 1, swish 1, leaky relu
   with alpha 0.4, 0.2 and 0.1 (1 each). Names follow the released code (``leaky_relu4`` is

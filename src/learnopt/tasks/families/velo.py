@@ -1,7 +1,7 @@
-"""The sampled task families of VeLO (seed 001 App. C.3, §3.2), split into static and dynamic
-configs (App. C.1).
+"""The sampled task families of VeLO (Metz et al. 2022, VeLO, arXiv:2211.09760, App. C.3, §3.2),
+split into static and dynamic configs (App. C.1).
 
-Eight families, with the exact ranges of seed 001 App. C.3 (../shared/spec/velo.md §3.3):
+Eight families, with the exact ranges of App. C.3:
 
 ====================  =================  =====================================================
 family (``name``)     paper section      dynamic config (vectorisable)
@@ -19,8 +19,8 @@ family (``name``)     paper section      dynamic config (vectorisable)
 ====================  =================  =====================================================
 
 A ninth family, ``lopt`` (C.3.9, training a learned optimizer as a task), lives in
-:mod:`learnopt.tasks.families.lopt` and registers itself in ``FAMILIES`` when this module is
-imported (its inner task is drawn from ``mlp``; its dynamic config is that task's).
+:mod:`learnopt.tasks.families.lopt` (its inner task is drawn from ``mlp``; its dynamic config
+is that task's). :mod:`learnopt.tasks.families.registry` lists all nine as ``velo_<name>``.
 
 **Static and dynamic configs** (C.1, "Task vectorization"). ``family.sample(key)`` returns a
 frozen dataclass ``XConfig(static=XStatic(...), dynamic=XDynamic(...))``. The static part holds
@@ -60,11 +60,11 @@ Validity (C.4's classifier predicts which configs run at all): we make every sam
 valid by construction instead. Conv stride-2 layers are ``min(num_stride2, num_layers)``; ViT
 patch sizes are drawn from those of {2, 4, 8, 12, 16} not larger than the image.
 
-**Data.** Paper data sets are replaced by installable ones (:mod:`learnopt.tasks.families.velo_data`,
-``DATASET_SUBSTITUTES``); ``data="synthetic"`` gives random in-memory data of the same shapes
-(tests, timing).
+**Data.** Paper data sets are replaced by installable ones
+(:mod:`learnopt.tasks.families.velo_data`, ``DATASET_SUBSTITUTES``); ``data="synthetic"`` gives
+random in-memory data of the same shapes (tests, timing).
 
-**Normalizers** (seed 001 App. D.4: per-family hand-designed maps of the loss into about
+**Normalizers** (App. D.4: per-family hand-designed maps of the loss into about
 [-10, 10], used for monitoring; the released code's ``normalizer`` of each parametric family):
 
 * classification (mlp, conv, resnet) and language models (rnn_lm, transformer_lm), with
@@ -96,9 +96,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from learnopt.tasks.base import Datasets, Task, TaskFamily
 from learnopt.tasks.families import velo_data as fd
 from learnopt.tasks.models import sampled as fm
-from learnopt.tasks.base import Datasets, Task, TaskFamily, config_from_dict, config_to_dict
 
 SIZES = ("paper", "cpu", "tiny")
 DATA_MODES = ("registry", "synthetic")
@@ -576,17 +576,7 @@ CONFIG_TYPES: dict[str, type] = {
 }
 
 
-def to_dict(config: FamilyConfig) -> dict:
-    """JSON-ready dict of a family config (``learnopt.tasks.base.config_to_dict``)."""
-    return config_to_dict(config)
-
-
-def from_dict(data: Mapping[str, Any]) -> FamilyConfig:
-    """Inverse of :func:`to_dict` for the configs of this module."""
-    return config_from_dict(data, CONFIG_TYPES)
-
-
-# --- normalizers (seed 001 App. D.4) --------------------------------------------------------
+# --- normalizers (App. D.4) -----------------------------------------------------------------
 
 
 def classification_normalizer(loss: jax.Array, num_classes: int) -> jax.Array:
@@ -1033,7 +1023,8 @@ def _check_dynamic(dyn: Any) -> None:
             raise ValueError(f"dynamic {f.name}={value!r} should be a bool")
 
 
-def _image_check(config: FamilyConfig) -> None:
+def image_check(config: FamilyConfig) -> None:
+    """Raise ValueError unless the config's data set is a known image set."""
     s = config.static
     if s.dataset not in fd.IMAGE_INFO:
         raise ValueError(f"dataset {s.dataset!r} is not a known image set")
@@ -1068,7 +1059,7 @@ class MLPFamily(SampledFamily):
         return InitActDynamic(**sample_init_act(rng))
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
 
 
 class ConvFamily(SampledFamily):
@@ -1101,7 +1092,7 @@ class ConvFamily(SampledFamily):
         return InitActDynamic(**sample_init_act(rng))
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
 
 
 class AEFamily(SampledFamily):
@@ -1138,7 +1129,7 @@ class AEFamily(SampledFamily):
         )
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
 
 
 class VAEFamily(SampledFamily):
@@ -1180,7 +1171,7 @@ class VAEFamily(SampledFamily):
         )
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
 
 
 class ResNetFamily(SampledFamily):
@@ -1219,7 +1210,7 @@ class ResNetFamily(SampledFamily):
         return ActDynamic(activation=uniform_int(rng, 0, len(fm.ACTIVATIONS) - 1))
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
         s = config.static
         lo, hi = self.ranges["max_blocks"]
         if len(s.blocks_per_group) != 4 or not all(lo <= b <= hi for b in s.blocks_per_group):
@@ -1381,7 +1372,7 @@ class ViTFamily(SampledFamily):
         return DropoutDynamic(dropout=rate if use else 0.0, attention_dropout=attn if use else 0.0)
 
     def _check_extra(self, config):
-        _image_check(config)
+        image_check(config)
         s = config.static
         key = "head_dim_few" if s.num_heads < 4 else "head_dim_many"
         lo, hi = self.ranges[key]
@@ -1391,34 +1382,21 @@ class ViTFamily(SampledFamily):
             raise ValueError(f"patch_size {s.patch_size} invalid for image size {s.image_size}")
 
 
-FAMILIES: dict[str, type[SampledFamily]] = {
-    f.name: f
-    for f in (
-        MLPFamily,
-        ConvFamily,
-        AEFamily,
-        VAEFamily,
-        ResNetFamily,
-        RNNFamily,
-        TransformerFamily,
-        ViTFamily,
-    )
-}
+# The eight families of this module, in App. C.3 order. The ninth, ``lopt`` (C.3.9), is in
+# :mod:`learnopt.tasks.families.lopt`; :mod:`learnopt.tasks.families.registry` lists all nine.
+FAMILY_CLASSES: tuple[type[SampledFamily], ...] = (
+    MLPFamily,
+    ConvFamily,
+    AEFamily,
+    VAEFamily,
+    ResNetFamily,
+    RNNFamily,
+    TransformerFamily,
+    ViTFamily,
+)
 # §C.5: families allowed below / at-or-above a maximum step time of 1e-4 s (LOpt: not here).
 SMALL_BUDGET_FAMILIES = ("mlp", "conv", "mlp_ae", "mlp_vae", "vit")
 LARGE_BUDGET_FAMILIES = (*SMALL_BUDGET_FAMILIES, "rnn_lm", "transformer_lm", "resnet")
-
-
-def make_family(name: str, **kwargs: Any) -> SampledFamily:
-    """``FAMILIES[name](**kwargs)`` with a clear error for unknown names."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; valid families: {', '.join(FAMILIES)}")
-    return FAMILIES[name](**kwargs)
-
-
-def make_families(**kwargs: Any) -> dict[str, SampledFamily]:
-    """All nine families with the same keyword arguments (size, data, substitutes)."""
-    return {name: cls(**kwargs) for name, cls in FAMILIES.items()}
 
 
 def family_of(config: FamilyConfig) -> str:
@@ -1426,7 +1404,3 @@ def family_of(config: FamilyConfig) -> str:
     if not isinstance(config, FamilyConfig) or not config.family:
         raise TypeError(f"not a sampled-family config: {type(config).__name__}")
     return config.family
-
-
-# The C.3.9 family builds on the classes above and adds itself to FAMILIES and CONFIG_TYPES.
-from learnopt.tasks.families import lopt as lopt_family  # noqa: E402, F401

@@ -1,11 +1,11 @@
 """Data for the sampled VeLO task families, with offline substitutes for the paper's data sets.
 
-Seed 001 App. C.3 samples image tasks uniformly over MNIST, Fashion-MNIST, CIFAR-10,
-CIFAR-100 and 16x16 ImageNet, and language tasks over LM1B and English Wikipedia, each as
-bytes or as a 32K-token vocabulary truncated to a sampled size. None of CIFAR-100, ImageNet,
-LM1B or Wikipedia can be installed on this machine (../shared/spec/data-and-cpu.md §1), and
-MNIST / CIFAR-10 only when the user supplies the files. A config therefore records both the
-paper's name (``paper_dataset``) and the registry data set actually used (``dataset``), and
+VeLO (Metz et al. 2022, VeLO, arXiv:2211.09760) App. C.3 samples image tasks uniformly over
+MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 and 16x16 ImageNet, and language tasks over LM1B and
+English Wikipedia, each as bytes or as a 32K-token vocabulary truncated to a sampled size. None
+of CIFAR-100, ImageNet, LM1B or Wikipedia can be installed offline (``learnopt data`` lists what
+is), and MNIST / CIFAR-10 only when the user supplies the files. A config therefore records both
+the paper's name (``paper_dataset``) and the registry data set actually used (``dataset``), and
 :data:`DATASET_SUBSTITUTES` is the default mapping:
 
 =====================  ============================  ==========================================

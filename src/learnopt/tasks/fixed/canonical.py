@@ -1,8 +1,9 @@
-"""Canonical fixed tasks in the spirit of VeLOdrome (seed 001 §4.1, App. F.2).
+"""Canonical fixed tasks in the spirit of VeLOdrome (Metz et al. 2022, VeLO, arXiv:2211.09760,
+§4.1, App. F.2).
 
 VeLOdrome is a set of hand-designed "canonical" tasks from the families
 ImageMLP, ImageMLPAE, Conv, ResNet, RNNLM, TransformerLM and ViT, each trained
-for 10K steps (../shared/spec/velo.md §4.1), plus LOpt tasks (meta-training a
+for 10K steps (§4.1), plus LOpt tasks (meta-training a
 learned optimizer, outside VeLOdrome-83), of which two are here. This module names one or a few
 tasks per family, sized so that 10K steps of Adam take minutes on 2 CPU cores,
 on the offline data of this project. Names follow VeLOdrome's pattern with
@@ -27,11 +28,11 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from learnopt.tasks.models import sampled as family_models
-from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import Task, clip_normalizer
 from learnopt.tasks.image import ImageClassificationTask, load_image_datasets
 from learnopt.tasks.language import LanguageModelTask, load_text_datasets
+from learnopt.tasks.models import sampled as family_models
+from learnopt.tasks.models import standard as models
 
 
 class WithChannel(nn.Module):
@@ -133,12 +134,12 @@ def _transformer(vocab, seq_len):
 
 def _lopt(name, architecture, num_steps):
     """Meta-training ``architecture`` (default sizes) for ``num_steps`` inner steps of the 8x8
-    Fashion-MNIST ReLU-32 MLP at batch 128, as one task (seed 001 C.3.9; VeLOdrome's
+    Fashion-MNIST ReLU-32 MLP at batch 128, as one task (VeLO App. C.3.9; VeLOdrome's
     ``LOpt_*`` tasks)."""
 
     def build() -> Task:
-        from learnopt.tasks.families import velo as F
         from learnopt.tasks.families import lopt as L
+        from learnopt.tasks.families import velo as F
 
         inner = F.MLPStatic(paper_dataset="fashion_mnist", dataset="fashion_mnist",
                             image_size=8, batch_size=128, hidden_size=32, num_layers=1)
@@ -159,6 +160,8 @@ def _lopt(name, architecture, num_steps):
     return build
 
 
+# name -> (one-line description, builder). Listed, with the other named tasks, by
+# :mod:`learnopt.tasks.fixed.registry` (``get_task``, ``canonical_names``).
 CANONICAL = {
     "ImageMLP_FashionMnist8_Relu32": (
         "8x8 Fashion-MNIST, MLP 32, ReLU, batch 128",
@@ -236,12 +239,3 @@ CANONICAL = {
     ),
 }
 
-
-def canonical_names() -> list[str]:
-    return list(CANONICAL)
-
-
-def build_canonical(name: str) -> Task:
-    if name not in CANONICAL:
-        raise ValueError(f"unknown canonical task {name!r}; valid: {', '.join(CANONICAL)}")
-    return CANONICAL[name][1]()

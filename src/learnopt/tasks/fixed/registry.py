@@ -2,8 +2,8 @@
 
 Each entry builds its task lazily (data are read only when the task is built).
 Sizes follow the papers where they name one: the 28x28 Fashion-MNIST MLP and
-the ConvNet are seed 004 App. B's; the 8x8 MLP is the small meta-training task
-this CPU can afford (../shared/spec/data-and-cpu.md §2).
+the ConvNet are those of Metz et al. 2022, "Practical tradeoffs", arXiv:2203.11860, App. B; the
+8x8 MLP is the small meta-training task a 2-core CPU can afford.
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from learnopt.tasks.models import standard as models
 from learnopt.tasks.base import Task
+from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.fixed.canonical import CANONICAL
 from learnopt.tasks.image import ImageClassificationTask, load_image_datasets
 from learnopt.tasks.language import LanguageModelTask, load_text_datasets
-from learnopt.tasks.families.quadratic import QuadraticConfig, QuadraticTask
+from learnopt.tasks.models import standard as models
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskEntry:
     name: str
-    description: str
+    description: str  # one line
     build: Callable[[], Task]
+    canonical: bool = False  # a VeLOdrome-style canonical task (:mod:`.canonical`)
 
 
 def _image_mlp(name: str, dataset: str, size: int, hidden: tuple[int, ...], batch: int = 128):
@@ -65,12 +67,12 @@ _ENTRIES = [
     ),
     TaskEntry(
         "fmnist_mlp_28x28",
-        "Fashion-MNIST at 28x28, MLP 784-128-128-10, batch 128 (seed 004 App. B.1)",
+        "Fashion-MNIST at 28x28, MLP 784-128-128-10, batch 128 (arXiv:2203.11860, App. B.1)",
         _image_mlp("fmnist_mlp_28x28", "fashion_mnist", 28, (128, 128)),
     ),
     TaskEntry(
         "fmnist_conv",
-        "Fashion-MNIST 28x28, ConvNet 32s2-64-64 + mean + linear, batch 128 (seed 004 App. B.2)",
+        "Fashion-MNIST 28x28, ConvNet 32s2-64-64, mean, linear, batch 128 (arXiv:2203.11860 B.2)",
         _image_conv("fmnist_conv", "fashion_mnist", None),
     ),
     TaskEntry(
@@ -102,10 +104,9 @@ _ENTRIES = [
 
 
 def _canonical_entries() -> list[TaskEntry]:
-    from learnopt.tasks.fixed.canonical import CANONICAL
-
     return [
-        TaskEntry(name, f"[canonical] {desc}", build) for name, (desc, build) in CANONICAL.items()
+        TaskEntry(name, f"[canonical] {desc}", build, canonical=True)
+        for name, (desc, build) in CANONICAL.items()
     ]
 
 
@@ -114,6 +115,11 @@ TASKS: dict[str, TaskEntry] = {e.name: e for e in [*_ENTRIES, *_canonical_entrie
 
 def list_tasks() -> list[TaskEntry]:
     return list(TASKS.values())
+
+
+def canonical_names() -> list[str]:
+    """The names of the canonical (VeLOdrome-style) tasks, in registry order."""
+    return [e.name for e in TASKS.values() if e.canonical]
 
 
 def param_counts(names: list[str] | None = None) -> dict[str, int]:

@@ -1,9 +1,10 @@
-"""Normalising flows for the TaskSet ``maf`` and ``nvp`` families (seed 000 App. I.2.9-I.2.10).
+"""Normalising flows for the TaskSet ``maf`` and ``nvp`` families.
 
-Seed 000 App. I.2.9 (masked autoregressive flows, Papamakarios et al. 2017) and I.2.10
-(real NVP, Dinh et al. 2017) model flattened images with a chain of 1 to 4 bijectors whose
-shift / log-scale networks share the sampled hidden sizes, activation and initializer. We
-follow the released code's TensorFlow Probability construction:
+Metz et al. 2020, "Tasks, stability, architecture, and compute", arXiv:2009.11243, App. I.2.9
+(masked autoregressive flows, Papamakarios et al. 2017) and I.2.10 (real NVP, Dinh et al. 2017)
+model flattened images with a chain of 1 to 4 bijectors whose shift / log-scale networks share
+the sampled hidden sizes, activation and initializer. We follow the released code's TensorFlow
+Probability construction:
 
 * **MAF** bijector (``tfb.MaskedAutoregressiveFlow`` with
   ``masked_autoregressive_default_template``): a MADE network (Germain et al. 2015) with

@@ -1,6 +1,6 @@
-"""Shared components and flax models of the sampled VeLO task families (seed 001 App. C.2-C.3).
+"""Shared components and flax models of the sampled VeLO task families.
 
-Shared components (seed 001 App. C.2):
+Metz et al. 2022, VeLO, arXiv:2211.09760. Shared components (App. C.2):
 
 * **Initializers** (C.2.1): one initializer is drawn for all weight tensors of a network:
   (0) orthogonal, (1) uniform on ``+-sqrt(3 / fan_in)``, (2) normal with standard deviation

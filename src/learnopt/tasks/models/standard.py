@@ -1,12 +1,14 @@
 """flax.linen models used by the fixed tasks.
 
-* ``MLP``: flatten, ReLU hidden layers, linear head (seed 004 App. B.1).
-* ``ConvNet``: the seed 004 App. B.2 network: three 3x3 SAME convolutions with
+* ``MLP``: flatten, ReLU hidden layers, linear head (Metz et al. 2022, "Practical tradeoffs",
+  arXiv:2203.11860, App. B.1).
+* ``ConvNet``: the App. B.2 network of the same paper: three 3x3 SAME convolutions with
   ReLU (32 channels stride 2, then 64 and 64 stride 1), a mean over the spatial
   dimensions, and a linear head. The convolutions are :class:`learnopt.tasks.models.conv.Conv`
   (``nn.Conv``'s parameters and outputs, fast gradients inside ``lax.scan`` on XLA:CPU).
 * ``CharLSTM``: an embedding, one LSTM layer and a linear head over the
-  vocabulary (the character language model of seed 000 App. I, fixed sizes).
+  vocabulary (the character language model of Metz et al. 2020, arXiv:2009.11243,
+  App. I.2.6, at fixed sizes).
 """
 
 from __future__ import annotations
