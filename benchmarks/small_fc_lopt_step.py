@@ -1,6 +1,6 @@
 """Step time and optimizer-state memory of small_fc_lopt relative to optax.adam.
 
-Seed 004 (Metz et al. 2022, "Practical tradeoffs ...") §4.1-4.3 and Fig. 3b measure the compute
+Metz et al. 2022 (Practical tradeoffs, arXiv:2203.11860) §4.1-4.3 and Fig. 3b measure the compute
 and memory overhead of learned optimizers; this is the same measurement on this project's
 machine for ``small_fc_lopt`` (both compute paths, ``learnopt.learned.adafac_mlp``), with
 ``fc_lopt`` and SGD alongside, all as ratios to Adam measured in the same run.

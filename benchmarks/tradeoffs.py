@@ -1,12 +1,14 @@
-"""Seed 004's memory/compute tradeoff study on this machine (§4.1-4.3, Fig. 1 and Fig. 4).
+"""The memory/compute tradeoff study of Metz et al. 2022, "Practical tradeoffs between memory,
+compute, and performance in learned optimizers" (arXiv:2203.11860, §4.1-4.3, Fig. 1 and 4),
+on this machine.
 
 For every hand-designed and learned optimizer: the time of one training step
 (value_and_grad + optimizer update + apply_updates) as a ratio to SGD and to
 Adam measured in the same run, and optimizer-state bytes per parameter, on the
 Fashion-MNIST MLP (28x28 input, two hidden layers of width ``w``) and the
-ConvNet of Metz et al. 2022 (Practical tradeoffs, arXiv:2203.11860) (channels ``(w, 2w, 2w)``, 28x28x1 input), across batch
-sizes and widths (Fig. 4). Data are random arrays of the task's shapes: the
-step cost does not depend on the values.
+ConvNet of Metz et al. 2022 (Practical tradeoffs, arXiv:2203.11860; channels
+``(w, 2w, 2w)``, 28x28x1 input), across batch sizes and widths (Fig. 4). Data are random
+arrays of the task's shapes: the step cost does not depend on the values.
 
 Timing: each optimizer's step runs ``--steps`` times inside one jitted
 ``lax.scan``; after compiling and warming up, the optimizers of one
@@ -58,7 +60,8 @@ def build_optimizer(name: str, num_steps: int):
 
 def make_problem(kind: str, width: int, batch: int):
     key = jax.random.PRNGKey(0)
-    if kind in ("mlp", "mlp1"):  # mlp1: one hidden layer (784-w-10), the timing MLP of arXiv:2203.11860 §4.1
+    # mlp1: one hidden layer (784-w-10), the timing MLP of arXiv:2203.11860 §4.1
+    if kind in ("mlp", "mlp1"):
         model = models.MLP((width, width) if kind == "mlp" else (width,), 10)
         x = jax.random.uniform(key, (batch, 28, 28))
     else:

@@ -107,7 +107,8 @@ def test_meta_train_takes_estimator_and_lopt_configs_and_resumes_the_saved_confi
                  '{"initial_momentum": 0.5}', "--std", "0.02"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["lopt_config"] == {"initial_lr": 0.01, "initial_momentum": 0.5}
-    assert saved["estimator"] == "pes" and saved["estimator_options"] == {"std": 0.02}
+    assert saved["estimator"] == "pes"
+    assert saved["estimator_options"] == {"std": 0.02, "num_pairs": 1}
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
         1,
         2,
@@ -115,7 +116,9 @@ def test_meta_train_takes_estimator_and_lopt_configs_and_resumes_the_saved_confi
     # A bare rerun with a longer budget continues the saved run, configs included.
     assert main(["meta-train", "--out", str(out), "--no-progress", "--outer-steps", "3"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert json.loads((out / "config.json").read_text())["estimator_options"] == {"std": 0.02}
+    assert json.loads((out / "config.json").read_text())["estimator_options"] == {
+        "std": 0.02, "num_pairs": 1
+    }
 
 
 @pytest.mark.parametrize(

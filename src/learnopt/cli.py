@@ -122,7 +122,8 @@ def _cmd_train(args) -> int:
 # MetaTrainConfig fields set by flags of the same name (dashes for underscores).
 _META_FLAGS = (
     "task", "lopt", "estimator", "num_tasks", "horizon", "trunc_length", "outer_lr",
-    "outer_steps", "max_seconds", "checkpoint_every", "seed", "meta_loss_split",
+    "outer_steps", "max_seconds", "checkpoint_every", "seed", "meta_loss_split", "task_slots",
+    "keep_theta_every",
 )
 
 
@@ -150,7 +151,7 @@ def _meta_config(args, run_dir: Path | None = None):
     from learnopt.meta.train import MetaTrainConfig
 
     if args.config is not None:
-        base = MetaTrainConfig.from_json(Path(args.config).read_text())
+        base = MetaTrainConfig.from_file(args.config)
     elif run_dir is not None and (run_dir / "config.json").exists():
         base = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
     else:
@@ -179,6 +180,37 @@ def _cmd_meta_train(args) -> int:
     MetaTrainer(_meta_config(args, out), out).run(progress=not args.no_progress)
     plot_meta_training(out)
     print(f"wrote {out}/theta.msgpack, {out}/metrics.jsonl, {out}/meta_loss.png")
+    return 0
+
+
+def _cmd_meta_eval(args) -> int:
+    from learnopt.io import atomic_write_json
+    from learnopt.learned.registry import learned_optimizer_from_config
+    from learnopt.meta.heldout import heldout_meta_loss
+    from learnopt.meta.report import plot_heldout
+    from learnopt.meta.train import MetaTrainConfig, run_thetas
+
+    run = Path(args.run)
+    if not (run / "config.json").exists():
+        raise FileNotFoundError(f"{run} is not a meta-training run (no config.json)")
+    for name in ("draws", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    config = MetaTrainConfig.from_json((run / "config.json").read_text())
+    lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
+    steps, thetas = zip(*run_thetas(run, lopt), strict=True)
+    print(f"{len(thetas)} thetas (outer steps {', '.join(map(str, steps))}) on {args.draws} "
+          f"held-out draws of the run's task distribution, {args.steps} steps each")
+    result = heldout_meta_loss(
+        config.mixture(), lopt, list(thetas), args.draws, args.steps,
+        progress=lambda i, name: print(f"  task {i + 1}/{args.draws}: {name}", flush=True),
+    )
+    out = {"run": str(run), "steps": list(steps), "num_steps": args.steps, **result.to_dict()}
+    atomic_write_json(run / "heldout.json", out)
+    plot_heldout(run / "heldout.png", steps, result, f"{config.lopt}: held-out meta-loss")
+    for step, value in zip(steps, result.mean, strict=True):
+        print(f"  outer step {step:>7}: {value:.4f}")
+    print(f"wrote {run}/heldout.json, {run}/heldout.png")
     return 0
 
 
@@ -289,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(fn=_cmd_train)
 
+    me = sub.add_parser("meta-eval", help="a run's held-out meta-loss: its thetas train fresh "
+                        "draws of its task distribution")
+    me.add_argument("--run", required=True, help="a meta-training run directory")
+    me.add_argument("--draws", type=int, default=8, help="held-out tasks drawn (8)")
+    me.add_argument("--steps", type=int, default=500, help="inner steps per task (500)")
+    me.set_defaults(fn=_cmd_meta_eval)
+
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable)")
     _add_meta_args(mt, outer_steps=100_000, max_seconds=None)
     mt.add_argument("--out", required=True, help="run directory (resumes if it has a checkpoint)")
@@ -306,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=_cmd_evaluate)
 
     tm = sub.add_parser("time-model", help="time sampled tasks on this machine and fit the "
-                        "step-time model of the budgeted sampler (Metz et al. 2022, VeLO, App. C.4)")
+                        "step-time model of the budgeted sampler (VeLO, App. C.4)")
     tm.add_argument("--families", nargs="*", default=None, help="default: all sampled families")
     tm.add_argument("--samples", type=int, default=5, help="sampled tasks timed per family")
     tm.add_argument("--size", default="cpu", choices=["cpu", "paper", "tiny"])
@@ -332,7 +371,8 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
     from learnopt.meta.estimators.registry import ESTIMATORS
 
     p.set_defaults(meta_defaults={"outer_steps": outer_steps, "max_seconds": max_seconds})
-    p.add_argument("--config", default=None, help="a MetaTrainConfig JSON file to start from")
+    p.add_argument("--config", default=None,
+                   help="a run file to start from: configs/*.toml or a run's config.json")
     p.add_argument("--task", help="a name from `learnopt tasks` (default fmnist_mlp_8x8)")
     p.add_argument("--lopt", help="a learned architecture from `learnopt optimizers` "
                    "(default small_fc_lopt)")
@@ -340,13 +380,17 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
     p.add_argument("--estimator", choices=list(ESTIMATORS), help="gradient estimator (pes)")
     p.add_argument("--estimator-options", help="its options as JSON, e.g. '{\"std\": 0.02}'")
     p.add_argument("--std", type=float, help="perturbation std of pes/truncated_es (0.01)")
-    p.add_argument("--num-tasks", type=int, help="inner tasks per estimate (8)")
+    p.add_argument("--num-tasks", type=int, help="inner runs per task (8)")
+    p.add_argument("--task-slots", type=int,
+                   help="different tasks per outer step, drawn from the config's [tasks] (1)")
     p.add_argument("--horizon", type=int, help="inner training length (2000)")
     p.add_argument("--trunc-length", type=int, help="truncation length (20)")
     p.add_argument("--outer-lr", type=float, help="outer Adam learning rate (3e-4)")
     p.add_argument("--outer-steps", type=int, help=f"outer steps ({outer_steps})")
     p.add_argument("--max-seconds", type=float, help=f"wall-time budget ({max_seconds})")
     p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints (100)")
+    p.add_argument("--keep-theta-every", type=int,
+                   help="keep a copy of theta every N outer steps under OUT/thetas/ (off)")
     p.add_argument("--seed", type=int, help="seed (0)")
     p.add_argument("--meta-loss-split", help="split of the meta-objective's loss (train)")
 

@@ -137,14 +137,14 @@ def test_config_round_trips_through_json_and_reads_an_older_file():
     )
     # Completed with the defaults on construction: every hyperparameter is recorded.
     assert config.lopt_config["hidden_size"] == 8 and config.lopt_config["hidden_layers"] == 2
-    assert config.estimator_options == {"std": 0.02}
+    assert config.estimator_options == {"std": 0.02, "num_pairs": 1}
     assert MetaTrainConfig.from_json(config.to_json()) == config
     assert json.loads(config.to_json())["lopt_config"]["initial_rms_decays"] == [0.999]
     # A config.json written before estimator options: PES's std was a top-level field.
     old = {k: v for k, v in json.loads(TINY.to_json()).items()
            if k not in ("lopt_config", "estimator_options")}
     migrated = MetaTrainConfig.from_json(json.dumps({**old, "std": 0.03}))
-    assert migrated.estimator_options == {"std": 0.03} and migrated.lopt_config == {
+    assert migrated.estimator_options == {"std": 0.03, "num_pairs": 1} and migrated.lopt_config == {
         "initial_lr": 0.01
     }
     tbptt = MetaTrainConfig.from_json(json.dumps({**old, "estimator": "tbptt", "std": 0.01}))

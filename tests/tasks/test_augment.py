@@ -1,4 +1,5 @@
-"""VeLO's task augmentations (Metz et al. 2022, VeLO, arXiv:2211.09760, App. C.5): each one's effect, checked by number."""
+"""VeLO's task augmentations (Metz et al. 2022, VeLO, arXiv:2211.09760, App. C.5): each
+one's effect, checked by number."""
 
 import json
 import math

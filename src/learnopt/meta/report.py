@@ -55,3 +55,22 @@ def write_main_report(out: Path, config, tables: list[Path]) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def plot_heldout(path: str | os.PathLike, steps, result, title: str) -> Path:
+    """``heldout.png``: held-out meta-loss per outer step, the mean and each task faintly."""
+    from learnopt.plotting import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result.per_task:
+        ax.plot(steps, row, color="0.6", lw=0.8, alpha=0.6)
+    ax.plot(steps, result.mean, color="C0", marker="o", lw=2,
+            label=f"mean over {len(result.tasks)} held-out tasks")
+    ax.set(xlabel="outer step", ylabel="mean normalised training loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

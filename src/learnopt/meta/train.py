@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,14 @@ from learnopt.io import (
     atomic_write_text,
     load_checkpoint,
     machine_info,
+    restore_state,
     save_checkpoint,
 )
 from learnopt.learned.registry import get_learned_optimizer
-from learnopt.meta.estimators.registry import build_estimator, estimator_options
+from learnopt.meta.estimators.registry import estimator_options
 from learnopt.meta.learner import Learner
-from learnopt.meta.unroll import TruncatedUnroll
+from learnopt.meta.multitask import MultiTaskEstimator
+from learnopt.meta.sources import TaskMixture, TaskSource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +76,33 @@ class MetaTrainConfig:
     seed: int = 0
     # or "outer_valid" (Metz et al. 2020, arXiv:2009.11243, App. C)
     meta_loss_split: str = "train"
+    random_offset: bool = True
+    # The task distribution: a TaskMixture as a dict (``meta.sources``); None trains ``task``.
+    tasks: Mapping[str, Any] | None = None
+    task_slots: int = 1
+    normalize_task_grads: bool = True
+    task_lifetime: int | None = None
+    # Keep a copy of theta every this many outer steps under thetas/ (None: only the latest).
+    keep_theta_every: int | None = None
 
     def __post_init__(self):
         lopt = get_learned_optimizer(self.lopt, self.lopt_config)
         object.__setattr__(self, "lopt_config", lopt.config())
         options = estimator_options(self.estimator, self.estimator_options)
         object.__setattr__(self, "estimator_options", options)
+        object.__setattr__(self, "tasks", self.mixture().to_dict())
+        for name in ("num_tasks", "horizon", "trunc_length", "task_slots", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.task_lifetime is not None and self.task_lifetime < 1:
+            raise ValueError(f"task_lifetime must be >= 1 or None, got {self.task_lifetime}")
+
+    def mixture(self) -> TaskMixture:
+        """The run's task distribution (one named task when ``tasks`` is None)."""
+        if self.tasks is None:
+            return TaskMixture.single(self.task)
+        return TaskMixture.from_dict(self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,30 +133,71 @@ class MetaTrainConfig:
     def from_json(cls, text: str) -> MetaTrainConfig:
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> MetaTrainConfig:
+        """A config from a TOML run file (``configs/*.toml``) or a ``config.json``.
+
+        TOML files hold the fields at the top level and the task distribution as a ``[tasks]``
+        table (``augment``, ``[[tasks.entries]]``, ``[tasks.time_budget]``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file {path}")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from e
+            return cls.from_dict(data)
+        return cls.from_json(text)
+
 
 # Fields that say how long to run, not what is run: a resumed run may change them.
-BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every")
+BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every", "keep_theta_every")
 
 
-def build_unroll(config: MetaTrainConfig, task, lopt) -> TruncatedUnroll:
-    """The truncated unroll of ``config`` over ``task`` and ``lopt`` (random offsets)."""
-    return TruncatedUnroll(
-        task,
+def build_estimator_over_tasks(config: MetaTrainConfig, lopt) -> MultiTaskEstimator:
+    """The multi-task estimator of ``config``: its task mixture, slots and estimator."""
+    return MultiTaskEstimator(
+        TaskSource(config.mixture(), config.seed),
         lopt,
+        num_slots=config.task_slots,
         num_tasks=config.num_tasks,
         horizon=config.horizon,
         trunc_length=config.trunc_length,
-        random_offset=True,
+        estimator=config.estimator,
+        estimator_options=dict(config.estimator_options),
+        random_offset=config.random_offset,
         meta_loss_split=config.meta_loss_split,
+        normalize=config.normalize_task_grads,
+        lifetime=config.task_lifetime,
     )
+
+
+def initial_keys(config: MetaTrainConfig) -> tuple[jax.Array, jax.Array]:
+    """The keys of a run's initial theta and initial estimator state."""
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % 2**31)))
+
+
+def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
+    """``(outer step, theta)`` of a run: its initial theta, the copies kept under ``thetas/``
+    and the latest, in order of step."""
+    run_dir = Path(run_dir)
+    config = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
+    template = lopt.init(initial_keys(config)[0])
+    found = {0: template}
+    for path in sorted((run_dir / "thetas").glob("theta_*.msgpack")):
+        found[int(path.stem.split("_")[1])] = load_checkpoint(path, template).state
+    latest = run_dir / "checkpoint.msgpack"
+    if latest.exists():
+        found[int(load_checkpoint(latest).state["step"])] = load_theta(run_dir, lopt)
+    return sorted(found.items())
 
 
 class MetaTrainer:
     """Owns one run directory; ``run()`` meta-trains, resuming if a checkpoint exists."""
 
-    def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike, task=None, lopt=None):
-        from learnopt.tasks.fixed.registry import get_task
-
+    def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike, lopt=None):
         self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -150,19 +215,16 @@ class MetaTrainer:
         else:
             atomic_write_text(cfg_path, config.to_json())
             atomic_write_json(self.out / "machine.json", machine_info())
-        self.task = task if task is not None else get_task(config.task)
         if lopt is None:
             lopt = get_learned_optimizer(config.lopt, config.lopt_config)
         self.lopt = lopt
-        self.estimator = build_estimator(
-            config.estimator, build_unroll(config, self.task, self.lopt), config.estimator_options
-        )
+        self.estimator = build_estimator_over_tasks(config, self.lopt)
         self.learner = Learner(config.outer_lr, config.clip)
         self.key = jax.random.PRNGKey(config.seed)
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> dict[str, Any]:
-        theta_key, est_key = jax.random.split(jax.random.fold_in(self.key, -1 % 2**31))
+        theta_key, est_key = initial_keys(self.config)
         theta = self.lopt.init(theta_key)
         return {
             "learner": self.learner.init(theta),
@@ -176,6 +238,12 @@ class MetaTrainer:
         save_checkpoint(self.out / "checkpoint.msgpack", state, config)
         save_checkpoint(self.out / "theta.msgpack", state["learner"].theta, config)
 
+    def save_theta_copy(self, state: dict[str, Any]) -> Path:
+        """``thetas/theta_<step>.msgpack``: theta at this outer step, kept for evaluation."""
+        path = self.out / "thetas" / f"theta_{int(state['step']):07d}.msgpack"
+        path.parent.mkdir(exist_ok=True)
+        return save_checkpoint(path, state["learner"].theta, self.config.to_dict())
+
     def restore(self) -> dict[str, Any] | None:
         """The state of ``checkpoint.msgpack``, or None if there is none.
 
@@ -185,14 +253,21 @@ class MetaTrainer:
         path = self.out / "checkpoint.msgpack"
         if not path.exists():
             return None
-        ckpt = load_checkpoint(path, self.init_state())
+        ckpt = load_checkpoint(path)
         if ckpt.config is not None:
             saved = MetaTrainConfig.from_dict(ckpt.config)
             budget = {k: getattr(self.config, k) for k in BUDGET_FIELDS}
             if dataclasses.replace(saved, **budget) != self.config:
                 raise ValueError(f"{path} was written under a different config than "
                                  f"{self.out / 'config.json'}")
-        return ckpt.state
+        fresh = self.init_state()
+        template = {
+            **fresh,
+            "estimator": self.estimator.state_template(
+                fresh["learner"].theta, ckpt.state["estimator"]
+            ),
+        }
+        return restore_state(template, ckpt.state, str(path))
 
     # -- loop ----------------------------------------------------------------------------
     def _trim_metrics(self, step: int) -> None:
@@ -258,6 +333,8 @@ class MetaTrainer:
                     refresh=False,
                 )
                 bar.update(1)
+                if cfg.keep_theta_every and state["step"] % cfg.keep_theta_every == 0:
+                    self.save_theta_copy(state)
                 if state["step"] % cfg.checkpoint_every == 0:
                     log.flush()
                     self.save(state)

@@ -19,6 +19,7 @@ the mean normalised training loss over inner training (``meta.unroll.meta_loss``
 from __future__ import annotations
 
 import abc
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +67,27 @@ def sample_perturbations(theta: MetaParams, key: jax.Array, std: float, num: int
         for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, eps)
+
+
+def pair_perturbations(
+    theta: MetaParams, key: jax.Array, std: float, num_pairs: int, num_runs: int
+) -> MetaParams:
+    """Perturbations for ``num_pairs`` antithetic pairs on each of ``num_runs`` inner runs.
+
+    Every leaf gets leading ``[num_pairs, num_runs]`` axes. The values are those of
+    :func:`sample_perturbations` with ``num = num_pairs * num_runs``, so one pair per run
+    (``num_pairs=1``) draws exactly what ``sample_perturbations(theta, key, std, num_runs)`` does.
+    """
+    eps = sample_perturbations(theta, key, std, num_pairs * num_runs)
+    return jax.tree_util.tree_map(lambda e: e.reshape(num_pairs, num_runs, *e.shape[1:]), eps)
+
+
+def check_es_options(std: float, num_pairs: int) -> None:
+    """Clear errors for a bad perturbation ``std`` or number of antithetic pairs."""
+    if isinstance(std, bool) or not isinstance(std, numbers.Real) or not std > 0:
+        raise ValueError(f"std must be > 0, got {std!r}")
+    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
 
 
 def batched_theta(theta: MetaParams, delta: MetaParams, sign: float = 1.0) -> MetaParams:

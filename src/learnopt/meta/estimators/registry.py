@@ -6,8 +6,12 @@ an estimator was built with, so ``{"name": ..., "config": ...}`` (from
 :func:`estimator_config`) rebuilds it through :func:`build_estimator`::
 
     est = build_estimator("pes", unroll, {"std": 0.02})
-    spec = estimator_config(est)            # {"name": "pes", "config": {"std": 0.02}}
+    spec = estimator_config(est)  # {"name": "pes", "config": {"std": 0.02, "num_pairs": 1}}
     same = build_estimator(spec["name"], unroll, spec["config"])
+
+The ES estimators take ``std`` (perturbation standard deviation) and ``num_pairs`` (antithetic
+pairs per inner run of the unroll; docs/derivations.md §1.3); ``full_es`` also ``objective``
+(``"mean"`` or ``"final"``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from learnopt.meta.estimators.base import GradientEstimator
+from learnopt.meta.estimators.full_es import FullES
 from learnopt.meta.estimators.pes import PES
 from learnopt.meta.estimators.tbptt import TruncatedBPTT
 from learnopt.meta.unroll import TruncatedUnroll
@@ -29,23 +34,30 @@ class EstimatorEntry(NamedTuple):
     defaults: Mapping[str, Any]
 
 
-def _truncated_es(unroll: TruncatedUnroll, std: float = 0.01, jit: bool = True) -> PES:
-    return PES(unroll, std=std, accumulate=False, jit=jit)
+def _truncated_es(
+    unroll: TruncatedUnroll, std: float = 0.01, num_pairs: int = 1, jit: bool = True
+) -> PES:
+    return PES(unroll, std=std, num_pairs=num_pairs, accumulate=False, jit=jit)
 
 
 ESTIMATORS: dict[str, EstimatorEntry] = {
     "pes": EstimatorEntry(
         PES,
         "Persistent Evolution Strategies, antithetic (Vicol et al. 2021, arXiv:2112.13835)",
-        {"std": 0.01},
+        {"std": 0.01, "num_pairs": 1},
     ),
     "truncated_es": EstimatorEntry(
         _truncated_es,
         "antithetic ES over one truncation, no PES accumulator (biased to short horizons)",
-        {"std": 0.01},
+        {"std": 0.01, "num_pairs": 1},
     ),
     "tbptt": EstimatorEntry(
         TruncatedBPTT, "truncated backpropagation through time over one truncation", {}
+    ),
+    "full_es": EstimatorEntry(
+        FullES,
+        "antithetic ES over whole inner runs, mean or final loss (VeLO, arXiv:2211.09760)",
+        {"std": 0.01, "num_pairs": 1, "objective": "mean"},
     ),
 }
 

@@ -42,6 +42,7 @@ from learnopt.tasks.base import (
     SequenceSplit,
     Task,
 )
+from learnopt.trees import tree_dot, tree_norm
 
 Params = Any
 Batch = Any
@@ -57,18 +58,6 @@ _REPARAM_TAG = 0x5CA
 
 
 # -- tree helpers -----------------------------------------------------------------------------
-
-
-def _tree_dot(a: Params, b: Params) -> jax.Array:
-    parts = [
-        jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    ]
-    return sum(parts, jnp.zeros((), jnp.float32))
-
-
-def _tree_norm(tree: Params) -> jax.Array:
-    return jnp.sqrt(_tree_dot(tree, tree))
 
 
 def _safe_inverse(norm: jax.Array) -> jax.Array:
@@ -445,9 +434,9 @@ def normalize_gradient(task: Task, mode: str = "global") -> GradientModifiedTask
     def fn(grads, key):
         del key
         if mode == "global":
-            inv = _safe_inverse(_tree_norm(grads))
+            inv = _safe_inverse(tree_norm(grads))
             return jax.tree_util.tree_map(lambda g: g * inv, grads)
-        return jax.tree_util.tree_map(lambda g: g * _safe_inverse(_tree_norm(g)), grads)
+        return jax.tree_util.tree_map(lambda g: g * _safe_inverse(tree_norm(g)), grads)
 
     return modify_gradient(task, fn, f"normgrad_{mode}")
 
@@ -486,8 +475,8 @@ def directional_gradient(task: Task, num_directions: int, sign: bool = False) ->
 
         def body(i, acc):
             u = normal_tree(keys[i], grads)
-            inv = _safe_inverse(_tree_norm(u))
-            amount = _tree_dot(grads, u) * inv
+            inv = _safe_inverse(tree_norm(u))
+            amount = tree_dot(grads, u) * inv
             if sign:
                 amount = jnp.sign(amount)
             coef = amount * inv / num_directions

@@ -1,0 +1,217 @@
+"""Meta-gradients from several different tasks in one outer step.
+
+Each outer step averages the meta-gradients of ``num_slots`` task slots. A slot holds one
+task drawn from a :class:`~learnopt.meta.sources.TaskSource` and a gradient estimator over
+``num_tasks`` vectorised inner runs of that task (:class:`~learnopt.meta.unroll.TruncatedUnroll`),
+with its own truncation state (inner runs, PES accumulators). After ``lifetime`` outer steps a
+slot is replaced by the next draw, with fresh inner runs; slots start at staggered ages so that
+replacements (and the compiles they bring) are spread over outer steps. A source that can only
+ever draw the same task (one named task, no augmentation) never replaces its slots.
+
+Each slot's meta-gradient is scaled to unit length before the average when ``normalize`` is
+on and there is more than one slot (Metz et al. 2022, VeLO, arXiv:2211.09760, §3.3, App. D.4:
+tasks whose losses and gradients differ in scale by orders of magnitude then count equally).
+A slot whose meta-gradient is not finite is left out of the average and counted.
+
+Estimators are built through the estimator registry and compiled on first use; they are kept
+in a bounded least-recently-used cache keyed by what was drawn (entry, config, augmentation),
+so a task drawn again reuses its compiled program. Cache hits, misses and the seconds of
+first calls (compile plus one estimate) are reported in the metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from learnopt.learned.base import LearnedOptimizer, MetaParams
+from learnopt.meta.estimators.base import Estimate, GradientEstimator
+from learnopt.meta.estimators.registry import build_estimator
+from learnopt.meta.sources import TaskDraw, TaskSource
+from learnopt.meta.unroll import TruncatedUnroll
+from learnopt.trees import tree_all_finite, tree_norm
+
+
+def scale(tree: Any, factor: jax.Array) -> Any:
+    return jax.tree_util.tree_map(lambda x: x * factor, tree)
+
+
+def combine(grads: list[Any], normalize: bool) -> tuple[Any, int]:
+    """The mean of the finite gradients of ``grads`` (each scaled to unit length first when
+    ``normalize``), and how many were left out as non-finite. All non-finite: NaNs."""
+    finite = [g for g in grads if bool(tree_all_finite(g))]
+    if not finite:
+        return jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), grads[0]), len(grads)
+    if normalize:
+        finite = [scale(g, 1.0 / jnp.maximum(tree_norm(g), 1e-30)) for g in finite]
+    mean = jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *finite)
+    return mean, len(grads) - len(finite)
+
+
+class MultiTaskEstimator:
+    """Meta-gradient estimates over ``num_slots`` tasks drawn from ``source`` (module docstring).
+
+    The state is a plain dict: ``next_draw`` (the index of the next draw), and per slot its
+    ``draw`` index, ``age`` in outer steps and estimator ``state``. It is checkpointed like any
+    pytree; :meth:`restore` rebuilds the slots' tasks from their draw indices.
+    """
+
+    def __init__(
+        self,
+        source: TaskSource,
+        lopt: LearnedOptimizer,
+        *,
+        num_slots: int = 1,
+        num_tasks: int = 8,
+        horizon: int = 2000,
+        trunc_length: int = 20,
+        estimator: str = "pes",
+        estimator_options: dict[str, Any] | None = None,
+        random_offset: bool = True,
+        meta_loss_split: str = "train",
+        normalize: bool = True,
+        lifetime: int | None = None,
+        cache_size: int = 16,
+    ):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if cache_size < num_slots:
+            raise ValueError(f"cache_size ({cache_size}) must be >= num_slots ({num_slots})")
+        self.source = source
+        self.lopt = lopt
+        self.num_slots = num_slots
+        self.num_tasks = num_tasks
+        self.horizon = horizon
+        self.trunc_length = trunc_length
+        self.estimator_name = estimator
+        self.estimator_options = dict(estimator_options or {})
+        self.random_offset = random_offset
+        self.meta_loss_split = meta_loss_split
+        self.normalize = normalize
+        self.lifetime = lifetime or max(1, math.ceil(horizon / trunc_length))
+        if self.lifetime < 1:
+            raise ValueError(f"lifetime must be >= 1, got {lifetime}")
+        mixture = source.mixture
+        self.replaces = not (
+            len(mixture.entries) == 1 and mixture.entries[0].task is not None
+            and not mixture.augment
+        )
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, GradientEstimator] = collections.OrderedDict()
+        self._draws: dict[int, TaskDraw] = {}
+        self._called: set[str] = set()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.compile_seconds = 0.0
+
+    # -- slots -------------------------------------------------------------------------
+    def draw(self, index: int) -> TaskDraw:
+        if index not in self._draws:
+            self._draws = {i: d for i, d in self._draws.items() if i > index - 4 * self.num_slots}
+            self._draws[index] = self.source.draw(index)
+        return self._draws[index]
+
+    def estimator_for(self, draw: TaskDraw) -> GradientEstimator:
+        """The (cached) estimator of a draw's task."""
+        key = draw.cache_key
+        if key in self._cache:
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.cache_misses += 1
+        unroll = TruncatedUnroll(
+            draw.task,
+            self.lopt,
+            num_tasks=self.num_tasks,
+            horizon=self.horizon,
+            trunc_length=self.trunc_length,
+            random_offset=self.random_offset,
+            meta_loss_split=self.meta_loss_split,
+        )
+        est = build_estimator(self.estimator_name, unroll, self.estimator_options)
+        self._cache[key] = est
+        while len(self._cache) > self.cache_size:
+            evicted, _ = self._cache.popitem(last=False)
+            self._called.discard(evicted)
+        return est
+
+    def _slot_key(self, key: jax.Array, draw_index: int) -> jax.Array:
+        return jax.random.fold_in(key, draw_index)
+
+    def init_state(self, theta: MetaParams, key: jax.Array) -> dict[str, Any]:
+        slots = []
+        for k in range(self.num_slots):
+            est = self.estimator_for(self.draw(k))
+            slots.append({
+                "draw": k,
+                # staggered ages spread the replacements over the first lifetime
+                "age": (k * self.lifetime) // self.num_slots,
+                "state": est.init_state(theta, self._slot_key(key, k)),
+            })
+        return {"next_draw": self.num_slots, "slots": slots}
+
+    def state_template(self, theta: MetaParams, saved: dict[str, Any]) -> dict[str, Any]:
+        """A state with the structure of ``saved`` (a raw state dict from a checkpoint), to
+        restore it onto: its slots' tasks are rebuilt from their draw indices."""
+        slots_raw = saved["slots"]
+        slots_raw = [slots_raw[str(i)] if isinstance(slots_raw, dict) else slots_raw[i]
+                     for i in range(len(slots_raw))]
+        slots = []
+        for raw in slots_raw:
+            index = int(raw["draw"])
+            est = self.estimator_for(self.draw(index))
+            slots.append({"draw": index, "age": 0,
+                          "state": est.init_state(theta, jax.random.PRNGKey(0))})
+        return {"next_draw": 0, "slots": slots}
+
+    # -- one outer step --------------------------------------------------------------
+    def estimate(self, theta: MetaParams, state: dict[str, Any], key: jax.Array) -> Estimate:
+        grads, losses, slots = [], [], []
+        sums: dict[str, float] = {}  # the slots' own estimator metrics, averaged
+        next_draw = int(state["next_draw"])
+        replaced = 0
+        for slot in state["slots"]:
+            index, age, est_state = int(slot["draw"]), int(slot["age"]), slot["state"]
+            if self.replaces and age >= self.lifetime:
+                index, age, next_draw = next_draw, 0, next_draw + 1
+                replaced += 1
+                est = self.estimator_for(self.draw(index))
+                est_state = est.init_state(theta, self._slot_key(key, index))
+            else:
+                est = self.estimator_for(self.draw(index))
+            start = time.perf_counter()
+            meta_loss, grad, est_state, slot_metrics = est.estimate(
+                theta, est_state, self._slot_key(key, index)
+            )
+            for name, value in slot_metrics.items():
+                if jnp.ndim(value) == 0:
+                    sums[name] = sums.get(name, 0.0) + float(value) / self.num_slots
+            meta_loss = float(meta_loss)  # waits for the computation
+            cache_key = self.draw(index).cache_key
+            if cache_key not in self._called:
+                self._called.add(cache_key)
+                self.compile_seconds += time.perf_counter() - start
+            grads.append(grad)
+            losses.append(meta_loss)
+            slots.append({"draw": index, "age": age + 1, "state": est_state})
+        grad, dropped = combine(grads, self.normalize and self.num_slots > 1)
+        finite = [x for x in losses if math.isfinite(x)]
+        metrics = {
+            **sums,
+            "tasks_nonfinite": float(dropped),
+            "tasks_replaced": float(replaced),
+            "draws": float(next_draw),
+            "cache_hits": float(self.cache_hits),
+            "cache_misses": float(self.cache_misses),
+            "compile_seconds": round(self.compile_seconds, 3),
+        }
+        for i, x in enumerate(losses):
+            metrics[f"meta_loss_slot{i}"] = x
+        meta_loss = sum(finite) / len(finite) if finite else math.nan
+        return Estimate(jnp.asarray(meta_loss), grad, {"next_draw": next_draw, "slots": slots},
+                        metrics)
