@@ -8,3 +8,10 @@ in docs/architecture.md of the repository.
 """
 
 __version__ = "0.1.0"
+
+# Before jax creates its CPU client: jaxlib 0.10.0-0.11.0 can deadlock in batched LAPACK calls
+# (docs/hangs.md); on those versions this sets PJRT_NPROC=1 unless the user set it, NPROC or
+# LEARNOPT_XLA_WORKAROUND=0. XLA_WORKAROUND says what was done (None: nothing).
+from learnopt.watchdog import apply_xla_workaround as _apply_xla_workaround  # noqa: E402
+
+XLA_WORKAROUND = _apply_xla_workaround()

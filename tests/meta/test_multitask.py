@@ -171,3 +171,28 @@ def test_a_multitask_run_resumes_to_the_same_theta_and_evaluates_held_out(tmp_pa
     assert (tmp_path / "full" / "heldout.png").stat().st_size > 0
     assert main(["meta-eval", "--run", str(tmp_path), "--draws", "1"]) == 2
     assert "not a meta-training run" in capsys.readouterr().err
+
+
+def test_schedules_set_each_drawn_tasks_horizon_and_truncation():
+    from learnopt.meta.schedules import LinearCurriculum, UniformLength
+
+    tasks = [Quadratic(1.0), Quadratic(2.0)]
+    engine = MultiTaskEstimator(
+        ListSource(tasks), LOPT, num_slots=1, num_tasks=2, estimator="tbptt",
+        horizon_schedule=LinearCurriculum(4, 12, 4), trunc_schedule=UniformLength(2, 3),
+    )
+    state = engine.init_state(THETA, jax.random.PRNGKey(0))
+    seen = []
+    for step in range(12):  # the slot each outer step used
+        state = engine.estimate(THETA, state, jax.random.PRNGKey(step)).state
+        slot = state["slots"][0]
+        seen.append((int(slot["draw"]), int(slot["horizon"]), int(slot["trunc"])))
+    starts = {}
+    for draw, horizon, trunc in seen:
+        starts.setdefault(draw, (horizon, trunc))
+    assert starts[0][0] == 4  # drawn at outer step 0: the curriculum's start
+    assert [h for h, _ in starts.values()] == sorted(h for h, _ in starts.values())
+    assert max(h for h, _ in starts.values()) > 4
+    assert all(t in (2, 3) for _, t in starts.values())
+    for draw, (horizon, trunc) in list(starts.items())[:-1]:  # each lives ceil(horizon / trunc)
+        assert sum(d == draw for d, _, _ in seen) == -(-horizon // trunc)

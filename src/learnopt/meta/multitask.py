@@ -56,9 +56,15 @@ def combine(grads: list[Any], normalize: bool) -> tuple[Any, int]:
 class MultiTaskEstimator:
     """Meta-gradient estimates over ``num_slots`` tasks drawn from ``source`` (module docstring).
 
-    The state is a plain dict: ``next_draw`` (the index of the next draw), and per slot its
-    ``draw`` index, ``age`` in outer steps and estimator ``state``. It is checkpointed like any
-    pytree; :meth:`restore` rebuilds the slots' tasks from their draw indices.
+    ``horizon_schedule`` and ``trunc_schedule`` (:mod:`learnopt.meta.schedules`) set the inner
+    horizon and the truncation length of a slot when it is drawn, from the outer step (a
+    curriculum) and a per-draw key (a sampled length); all inner runs of a slot share them,
+    and a slot lives ``ceil(horizon / trunc_length)`` outer steps unless ``lifetime`` is given.
+
+    The state is a plain dict: ``step`` (outer steps taken), ``next_draw`` (the index of the
+    next draw), and per slot its ``draw`` index, ``age`` in outer steps, ``horizon``,
+    ``trunc`` and estimator ``state``. It is checkpointed like any pytree;
+    :meth:`state_template` rebuilds the slots' tasks from their draw indices to restore it.
     """
 
     def __init__(
@@ -77,11 +83,15 @@ class MultiTaskEstimator:
         normalize: bool = True,
         lifetime: int | None = None,
         cache_size: int = 16,
+        horizon_schedule: Any = None,
+        trunc_schedule: Any = None,
     ):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if cache_size < num_slots:
             raise ValueError(f"cache_size ({cache_size}) must be >= num_slots ({num_slots})")
+        if lifetime is not None and lifetime < 1:
+            raise ValueError(f"lifetime must be >= 1, got {lifetime}")
         self.source = source
         self.lopt = lopt
         self.num_slots = num_slots
@@ -93,13 +103,13 @@ class MultiTaskEstimator:
         self.random_offset = random_offset
         self.meta_loss_split = meta_loss_split
         self.normalize = normalize
-        self.lifetime = lifetime or max(1, math.ceil(horizon / trunc_length))
-        if self.lifetime < 1:
-            raise ValueError(f"lifetime must be >= 1, got {lifetime}")
+        self.lifetime = lifetime
+        self.horizon_schedule = horizon_schedule
+        self.trunc_schedule = trunc_schedule
         mixture = source.mixture
         self.replaces = not (
             len(mixture.entries) == 1 and mixture.entries[0].task is not None
-            and not mixture.augment
+            and not mixture.augment and horizon_schedule is None and trunc_schedule is None
         )
         self.cache_size = cache_size
         self._cache: collections.OrderedDict[str, GradientEstimator] = collections.OrderedDict()
@@ -116,9 +126,26 @@ class MultiTaskEstimator:
             self._draws[index] = self.source.draw(index)
         return self._draws[index]
 
-    def estimator_for(self, draw: TaskDraw) -> GradientEstimator:
-        """The (cached) estimator of a draw's task."""
-        key = draw.cache_key
+    def lengths(self, outer_step: int, index: int) -> tuple[int, int]:
+        """``(horizon, trunc_length)`` of draw ``index`` made at ``outer_step``."""
+        key = jax.random.fold_in(jax.random.PRNGKey(0x5CED), index)
+        horizon = self.horizon
+        if self.horizon_schedule is not None:
+            horizon = int(self.horizon_schedule(outer_step, key))
+        trunc = self.trunc_length
+        if self.trunc_schedule is not None:
+            trunc = int(self.trunc_schedule(outer_step, jax.random.fold_in(key, 1)))
+        return horizon, min(trunc, horizon)
+
+    def slot_lifetime(self, slot: dict[str, Any]) -> int:
+        if self.lifetime is not None:
+            return self.lifetime
+        return max(1, math.ceil(int(slot["horizon"]) / int(slot["trunc"])))
+
+    def estimator_for(self, index: int, horizon: int, trunc: int) -> GradientEstimator:
+        """The (cached) estimator of draw ``index`` at these lengths."""
+        draw = self.draw(index)
+        key = f"{draw.cache_key}|horizon={horizon}|trunc={trunc}"
         if key in self._cache:
             self.cache_hits += 1
             self._cache.move_to_end(key)
@@ -128,77 +155,75 @@ class MultiTaskEstimator:
             draw.task,
             self.lopt,
             num_tasks=self.num_tasks,
-            horizon=self.horizon,
-            trunc_length=self.trunc_length,
+            horizon=horizon,
+            trunc_length=trunc,
             random_offset=self.random_offset,
             meta_loss_split=self.meta_loss_split,
         )
         est = build_estimator(self.estimator_name, unroll, self.estimator_options)
+        est.cache_key = key
         self._cache[key] = est
         while len(self._cache) > self.cache_size:
             evicted, _ = self._cache.popitem(last=False)
             self._called.discard(evicted)
         return est
 
-    def _slot_key(self, key: jax.Array, draw_index: int) -> jax.Array:
-        return jax.random.fold_in(key, draw_index)
+    def _new_slot(self, theta: MetaParams, key: jax.Array, index: int, step: int, age: int):
+        horizon, trunc = self.lengths(step, index)
+        est = self.estimator_for(index, horizon, trunc)
+        state = est.init_state(theta, jax.random.fold_in(key, index))
+        return {"draw": index, "age": age, "horizon": horizon, "trunc": trunc, "state": state}
 
     def init_state(self, theta: MetaParams, key: jax.Array) -> dict[str, Any]:
-        slots = []
-        for k in range(self.num_slots):
-            est = self.estimator_for(self.draw(k))
-            slots.append({
-                "draw": k,
-                # staggered ages spread the replacements over the first lifetime
-                "age": (k * self.lifetime) // self.num_slots,
-                "state": est.init_state(theta, self._slot_key(key, k)),
-            })
-        return {"next_draw": self.num_slots, "slots": slots}
+        slots = [self._new_slot(theta, key, k, 0, 0) for k in range(self.num_slots)]
+        for k, slot in enumerate(slots):  # staggered ages spread the replacements out
+            slot["age"] = (k * self.slot_lifetime(slot)) // self.num_slots
+        return {"step": 0, "next_draw": self.num_slots, "slots": slots}
 
     def state_template(self, theta: MetaParams, saved: dict[str, Any]) -> dict[str, Any]:
         """A state with the structure of ``saved`` (a raw state dict from a checkpoint), to
         restore it onto: its slots' tasks are rebuilt from their draw indices."""
-        slots_raw = saved["slots"]
-        slots_raw = [slots_raw[str(i)] if isinstance(slots_raw, dict) else slots_raw[i]
-                     for i in range(len(slots_raw))]
+        raw_slots = saved["slots"]
+        if isinstance(raw_slots, dict):
+            raw_slots = [raw_slots[str(i)] for i in range(len(raw_slots))]
         slots = []
-        for raw in slots_raw:
-            index = int(raw["draw"])
-            est = self.estimator_for(self.draw(index))
-            slots.append({"draw": index, "age": 0,
-                          "state": est.init_state(theta, jax.random.PRNGKey(0))})
-        return {"next_draw": 0, "slots": slots}
+        for raw in raw_slots:
+            index, horizon, trunc = int(raw["draw"]), int(raw["horizon"]), int(raw["trunc"])
+            est = self.estimator_for(index, horizon, trunc)
+            state = est.init_state(theta, jax.random.PRNGKey(0))
+            slots.append({"draw": index, "age": 0, "horizon": horizon, "trunc": trunc,
+                          "state": state})
+        return {"step": 0, "next_draw": 0, "slots": slots}
 
     # -- one outer step --------------------------------------------------------------
     def estimate(self, theta: MetaParams, state: dict[str, Any], key: jax.Array) -> Estimate:
         grads, losses, slots = [], [], []
         sums: dict[str, float] = {}  # the slots' own estimator metrics, averaged
-        next_draw = int(state["next_draw"])
+        step, next_draw = int(state["step"]), int(state["next_draw"])
         replaced = 0
         for slot in state["slots"]:
-            index, age, est_state = int(slot["draw"]), int(slot["age"]), slot["state"]
-            if self.replaces and age >= self.lifetime:
-                index, age, next_draw = next_draw, 0, next_draw + 1
+            slot = dict(slot)
+            if self.replaces and int(slot["age"]) >= self.slot_lifetime(slot):
+                slot = self._new_slot(theta, key, next_draw, step, 0)
+                next_draw += 1
                 replaced += 1
-                est = self.estimator_for(self.draw(index))
-                est_state = est.init_state(theta, self._slot_key(key, index))
-            else:
-                est = self.estimator_for(self.draw(index))
+            index = int(slot["draw"])
+            est = self.estimator_for(index, int(slot["horizon"]), int(slot["trunc"]))
             start = time.perf_counter()
-            meta_loss, grad, est_state, slot_metrics = est.estimate(
-                theta, est_state, self._slot_key(key, index)
+            meta_loss, grad, slot["state"], slot_metrics = est.estimate(
+                theta, slot["state"], jax.random.fold_in(key, index)
             )
+            meta_loss = float(meta_loss)  # waits for the computation
+            if est.cache_key not in self._called:
+                self._called.add(est.cache_key)
+                self.compile_seconds += time.perf_counter() - start
             for name, value in slot_metrics.items():
                 if jnp.ndim(value) == 0:
                     sums[name] = sums.get(name, 0.0) + float(value) / self.num_slots
-            meta_loss = float(meta_loss)  # waits for the computation
-            cache_key = self.draw(index).cache_key
-            if cache_key not in self._called:
-                self._called.add(cache_key)
-                self.compile_seconds += time.perf_counter() - start
+            slot["age"] = int(slot["age"]) + 1
             grads.append(grad)
             losses.append(meta_loss)
-            slots.append({"draw": index, "age": age + 1, "state": est_state})
+            slots.append(slot)
         grad, dropped = combine(grads, self.normalize and self.num_slots > 1)
         finite = [x for x in losses if math.isfinite(x)]
         metrics = {
@@ -213,5 +238,5 @@ class MultiTaskEstimator:
         for i, x in enumerate(losses):
             metrics[f"meta_loss_slot{i}"] = x
         meta_loss = sum(finite) / len(finite) if finite else math.nan
-        return Estimate(jnp.asarray(meta_loss), grad, {"next_draw": next_draw, "slots": slots},
-                        metrics)
+        new_state = {"step": step + 1, "next_draw": next_draw, "slots": slots}
+        return Estimate(jnp.asarray(meta_loss), grad, new_state, metrics)

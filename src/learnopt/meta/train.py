@@ -47,6 +47,7 @@ from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.estimators.registry import estimator_options
 from learnopt.meta.learner import Learner
 from learnopt.meta.multitask import MultiTaskEstimator
+from learnopt.meta.schedules import schedule_from_dict
 from learnopt.meta.sources import TaskMixture, TaskSource
 
 
@@ -82,6 +83,10 @@ class MetaTrainConfig:
     task_slots: int = 1
     normalize_task_grads: bool = True
     task_lifetime: int | None = None
+    # Schedules of meta.schedules as dicts ({"kind": ..., ...}): the inner horizon of a task
+    # drawn at an outer step (a curriculum), and its truncation length (fixed or sampled).
+    horizon_schedule: Mapping[str, Any] | None = None
+    trunc_schedule: Mapping[str, Any] | None = None
     # Keep a copy of theta every this many outer steps under thetas/ (None: only the latest).
     keep_theta_every: int | None = None
 
@@ -95,6 +100,10 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("horizon_schedule", "trunc_schedule"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, schedule_from_dict(value).to_dict())
         if self.task_lifetime is not None and self.task_lifetime < 1:
             raise ValueError(f"task_lifetime must be >= 1 or None, got {self.task_lifetime}")
 
@@ -171,7 +180,13 @@ def build_estimator_over_tasks(config: MetaTrainConfig, lopt) -> MultiTaskEstima
         meta_loss_split=config.meta_loss_split,
         normalize=config.normalize_task_grads,
         lifetime=config.task_lifetime,
+        horizon_schedule=_schedule(config.horizon_schedule),
+        trunc_schedule=_schedule(config.trunc_schedule),
     )
+
+
+def _schedule(data: Mapping[str, Any] | None):
+    return None if data is None else schedule_from_dict(data)
 
 
 def initial_keys(config: MetaTrainConfig) -> tuple[jax.Array, jax.Array]:
