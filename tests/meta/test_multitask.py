@@ -196,3 +196,25 @@ def test_schedules_set_each_drawn_tasks_horizon_and_truncation():
     assert all(t in (2, 3) for _, t in starts.values())
     for draw, (horizon, trunc) in list(starts.items())[:-1]:  # each lives ceil(horizon / trunc)
         assert sum(d == draw for d, _, _ in seen) == -(-horizon // trunc)
+
+
+def test_a_hung_task_is_reported_and_replaced(recwarn):
+    import time
+
+    tasks = [Quadratic(1.0), Quadratic(2.0)]
+    engine = MultiTaskEstimator(ListSource(tasks), LOPT, num_slots=2, lifetime=100,
+                                watchdog={"first_s": 5.0, "floor_s": 0.3}, **SETTINGS)
+    state = engine.init_state(THETA, jax.random.PRNGKey(0))
+    est = engine.estimator_for(1, 6, 3)
+    real, hang = est.estimate, []
+    est.estimate = lambda *a: (time.sleep(2.0 if hang else 0.0), real(*a))[1]
+    for step in (1, 2, 3):  # the first compiles (first_s), the next set the usual time
+        state = engine.estimate(THETA, state, jax.random.PRNGKey(step)).state
+    hang.append(True)  # draw 1 now "hangs" for 2 s
+    start = time.perf_counter()
+    out = engine.estimate(THETA, state, jax.random.PRNGKey(2))
+    assert time.perf_counter() - start < 1.9  # abandoned at the 0.3 s floor, not waited for
+    assert out.metrics["tasks_hung"] == 1.0
+    assert [int(s["draw"]) for s in out.state["slots"]] == [0, 2]  # a fresh draw took over
+    assert any("quadratic_x2" in str(w.message) for w in recwarn)
+    assert np.isfinite(float(out.grad["log_lr"]))

@@ -11,7 +11,9 @@ ever draw the same task (one named task, no augmentation) never replaces its slo
 Each slot's meta-gradient is scaled to unit length before the average when ``normalize`` is
 on and there is more than one slot (Metz et al. 2022, VeLO, arXiv:2211.09760, §3.3, App. D.4:
 tasks whose losses and gradients differ in scale by orders of magnitude then count equally).
-A slot whose meta-gradient is not finite is left out of the average and counted.
+A slot whose meta-gradient is not finite is left out of the average and counted. Every
+estimate runs under a :class:`~learnopt.watchdog.StepWatchdog`: a task whose step runs far past
+its usual time is reported, abandoned and replaced by a fresh draw (``tasks_hung``).
 
 Estimators are built through the estimator registry and compiled on first use; they are kept
 in a bounded least-recently-used cache keyed by what was drawn (entry, config, augmentation),
@@ -24,6 +26,7 @@ from __future__ import annotations
 import collections
 import math
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -35,6 +38,7 @@ from learnopt.meta.estimators.registry import build_estimator
 from learnopt.meta.sources import TaskDraw, TaskSource
 from learnopt.meta.unroll import TruncatedUnroll
 from learnopt.trees import tree_all_finite, tree_norm
+from learnopt.watchdog import StepHangError, StepWatchdog
 
 
 def scale(tree: Any, factor: jax.Array) -> Any:
@@ -85,6 +89,7 @@ class MultiTaskEstimator:
         cache_size: int = 16,
         horizon_schedule: Any = None,
         trunc_schedule: Any = None,
+        watchdog: dict[str, Any] | None = None,
     ):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -115,6 +120,8 @@ class MultiTaskEstimator:
         self._cache: collections.OrderedDict[str, GradientEstimator] = collections.OrderedDict()
         self._draws: dict[int, TaskDraw] = {}
         self._called: set[str] = set()
+        self.watchdog = dict(watchdog or {})  # StepWatchdog settings, one watchdog per task
+        self._watchdogs: dict[str, StepWatchdog] = {}
         self.cache_hits = 0
         self.cache_misses = 0
         self.compile_seconds = 0.0
@@ -166,6 +173,7 @@ class MultiTaskEstimator:
         while len(self._cache) > self.cache_size:
             evicted, _ = self._cache.popitem(last=False)
             self._called.discard(evicted)
+            self._watchdogs.pop(evicted, None)
         return est
 
     def _new_slot(self, theta: MetaParams, key: jax.Array, index: int, step: int, age: int):
@@ -200,7 +208,7 @@ class MultiTaskEstimator:
         grads, losses, slots = [], [], []
         sums: dict[str, float] = {}  # the slots' own estimator metrics, averaged
         step, next_draw = int(state["step"]), int(state["next_draw"])
-        replaced = 0
+        replaced = hung = 0
         for slot in state["slots"]:
             slot = dict(slot)
             if self.replaces and int(slot["age"]) >= self.slot_lifetime(slot):
@@ -210,10 +218,19 @@ class MultiTaskEstimator:
             index = int(slot["draw"])
             est = self.estimator_for(index, int(slot["horizon"]), int(slot["trunc"]))
             start = time.perf_counter()
-            meta_loss, grad, slot["state"], slot_metrics = est.estimate(
-                theta, slot["state"], jax.random.fold_in(key, index)
-            )
-            meta_loss = float(meta_loss)  # waits for the computation
+            watchdog = self._watchdogs.setdefault(est.cache_key, StepWatchdog(**self.watchdog))
+            try:
+                meta_loss, grad, slot["state"], slot_metrics = watchdog.run(
+                    est.estimate, theta, slot["state"], jax.random.fold_in(key, index),
+                    task=self.draw(index).task.name,
+                )
+            except StepHangError as e:  # abandon the task; a fresh draw takes its slot
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+                hung += 1
+                slots.append(self._new_slot(theta, key, next_draw, step, 0))
+                next_draw += 1
+                continue
+            meta_loss = float(meta_loss)
             if est.cache_key not in self._called:
                 self._called.add(est.cache_key)
                 self.compile_seconds += time.perf_counter() - start
@@ -224,12 +241,15 @@ class MultiTaskEstimator:
             grads.append(grad)
             losses.append(meta_loss)
             slots.append(slot)
+        if not grads:
+            raise RuntimeError(f"every task of this outer step hung ({hung}); see docs/hangs.md")
         grad, dropped = combine(grads, self.normalize and self.num_slots > 1)
         finite = [x for x in losses if math.isfinite(x)]
         metrics = {
             **sums,
             "tasks_nonfinite": float(dropped),
             "tasks_replaced": float(replaced),
+            "tasks_hung": float(hung),
             "draws": float(next_draw),
             "cache_hits": float(self.cache_hits),
             "cache_misses": float(self.cache_misses),
