@@ -26,9 +26,14 @@ fi
 
 # 2. Virtual environment and the package with its dev extras.
 if [ ! -x "$VENV/bin/python" ]; then log "creating $VENV"; "$PY" -m venv "$VENV"; fi
-if ! "$VENV/bin/python" -c "import learnopt, pytest, ruff" 2>/dev/null; then
+# Reinstall whenever pyproject.toml changes (new dependencies), not only on a fresh venv.
+deps_stamp="$VENV/.learnopt-pyproject.sha256"
+deps_hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if ! "$VENV/bin/python" -c "import learnopt, pytest, ruff" 2>/dev/null \
+    || [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
   log "pip install -e .[dev]"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+  echo "$deps_hash" > "$deps_stamp"
 fi
 
 # 3. Text corpora into $DATA_DIR (read from the archives at run time, never downloaded then).

@@ -10,7 +10,7 @@ import numpy as np
 from learnopt.training import smooth
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +26,7 @@ def plot_training(
     title: str,
 ) -> None:
     """Training loss per step (raw and smoothed) and, beside it, the eval metrics."""
-    plt = _pyplot()
+    plt = pyplot()
     eval_keys = [k for k in (evals[0] if evals else {}) if k != "step"]
     fig, axes = plt.subplots(1, 1 + bool(eval_keys), figsize=(6 + 5 * bool(eval_keys), 4))
     axes = np.atleast_1d(axes)
@@ -59,7 +59,7 @@ def plot_curves(
     log_y: bool = False,
 ) -> None:
     """Several named learning curves on one axis, optionally with +-std bands."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, y) in enumerate(curves.items()):
         x = np.arange(1, len(y) + 1)

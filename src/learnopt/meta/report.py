@@ -59,9 +59,9 @@ def write_main_report(out: Path, config, tables: list[Path]) -> Path:
 
 def plot_heldout(path: str | os.PathLike, steps, result, title: str) -> Path:
     """``heldout.png``: held-out meta-loss per outer step, the mean and each task faintly."""
-    from learnopt.plotting import _pyplot
+    from learnopt.plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in result.per_task:
         ax.plot(steps, row, color="0.6", lw=0.8, alpha=0.6)
