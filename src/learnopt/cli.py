@@ -177,7 +177,13 @@ def _cmd_meta_train(args) -> int:
     from learnopt.meta.train import MetaTrainer
 
     out = Path(args.out)
-    MetaTrainer(_meta_config(args, out), out).run(progress=not args.no_progress)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.ray_address and not args.workers:
+        raise ValueError("--ray-address needs --workers N (how many workers to start there)")
+    MetaTrainer(_meta_config(args, out), out).run(
+        progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address
+    )
     plot_meta_training(out)
     print(f"wrote {out}/theta.msgpack, {out}/metrics.jsonl, {out}/meta_loss.png")
     return 0
@@ -332,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_meta_args(mt, outer_steps=100_000, max_seconds=None)
     mt.add_argument("--out", required=True, help="run directory (resumes if it has a checkpoint)")
     mt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mt.add_argument("--workers", type=int, default=0,
+                    help="meta-gradients from N Ray workers (an embedded local Ray unless "
+                    "--ray-address); 0: this process (default)")
+    mt.add_argument("--ray-address", default=None,
+                    help="join the Ray cluster at this address (docs/distributed.md)")
     mt.set_defaults(fn=_cmd_meta_train)
 
     ev = sub.add_parser("evaluate", help="a learned optimizer vs LR-tuned Adam (and NAdamW)")

@@ -136,3 +136,23 @@ def test_the_command_line_writes_theta_and_one_metrics_line_per_gradient(ray_ses
     assert MetaTrainConfig.from_dict(ckpt.config) == TINY
     want = single_process_theta(TINY, 3)  # outer_lr 1e-2 and clip 3 as the file says
     np.testing.assert_array_equal(np.asarray(ckpt.state["log_lr"]), np.asarray(want["log_lr"]))
+
+
+def test_meta_train_with_one_worker_matches_the_single_process_run(ray_session, tmp_path):
+    """``learnopt meta-train --workers 1`` (staleness 0) reaches MetaTrainer's own theta."""
+    import dataclasses
+
+    from learnopt.meta.train import MetaTrainer
+
+    config = dataclasses.replace(TINY, outer_steps=4, learner={"max_staleness": 0})
+    local = MetaTrainer(config, tmp_path / "local").run(progress=False)
+    remote = MetaTrainer(config, tmp_path / "ray").run(progress=False, workers=1)
+    for a, b in zip(jax.tree_util.tree_leaves(local["state"]["learner"].theta),
+                    jax.tree_util.tree_leaves(remote["state"]["learner"].theta), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    lines = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "num_stale" in lines[-1]
+    # a distributed run resumes theta and the learner from its checkpoint
+    more = MetaTrainer(dataclasses.replace(config, outer_steps=5), tmp_path / "ray").run(
+        progress=False, workers=1)
+    assert more["resumed"] and int(more["state"]["learner"].step) == 5

@@ -27,9 +27,8 @@ import jax
 import numpy as np
 
 from learnopt.learned.registry import get_learned_optimizer
-from learnopt.meta.train import MetaTrainConfig, build_estimator_over_tasks
+from learnopt.meta.train import MetaTrainConfig, build_estimator_over_tasks, initial_keys
 
-INIT_FOLD = 2**31 - 1  # MetaTrainer's fold_in(key, -1 % 2**31)
 SEED_STRIDE = 1_000_003
 
 
@@ -54,8 +53,7 @@ def worker_seed(seed: int, serial: int) -> int:
 
 def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """``(theta_key, estimator_key)`` of a run of ``seed`` (MetaTrainer's scheme)."""
-    theta_key, est_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), INIT_FOLD))
-    return theta_key, est_key
+    return initial_keys(seed)
 
 
 def initial_theta(config: MetaTrainConfig | Mapping[str, Any], lopt=None) -> Any:

@@ -45,7 +45,7 @@ from learnopt.io import (
 )
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.estimators.registry import estimator_options
-from learnopt.meta.learner import Learner
+from learnopt.meta.learner import Learner, LearnerConfig
 from learnopt.meta.multitask import MultiTaskEstimator
 from learnopt.meta.schedules import schedule_from_dict
 from learnopt.meta.sources import TaskMixture, TaskSource
@@ -71,6 +71,8 @@ class MetaTrainConfig:
     trunc_length: int = 20
     outer_lr: float = 3e-4
     clip: float = 3.0
+    # Further outer-learner settings (meta.learner.LearnerConfig: warmup_steps, schedule, ...).
+    learner: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outer_steps: int = 100_000
     max_seconds: float | None = None
     checkpoint_every: int = 100
@@ -96,6 +98,7 @@ class MetaTrainConfig:
         options = estimator_options(self.estimator, self.estimator_options)
         object.__setattr__(self, "estimator_options", options)
         object.__setattr__(self, "tasks", self.mixture().to_dict())
+        object.__setattr__(self, "learner", self.learner_config().to_dict())
         for name in ("num_tasks", "horizon", "trunc_length", "task_slots", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,6 +109,11 @@ class MetaTrainConfig:
                 object.__setattr__(self, name, schedule_from_dict(value).to_dict())
         if self.task_lifetime is not None and self.task_lifetime < 1:
             raise ValueError(f"task_lifetime must be >= 1 or None, got {self.task_lifetime}")
+
+    def learner_config(self) -> LearnerConfig:
+        """The outer learner: ``outer_lr`` and ``clip``, and the rest from ``learner``."""
+        extra = {k: v for k, v in self.learner.items() if k not in ("learning_rate", "clip")}
+        return LearnerConfig(learning_rate=self.outer_lr, clip=self.clip, **extra)
 
     def mixture(self) -> TaskMixture:
         """The run's task distribution (one named task when ``tasks`` is None)."""
@@ -189,9 +197,9 @@ def _schedule(data: Mapping[str, Any] | None):
     return None if data is None else schedule_from_dict(data)
 
 
-def initial_keys(config: MetaTrainConfig) -> tuple[jax.Array, jax.Array]:
+def initial_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """The keys of a run's initial theta and initial estimator state."""
-    return tuple(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % 2**31)))
+    return tuple(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), -1 % 2**31)))
 
 
 def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
@@ -199,7 +207,7 @@ def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
     and the latest, in order of step."""
     run_dir = Path(run_dir)
     config = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
-    template = lopt.init(initial_keys(config)[0])
+    template = lopt.init(initial_keys(config.seed)[0])
     found = {0: template}
     for path in sorted((run_dir / "thetas").glob("theta_*.msgpack")):
         found[int(path.stem.split("_")[1])] = load_checkpoint(path, template).state
@@ -234,19 +242,17 @@ class MetaTrainer:
             lopt = get_learned_optimizer(config.lopt, config.lopt_config)
         self.lopt = lopt
         self.estimator = build_estimator_over_tasks(config, self.lopt)
-        self.learner = Learner(config.outer_lr, config.clip)
+        self.learner = Learner.from_config(config.learner_config())
         self.key = jax.random.PRNGKey(config.seed)
 
     # -- state ---------------------------------------------------------------------------
-    def init_state(self) -> dict[str, Any]:
-        theta_key, est_key = initial_keys(self.config)
+    def init_state(self, with_estimator: bool = True) -> dict[str, Any]:
+        theta_key, est_key = initial_keys(self.config.seed)
         theta = self.lopt.init(theta_key)
-        return {
-            "learner": self.learner.init(theta),
-            "estimator": self.estimator.init_state(theta, est_key),
-            "step": 0,
-            "seconds": 0.0,
-        }
+        state = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
+        if with_estimator:
+            state["estimator"] = self.estimator.init_state(theta, est_key)
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         config = self.config.to_dict()
@@ -259,8 +265,11 @@ class MetaTrainer:
         path.parent.mkdir(exist_ok=True)
         return save_checkpoint(path, state["learner"].theta, self.config.to_dict())
 
-    def restore(self) -> dict[str, Any] | None:
+    def restore(self, with_estimator: bool = True) -> dict[str, Any] | None:
         """The state of ``checkpoint.msgpack``, or None if there is none.
+
+        Without ``with_estimator`` (a distributed run) only theta, the learner and the step
+        come back; with it, a checkpoint of a distributed run gets fresh inner runs.
 
         A checkpoint written under a different config (other than the budget fields)
         raises ``ValueError`` naming the file.
@@ -275,14 +284,17 @@ class MetaTrainer:
             if dataclasses.replace(saved, **budget) != self.config:
                 raise ValueError(f"{path} was written under a different config than "
                                  f"{self.out / 'config.json'}")
-        fresh = self.init_state()
-        template = {
-            **fresh,
-            "estimator": self.estimator.state_template(
-                fresh["learner"].theta, ckpt.state["estimator"]
-            ),
-        }
-        return restore_state(template, ckpt.state, str(path))
+        theta = self.lopt.init(initial_keys(self.config.seed)[0])
+        template = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
+        saved = dict(ckpt.state)
+        if not with_estimator:
+            saved.pop("estimator", None)
+        elif "estimator" in saved:
+            template["estimator"] = self.estimator.state_template(theta, saved["estimator"])
+        state = restore_state(template, saved, str(path))
+        if with_estimator and "estimator" not in state:  # a distributed run's checkpoint
+            state["estimator"] = self.estimator.init_state(theta, initial_keys(self.config.seed)[1])
+        return state
 
     # -- loop ----------------------------------------------------------------------------
     def _trim_metrics(self, step: int) -> None:
@@ -298,12 +310,30 @@ class MetaTrainer:
                 continue
         path.write_text("".join(line + "\n" for line in keep))
 
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    def run(
+        self, progress: bool = True, workers: int = 0, ray_address: str | None = None
+    ) -> dict[str, Any]:
+        """Meta-train until ``outer_steps`` or ``max_seconds``, resuming from the checkpoint.
+
+        With ``workers > 0`` the meta-gradients come from that many Ray workers (an embedded
+        local Ray, or the cluster at ``ray_address``; :mod:`learnopt.distributed`), applied in
+        arrival order with the learner's staleness rule. The inner runs then live in the
+        workers, so a resumed distributed run restarts them (theta and the learner resume).
+        """
+        if workers:
+            from learnopt.distributed import RayMetaGradients
+
+            with RayMetaGradients(self.config.to_dict(), workers, address=ray_address) as g:
+                return self._run(progress, g)
+        return self._run(progress, None)
+
+    def _run(self, progress: bool, gradients) -> dict[str, Any]:
         cfg = self.config
-        state = self.restore()
+        local = gradients is None  # the estimator state lives here, not in workers
+        state = self.restore(with_estimator=local)
         resumed = state is not None
         if state is None:
-            state = self.init_state()
+            state = self.init_state(with_estimator=local)
         start_step = int(state["step"])
         self._trim_metrics(start_step)
         bar = tqdm(
@@ -322,22 +352,32 @@ class MetaTrainer:
                     break
                 step = int(state["step"])
                 step_start = time.perf_counter()
-                meta_loss, grad, est_state, metrics = self.estimator.estimate(
-                    state["learner"].theta, state["estimator"], jax.random.fold_in(self.key, step)
-                )
-                learner_state, applied = self.learner.apply(state["learner"], grad)
+                if gradients is None:
+                    meta_loss, grad, est_state, metrics = self.estimator.estimate(
+                        state["learner"].theta, state["estimator"],
+                        jax.random.fold_in(self.key, step),
+                    )
+                    version = None  # computed at the current theta
+                else:  # the first gradient to arrive from the workers
+                    learner = state["learner"]
+                    (grad, version, metrics), *_ = gradients.next(learner.theta, int(learner.step))
+                    meta_loss, est_state = metrics.pop("meta_loss"), None
+                learner_state, applied = self.learner.apply(state["learner"], grad, version)
                 state = {
                     "learner": learner_state,
-                    "estimator": est_state,
                     "step": step + 1,
                     "seconds": seconds0 + time.perf_counter() - t0,
                 }
+                if gradients is None:
+                    state["estimator"] = est_state
                 dt = time.perf_counter() - step_start
                 record = {
                     "step": step + 1,
                     "meta_loss": float(meta_loss),
                     "applied": applied,
                     "num_dropped": int(learner_state.num_dropped),
+                    "num_stale": int(learner_state.num_stale),
+                    "outer_lr": float(self.learner.learning_rate_at(learner_state)),
                     "seconds": round(state["seconds"], 3),
                     **{k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0},
                 }
