@@ -1,0 +1,181 @@
+"""Throughput of the meta-training engine, as ratios measured in one run.
+
+* **PES task-steps per second**: small_fc_lopt meta-trained with PES on ``--tasks`` inner runs
+  of the 8x8 Fashion-MNIST MLP (64-32-10, batch 128), truncations of 20 steps; both members
+  of each antithetic pair count, so one outer step is ``tasks x 2 x 20`` task-steps (the
+  definition behind learned_optimization's published PES figure).
+* **First outer step**: seconds of the first estimate (compile and run), after building the
+  estimator (set-up seconds, reported apart).
+* **Floor ratio**: the seconds of one outer step over the seconds of the same number of plain
+  inner steps (``tasks x 2`` vmapped runs of optax.adam, 20 steps, forward + backward +
+  update, one jitted scan): what the learned optimizer, the perturbations and the PES
+  bookkeeping cost on top of training itself.
+* **Mixture**: the multi-task engine with 4 task slots drawn from 4 VeLO families (CPU size),
+  the same inner runs and truncation per slot: the seconds of the first outer step (4
+  compiles), and once compiled the seconds of an outer step over the sum of the 4 slots'
+  estimates called alone (the engine's overhead; the tasks' own sizes set the rest).
+
+Usage: ``python benchmarks/meta_throughput.py [--tasks 8] [--steps 20] [--out PATH]``;
+writes ``benchmarks/results/meta_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learnopt.io import atomic_write_json, machine_info
+from learnopt.learned.registry import get_learned_optimizer
+from learnopt.meta.estimators.registry import build_estimator
+from learnopt.meta.multitask import MultiTaskEstimator
+from learnopt.meta.sources import MixtureEntry, TaskMixture, TaskSource
+from learnopt.meta.unroll import TruncatedUnroll
+from learnopt.step import init_train_state, inner_step
+from learnopt.tasks.fixed.registry import get_task
+
+TRUNC = 20
+HORIZON = 2000
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def pes_single(task, lopt, theta, num_tasks: int, repeats: int) -> dict:
+    start = time.perf_counter()
+    unroll = TruncatedUnroll(task, lopt, num_tasks=num_tasks, horizon=HORIZON, trunc_length=TRUNC)
+    est = build_estimator("pes", unroll)
+    state = est.init_state(theta, jax.random.PRNGKey(1))
+    jax.block_until_ready(state)
+    setup = time.perf_counter() - start
+    holder = {"state": state, "i": 0}
+
+    def one():
+        holder["i"] += 1
+        out = est.estimate(theta, holder["state"], jax.random.PRNGKey(holder["i"]))
+        holder["state"] = out.state
+        float(out.meta_loss)
+
+    first = timed(one, 1)[0]
+    steps = timed(one, repeats)
+    per_step = statistics.median(steps)
+    return {
+        "setup_seconds": round(setup, 3),
+        "first_step_seconds": round(first, 3),
+        "seconds_per_outer_step": per_step,
+        "task_steps_per_second": num_tasks * 2 * TRUNC / per_step,
+    }
+
+
+def adam_floor(task, num_runs: int, repeats: int) -> float:
+    """Seconds of ``num_runs`` vmapped Adam runs of TRUNC steps (one jitted scan)."""
+    opt = optax.adam(1e-3)
+
+    def run(key):
+        state = init_train_state(task, opt, task.init(key))
+
+        def body(state, k):
+            batch = task.datasets.train.sample(k)
+            return inner_step(task, opt, state, batch, k)
+
+        return jax.lax.scan(body, state, jax.random.split(key, TRUNC))[1]
+
+    fn = jax.jit(jax.vmap(run))
+    keys = jax.random.split(jax.random.PRNGKey(0), num_runs)
+    jax.block_until_ready(fn(keys))
+    return statistics.median(timed(lambda: jax.block_until_ready(fn(keys)), repeats))
+
+
+def mixture(lopt, theta, num_tasks: int, repeats: int) -> dict:
+    """The multi-task engine over 4 slots of 4 VeLO families, against the same 4 estimators
+    called one after the other outside the engine (the engine's own overhead)."""
+    families = ("velo_mlp", "velo_conv", "velo_mlp_ae", "velo_transformer_lm")
+    source = TaskSource(TaskMixture(tuple(
+        MixtureEntry(family=f, options={"size": "cpu"}) for f in families
+    )), seed=0)
+    engine = MultiTaskEstimator(source, lopt, num_slots=4, num_tasks=num_tasks, horizon=HORIZON,
+                                trunc_length=TRUNC, lifetime=10**9)
+    start = time.perf_counter()
+    state = engine.init_state(theta, jax.random.PRNGKey(1))
+    out = engine.estimate(theta, state, jax.random.PRNGKey(2))
+    first = time.perf_counter() - start
+    holder = {"state": out.state, "i": 2}
+
+    def one():
+        holder["i"] += 1
+        holder["state"] = engine.estimate(theta, holder["state"],
+                                          jax.random.PRNGKey(holder["i"])).state
+
+    per_step = statistics.median(timed(one, repeats))
+    alone = []
+    for slot in holder["state"]["slots"]:
+        est = engine.estimator_for(int(slot["draw"]), HORIZON, TRUNC)
+        run = {"state": slot["state"]}
+
+        def call(est=est, run=run):
+            out = est.estimate(theta, run["state"], jax.random.PRNGKey(7))
+            run["state"] = out.state
+            float(out.meta_loss)
+
+        alone.append(statistics.median(timed(call, repeats)))
+    return {
+        "tasks": [engine.draw(i).task.name for i in range(4)],
+        "first_step_seconds": round(first, 3),
+        "seconds_per_outer_step": per_step,
+        "seconds_per_slot_alone": alone,
+        "engine_overhead_ratio": per_step / sum(alone),
+        "task_steps_per_second": 4 * num_tasks * 2 * TRUNC / per_step,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, nargs="*", default=[8, 32])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default="benchmarks/results/meta_throughput.json")
+    args = p.parse_args()
+    task = get_task("fmnist_mlp_8x8")
+    lopt = get_learned_optimizer("small_fc_lopt")
+    theta = lopt.init(jax.random.PRNGKey(0))
+    load = os.getloadavg()
+    results: dict = {
+        "description": __doc__.split("\n\n")[0],
+        "task": task.name,
+        "learned_optimizer": "small_fc_lopt",
+        "truncation": TRUNC,
+        "machine": machine_info(),
+        "env": {k: os.environ.get(k) for k in ("PJRT_NPROC", "XLA_FLAGS")},
+        "load_average_before": [round(x, 2) for x in load],
+        "single": {},
+    }
+    for n in args.tasks:
+        single = pes_single(task, lopt, theta, n, args.repeats)
+        floor = adam_floor(task, 2 * n, args.repeats)
+        single["adam_floor_seconds"] = floor
+        single["ratio_to_adam_floor"] = single["seconds_per_outer_step"] / floor
+        results["single"][str(n)] = single
+        print(n, json.dumps(single), flush=True)
+        atomic_write_json(Path(args.out), results)
+    mix = mixture(lopt, theta, args.tasks[0], max(3, args.repeats // 4))
+    results["mixture"] = mix
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print("mixture", json.dumps(mix), flush=True)
+    atomic_write_json(Path(args.out), results)
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # start the backend after learnopt's import-time settings
+    main()
