@@ -9,8 +9,9 @@ setup:
 run: setup
 	$(BIN)/learnopt main
 
+# Two test processes: XLA:CPU runs one thread per process here (PJRT_NPROC=1, docs/hangs.md).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
