@@ -149,12 +149,15 @@ class MultiTaskEstimator:
             return self.lifetime
         return max(1, math.ceil(int(slot["horizon"]) / int(slot["trunc"])))
 
-    def estimator_for(self, index: int, horizon: int, trunc: int) -> GradientEstimator:
-        """The (cached) estimator of draw ``index`` at these lengths."""
+    def estimator_for(
+        self, index: int, horizon: int, trunc: int, count: bool = True
+    ) -> GradientEstimator:
+        """The (cached) estimator of draw ``index`` at these lengths. ``count``: a lookup for a
+        new slot, counted as a cache hit or miss (a slot's later steps are not counted)."""
         draw = self.draw(index)
         key = f"{draw.cache_key}|horizon={horizon}|trunc={trunc}"
         if key in self._cache:
-            self.cache_hits += 1
+            self.cache_hits += count
             self._cache.move_to_end(key)
             return self._cache[key]
         self.cache_misses += 1
@@ -216,7 +219,7 @@ class MultiTaskEstimator:
                 next_draw += 1
                 replaced += 1
             index = int(slot["draw"])
-            est = self.estimator_for(index, int(slot["horizon"]), int(slot["trunc"]))
+            est = self.estimator_for(index, int(slot["horizon"]), int(slot["trunc"]), False)
             start = time.perf_counter()
             watchdog = self._watchdogs.setdefault(est.cache_key, StepWatchdog(**self.watchdog))
             try:
