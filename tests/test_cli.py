@@ -36,6 +36,9 @@ def test_listings(capsys):
         (["evaluate"], "exactly one of --run DIR or --pretrained NAME"),
         (["evaluate", "--pretrained", "nope"], "unknown pretrained optimizer"),
         (["time-model", "--families", "mlpp"], "valid families:"),
+        (["meta-train", "--out", "/nonexistent/x", "--ray-address", "auto"], "needs --workers"),
+        (["meta-train", "--out", "/nonexistent/x", "--workers", "-1"], "--workers must be"),
+        (["meta-eval", "--run", "/nonexistent/run"], "not a meta-training run"),
     ],
 )
 def test_bad_input_gets_one_clear_error(argv, message, capsys):

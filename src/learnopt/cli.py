@@ -181,9 +181,15 @@ def _cmd_meta_train(args) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.ray_address and not args.workers:
         raise ValueError("--ray-address needs --workers N (how many workers to start there)")
-    MetaTrainer(_meta_config(args, out), out).run(
-        progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address
-    )
+    config = _meta_config(args, out)
+    trainer = MetaTrainer(config, out)
+    if args.workers:
+        from learnopt.distributed import RayMetaGradients
+
+        with RayMetaGradients(config.to_dict(), args.workers, address=args.ray_address) as g:
+            trainer.run(progress=not args.no_progress, gradients=g)
+    else:
+        trainer.run(progress=not args.no_progress)
     plot_meta_training(out)
     print(f"wrote {out}/theta.msgpack, {out}/metrics.jsonl, {out}/meta_loss.png")
     return 0

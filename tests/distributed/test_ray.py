@@ -142,17 +142,20 @@ def test_meta_train_with_one_worker_matches_the_single_process_run(ray_session, 
     """``learnopt meta-train --workers 1`` (staleness 0) reaches MetaTrainer's own theta."""
     import dataclasses
 
+    from learnopt.distributed import RayMetaGradients
     from learnopt.meta.train import MetaTrainer
 
     config = dataclasses.replace(TINY, outer_steps=4, learner={"max_staleness": 0})
     local = MetaTrainer(config, tmp_path / "local").run(progress=False)
-    remote = MetaTrainer(config, tmp_path / "ray").run(progress=False, workers=1)
+    with RayMetaGradients(config.to_dict(), num_workers=1) as g:
+        remote = MetaTrainer(config, tmp_path / "ray").run(progress=False, gradients=g)
     for a, b in zip(jax.tree_util.tree_leaves(local["state"]["learner"].theta),
                     jax.tree_util.tree_leaves(remote["state"]["learner"].theta), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     lines = (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "num_stale" in lines[-1]
     # a distributed run resumes theta and the learner from its checkpoint
-    more = MetaTrainer(dataclasses.replace(config, outer_steps=5), tmp_path / "ray").run(
-        progress=False, workers=1)
+    longer = dataclasses.replace(config, outer_steps=5)
+    with RayMetaGradients(longer.to_dict(), num_workers=1) as g:
+        more = MetaTrainer(longer, tmp_path / "ray").run(progress=False, gradients=g)
     assert more["resumed"] and int(more["state"]["learner"].step) == 5

@@ -310,22 +310,16 @@ class MetaTrainer:
                 continue
         path.write_text("".join(line + "\n" for line in keep))
 
-    def run(
-        self, progress: bool = True, workers: int = 0, ray_address: str | None = None
-    ) -> dict[str, Any]:
+    def run(self, progress: bool = True, gradients: Any = None) -> dict[str, Any]:
         """Meta-train until ``outer_steps`` or ``max_seconds``, resuming from the checkpoint.
 
-        With ``workers > 0`` the meta-gradients come from that many Ray workers (an embedded
-        local Ray, or the cluster at ``ray_address``; :mod:`learnopt.distributed`), applied in
-        arrival order with the learner's staleness rule. The inner runs then live in the
+        ``gradients`` (e.g. :class:`learnopt.distributed.RayMetaGradients`, built from this
+        config) supplies the meta-gradients instead of this process's estimator:
+        ``gradients.next(theta, version)`` returns ``(grad, version, metrics)`` results, applied
+        in arrival order with the learner's staleness rule. The inner runs then live in the
         workers, so a resumed distributed run restarts them (theta and the learner resume).
         """
-        if workers:
-            from learnopt.distributed import RayMetaGradients
-
-            with RayMetaGradients(self.config.to_dict(), workers, address=ray_address) as g:
-                return self._run(progress, g)
-        return self._run(progress, None)
+        return self._run(progress, gradients)
 
     def _run(self, progress: bool, gradients) -> dict[str, Any]:
         cfg = self.config
