@@ -10,7 +10,6 @@ from learnopt.distributed.ray_backend import RayMetaGradients, WorkerFailures
 from learnopt.distributed.worker import (
     MetaGradientWorker,
     WorkerResult,
-    init_keys,
     initial_theta,
     worker_seed,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "RayMetaGradients",
     "WorkerFailures",
     "WorkerResult",
-    "init_keys",
     "initial_theta",
     "run_learner",
     "worker_seed",

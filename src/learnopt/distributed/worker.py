@@ -28,6 +28,7 @@ import numpy as np
 
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.train import MetaTrainConfig, build_estimator_over_tasks, initial_keys
+from learnopt.meta.train import initial_theta as run_initial_theta
 
 SEED_STRIDE = 1_000_003
 
@@ -51,17 +52,12 @@ def worker_seed(seed: int, serial: int) -> int:
     return (seed + SEED_STRIDE * serial) % 2**31
 
 
-def init_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """``(theta_key, estimator_key)`` of a run of ``seed`` (MetaTrainer's scheme)."""
-    return initial_keys(seed)
-
-
 def initial_theta(config: MetaTrainConfig | Mapping[str, Any], lopt=None) -> Any:
     """The run's initial theta, as the learner (and ``MetaTrainer``) draws it."""
     config = as_config(config)
     if lopt is None:
         lopt = get_learned_optimizer(config.lopt, config.lopt_config)
-    return lopt.init(init_keys(config.seed)[0])
+    return run_initial_theta(config, lopt)
 
 
 class MetaGradientWorker:
@@ -85,7 +81,7 @@ class MetaGradientWorker:
     def compute(self, theta: Any, version: int) -> WorkerResult:
         start = time.perf_counter()
         if self.state is None:
-            self.state = self.estimator.init_state(theta, init_keys(self.config.seed)[1])
+            self.state = self.estimator.init_state(theta, initial_keys(self.config.seed)[1])
         meta_loss, grad, self.state, metrics = self.estimator.estimate(
             theta, self.state, jax.random.fold_in(self.key, self.count)
         )

@@ -93,18 +93,24 @@ class FixedLength(_Schedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class UniformLength(_Schedule):
-    """An integer uniform in ``[lo, hi]`` (both included): ``P(n) = 1 / (hi - lo + 1)``."""
+class _LengthRange(_Schedule):
+    """A length sampled in ``[lo, hi]`` (both positive integers, ``lo <= hi``)."""
 
     lo: int
     hi: int
-    kind: ClassVar[str] = "uniform"
 
     def __post_init__(self):
         _check_int("lo", self.lo)
         _check_int("hi", self.hi)
         if self.hi < self.lo:
             raise ValueError(f"need lo <= hi, got lo={self.lo}, hi={self.hi}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformLength(_LengthRange):
+    """An integer uniform in ``[lo, hi]`` (both included): ``P(n) = 1 / (hi - lo + 1)``."""
+
+    kind: ClassVar[str] = "uniform"
 
     def __call__(self, outer_step: Any, key: jax.Array) -> jax.Array:
         _check_step(outer_step)
@@ -112,22 +118,14 @@ class UniformLength(_Schedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class LogUniformLength(_Schedule):
+class LogUniformLength(_LengthRange):
     """``floor(exp(u))``, ``u ~ U[log lo, log(hi + 1))``: an integer log-uniform in ``[lo, hi]``.
 
     ``P(n) = log((n + 1) / n) / log((hi + 1) / lo)``, the integer version of a density
     ``1 / (n log(hi / lo))``: each factor of 10 in length gets about the same probability.
     """
 
-    lo: int
-    hi: int
     kind: ClassVar[str] = "log_uniform"
-
-    def __post_init__(self):
-        _check_int("lo", self.lo)
-        _check_int("hi", self.hi)
-        if self.hi < self.lo:
-            raise ValueError(f"need lo <= hi, got lo={self.lo}, hi={self.hi}")
 
     def __call__(self, outer_step: Any, key: jax.Array) -> jax.Array:
         _check_step(outer_step)

@@ -202,12 +202,17 @@ def initial_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return tuple(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), -1 % 2**31)))
 
 
+def initial_theta(config: MetaTrainConfig, lopt) -> Any:
+    """The theta a run of ``config`` starts from (the learner's and every worker's)."""
+    return lopt.init(initial_keys(config.seed)[0])
+
+
 def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
     """``(outer step, theta)`` of a run: its initial theta, the copies kept under ``thetas/``
     and the latest, in order of step."""
     run_dir = Path(run_dir)
     config = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
-    template = lopt.init(initial_keys(config.seed)[0])
+    template = initial_theta(config, lopt)
     found = {0: template}
     for path in sorted((run_dir / "thetas").glob("theta_*.msgpack")):
         found[int(path.stem.split("_")[1])] = load_checkpoint(path, template).state
@@ -284,7 +289,7 @@ class MetaTrainer:
             if dataclasses.replace(saved, **budget) != self.config:
                 raise ValueError(f"{path} was written under a different config than "
                                  f"{self.out / 'config.json'}")
-        theta = self.lopt.init(initial_keys(self.config.seed)[0])
+        theta = initial_theta(self.config, self.lopt)
         template = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
         saved = dict(ckpt.state)
         if not with_estimator:
