@@ -197,3 +197,24 @@ def test_a_checkpoint_from_before_format_versions_still_resumes(tmp_path):
     np.testing.assert_array_equal(
         resumed["state"]["learner"].theta["log_lr"], full["state"]["learner"].theta["log_lr"]
     )
+
+
+def test_init_theta_starts_a_run_from_another_runs_theta(tmp_path):
+    """``init_theta`` names a theta file: the new run's initial theta is that theta, not
+    ``lopt.init`` of its seed; a missing file or another architecture's theta is refused."""
+    from learnopt.io import save_checkpoint
+    from learnopt.meta.train import initial_theta
+
+    lopt = MetaTrainer(TINY, tmp_path / "a").lopt
+    theta = {"log_lr": jnp.asarray(np.log(0.123), jnp.float32)}
+    save_checkpoint(tmp_path / "theta.msgpack", theta)
+    config = dataclasses.replace(TINY, init_theta=str(tmp_path / "theta.msgpack"))
+    got = initial_theta(config, lopt)
+    assert float(got["log_lr"]) == pytest.approx(np.log(0.123))
+    assert float(initial_theta(TINY, lopt)["log_lr"]) != pytest.approx(np.log(0.123))
+    state = MetaTrainer(config, tmp_path / "b").init_state(with_estimator=False)
+    assert float(state["learner"].theta["log_lr"]) == pytest.approx(np.log(0.123))
+    with pytest.raises(FileNotFoundError, match="neither a shipped pretrained"):
+        initial_theta(dataclasses.replace(TINY, init_theta=str(tmp_path / "none")), lopt)
+    with pytest.raises(ValueError, match="small_fc_lopt"):  # the shipped file is another arch
+        initial_theta(dataclasses.replace(TINY, init_theta="small_fc_lopt_fmnist8"), lopt)

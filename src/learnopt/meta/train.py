@@ -91,6 +91,10 @@ class MetaTrainConfig:
     trunc_schedule: Mapping[str, Any] | None = None
     # Keep a copy of theta every this many outer steps under thetas/ (None: only the latest).
     keep_theta_every: int | None = None
+    # Start from a trained theta instead of a random one: a shipped pretrained name, or a
+    # theta file of a run (``theta.msgpack``, ``thetas/theta_*.msgpack``) of the same
+    # architecture and config. None: ``lopt.init`` with the run's seed.
+    init_theta: str | None = None
 
     def __post_init__(self):
         lopt = get_learned_optimizer(self.lopt, self.lopt_config)
@@ -203,8 +207,27 @@ def initial_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def initial_theta(config: MetaTrainConfig, lopt) -> Any:
-    """The theta a run of ``config`` starts from (the learner's and every worker's)."""
-    return lopt.init(initial_keys(config.seed)[0])
+    """The theta a run of ``config`` starts from (the learner's and every worker's).
+
+    ``lopt.init`` with the run's seed, or the theta that ``config.init_theta`` names (a
+    shipped pretrained name or a theta file), checked against the architecture."""
+    theta = lopt.init(initial_keys(config.seed)[0])
+    if config.init_theta is None:
+        return theta
+    from learnopt import pretrained
+
+    source = config.init_theta
+    if source in pretrained.available():
+        metadata, state = pretrained.read(source)
+        if (metadata["architecture"] != config.lopt
+                or pretrained.architecture(metadata).config() != lopt.config()):
+            raise ValueError(f"init_theta {source!r} is a {metadata['architecture']} with "
+                             f"another config than the run's {config.lopt}")
+        return restore_state(theta, state, source=source)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"init_theta {source!r} is neither a shipped pretrained "
+                                f"optimizer ({', '.join(pretrained.available())}) nor a file")
+    return load_checkpoint(source, theta).state
 
 
 def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
@@ -252,8 +275,8 @@ class MetaTrainer:
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self, with_estimator: bool = True) -> dict[str, Any]:
-        theta_key, est_key = initial_keys(self.config.seed)
-        theta = self.lopt.init(theta_key)
+        _, est_key = initial_keys(self.config.seed)
+        theta = initial_theta(self.config, self.lopt)
         state = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
         if with_estimator:
             state["estimator"] = self.estimator.init_state(theta, est_key)
