@@ -257,6 +257,52 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _bench_cache(path: str | None):
+    """The baseline cache of ``learnopt bench``: ``path``, else ``$LEARNOPT_BENCH_CACHE``, else
+    ``~/.cache/learnopt/bench``; a repository checkout's committed cache is read as well."""
+    import os
+
+    from learnopt.bench.cache import BaselineCache
+    from learnopt.bench.run import REPOSITORY_CACHE
+
+    root = path or os.environ.get("LEARNOPT_BENCH_CACHE") or Path.home() / ".cache/learnopt/bench"
+    extra = [REPOSITORY_CACHE] if REPOSITORY_CACHE.is_dir() else []
+    return BaselineCache(root, read_only=extra)
+
+
+def run_bench_command(optimizers, suite, seeds, out, *, tasks=None, baselines=None,
+                      nadamw_trials=8, baseline_factor=3.0, cache=None, progress=True,
+                      command="") -> dict:
+    """Resolve the optimizers, run the benchmark, write the report; returns the result."""
+    from learnopt.bench.report import write_report
+    from learnopt.bench.run import BASELINES, run_bench
+    from learnopt.resolve import resolve_optimizer
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if nadamw_trials < 0:
+        raise ValueError(f"--nadamw-trials must be >= 0, got {nadamw_trials}")
+    contenders = [resolve_optimizer(spec) for spec in optimizers]
+    result = run_bench(contenders, suite, seeds, _bench_cache(cache), baseline_factor,
+                       tuple(baselines) if baselines is not None else BASELINES,
+                       nadamw_trials, tasks, progress, command)
+    files = write_report(result, out)
+    return {"result": result, "files": files}
+
+
+def _cmd_bench(args) -> int:
+    baselines = [b for b in args.baselines.split(",") if b] if args.baselines else []
+    done = run_bench_command(
+        args.optimizer, args.suite, args.seeds, Path(args.out), tasks=args.task,
+        baselines=baselines, nadamw_trials=args.nadamw_trials,
+        baseline_factor=args.baseline_factor, cache=args.cache,
+        progress=not args.no_progress, command="learnopt " + " ".join(sys.argv[1:]),
+    )
+    print(Path(done["files"]["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in done["files"].values()))
+    return 0
+
+
 def _cmd_main(args) -> int:
     """Meta-train small_fc_lopt with PES for a bounded time, then evaluate it."""
     from learnopt.bench.compare import compare_on_task
@@ -360,6 +406,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--nadamw-trials", type=int, default=0)
     ev.add_argument("--out", default="runs/evaluate")
     ev.set_defaults(fn=_cmd_evaluate)
+
+    b = sub.add_parser("bench", help="optimizers against LR-tuned Adam and other tuned "
+                       "baselines on a task suite: speedups (VeLO §4.1), report and plots")
+    b.add_argument("--optimizer", action="append", required=True, metavar="NAME",
+                   help="an optimizer under test (repeatable): a shipped pretrained name, a "
+                   "meta-training run directory, or a hand-designed optimizer with options, "
+                   "e.g. adam:lr=3e-3")
+    b.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="the task suite (docs/benchmark.md): quick (~6 tasks) or full")
+    b.add_argument("--task", action="append", default=None,
+                   help="only these tasks of the suite (repeatable)")
+    b.add_argument("--seeds", type=int, default=2, help="seeds per configuration (2)")
+    b.add_argument("--baselines", default="sgdm,adamw,nadamw",
+                   help="tuned baselines besides Adam, comma-separated from sgdm, adamw, "
+                   "nadamw ('' for Adam only); default all")
+    b.add_argument("--nadamw-trials", type=int, default=8,
+                   help="random-search trials of NAdamW (8)")
+    b.add_argument("--baseline-factor", type=float, default=3.0,
+                   help="LR-tuned Adam runs this many times the step budget: the largest "
+                   "measurable speedup (3)")
+    b.add_argument("--cache", default=None,
+                   help="baseline cache directory (default $LEARNOPT_BENCH_CACHE or "
+                   "~/.cache/learnopt/bench)")
+    b.add_argument("--out", default="runs/bench", help="report directory (runs/bench)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(fn=_cmd_bench)
 
     tm = sub.add_parser("time-model", help="time sampled tasks on this machine and fit the "
                         "step-time model of the budgeted sampler (VeLO, App. C.4)")

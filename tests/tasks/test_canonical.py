@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from learnopt.tasks.data import registry
-from learnopt.tasks.fixed.registry import TASKS, canonical_names, get_task
+from learnopt.tasks.fixed.registry import TASKS, bench_names, canonical_names, get_task
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_one_registry_with_one_line_descriptions():
     # 10 VeLOdrome-style tasks (7 families) and 2 LOpt tasks, in the one task registry.
     assert len(names) == 12 and names[0] == "ImageMLP_FashionMnist8_Relu32"
     assert all(TASKS[n].canonical and TASKS[n].description.startswith("[canonical]") for n in names)
-    assert len(TASKS) == 9 + 12
+    assert len(TASKS) == 9 + 12 + 26 and len(bench_names()) == 26  # named, canonical, bench
     for entry in TASKS.values():
         assert entry.description and "\n" not in entry.description, entry.name
         assert len(entry.description) <= 100, entry.name

@@ -110,10 +110,24 @@ def describe(name: str) -> str:
             f"{meta.get('estimator', '?')}" + (f", {steps:,} outer steps" if steps else ""))
 
 
-def optimizer(name: str, num_steps: int) -> optax.GradientTransformationExtraArgs:
-    """The pretrained optimizer as an optax transformation (pass ``loss=`` to update)."""
-    lopt, theta, _ = load(name)
-    return lopt.optimizer(theta, num_steps)
+def optimizer(
+    name: str, num_steps: int, guard: bool | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """The pretrained optimizer as an optax transformation.
+
+    A file whose metadata holds ``guard`` (the settings of :func:`learnopt.learned.guard.guarded`)
+    comes wrapped in the divergence guard (docs/stability.md); its ``update`` then needs
+    ``loss=`` (the loss at the current parameters). ``guard=False`` returns the bare learned
+    optimizer, ``guard=True`` wraps it even if the file does not ask for it.
+    """
+    from learnopt.learned.guard import guarded
+
+    lopt, theta, metadata = load(name)
+    opt = lopt.optimizer(theta, num_steps)
+    settings = metadata.get("guard")
+    if guard is None:
+        guard = settings is not None
+    return guarded(opt, **(settings or {})) if guard else opt
 
 
 def export_run(
@@ -121,13 +135,16 @@ def export_run(
     name: str,
     command: str,
     evaluation: dict[str, Any] | None = None,
+    guard: dict[str, Any] | None = None,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Ship the theta of a meta-training run as ``pretrained/NAME.msgpack``.
 
     The metadata records the architecture, the run's full config (task,
     estimator, truncation, outer optimizer), outer steps and wall time from
     its metrics, the machine it ran on, ``command`` (which reproduces it)
-    and, if given, the evaluation it passed.
+    and, if given, the evaluation it passed, the settings of the divergence guard that
+    :func:`optimizer` applies (``guard``), and the earlier runs it started from (``lineage``).
     """
     from learnopt.meta.report import read_metrics
     from learnopt.meta.train import MetaTrainConfig
@@ -138,11 +155,17 @@ def export_run(
     theta = load_checkpoint(run / "theta.msgpack", lopt.init(jax.random.PRNGKey(0))).state
     last = read_metrics(run)[-1]
     machine_path = run / "machine.json"
+    if config.tasks is None:
+        task = config.task
+    else:
+        entries = [e.get("family") or e.get("task") for e in config.tasks["entries"]]
+        task = f"a mixture of {len(entries)} task families and tasks ({', '.join(entries)})"
     metadata = {
         "architecture": config.lopt,
         "architecture_config": lopt.config(),
         "num_meta_params": lopt.num_meta_params(),
-        "task": config.task,
+        "task": task,
+        "task_distribution": config.mixture().to_dict(),
         "estimator": config.estimator,
         "meta_train_config": json.loads(config.to_json()),
         "outer_steps": last["step"],
@@ -155,4 +178,8 @@ def export_run(
         "command": command,
         "evaluation": evaluation or {},
     }
+    if guard is not None:
+        metadata["guard"] = dict(guard)
+    if lineage:
+        metadata["lineage"] = list(lineage)
     return save(HERE / f"{name}{SUFFIX}", theta, metadata)

@@ -3,7 +3,8 @@
 Each entry builds its task lazily (data are read only when the task is built).
 Sizes follow the papers where they name one: the 28x28 Fashion-MNIST MLP and
 the ConvNet are those of Metz et al. 2022, "Practical tradeoffs", arXiv:2203.11860, App. B; the
-8x8 MLP is the small meta-training task a 2-core CPU can afford.
+8x8 MLP is the small meta-training task a 2-core CPU can afford. The ``[bench]`` entries
+(:mod:`.bench`) are the tasks added for the fixed benchmark suite, :mod:`learnopt.bench.suite`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TaskEntry:
     description: str  # one line
     build: Callable[[], Task]
     canonical: bool = False  # a VeLOdrome-style canonical task (:mod:`.canonical`)
+    bench: bool = False  # made for the benchmark suite (:mod:`.bench`, learnopt.bench.suite)
 
 
 def _image_mlp(name: str, dataset: str, size: int, hidden: tuple[int, ...], batch: int = 128):
@@ -110,7 +112,18 @@ def _canonical_entries() -> list[TaskEntry]:
     ]
 
 
-TASKS: dict[str, TaskEntry] = {e.name: e for e in [*_ENTRIES, *_canonical_entries()]}
+def _bench_entries() -> list[TaskEntry]:
+    from learnopt.tasks.fixed.bench import entries
+
+    return [
+        TaskEntry(name, f"[bench] {desc}", build, bench=True)
+        for name, (desc, build) in entries().items()
+    ]
+
+
+TASKS: dict[str, TaskEntry] = {
+    e.name: e for e in [*_ENTRIES, *_canonical_entries(), *_bench_entries()]
+}
 
 
 def list_tasks() -> list[TaskEntry]:
@@ -120,6 +133,11 @@ def list_tasks() -> list[TaskEntry]:
 def canonical_names() -> list[str]:
     """The names of the canonical (VeLOdrome-style) tasks, in registry order."""
     return [e.name for e in TASKS.values() if e.canonical]
+
+
+def bench_names() -> list[str]:
+    """The names of the tasks made for the benchmark suite (:mod:`.bench`), in registry order."""
+    return [e.name for e in TASKS.values() if e.bench]
 
 
 def param_counts(names: list[str] | None = None) -> dict[str, int]:
