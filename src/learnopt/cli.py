@@ -303,34 +303,46 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+#: The optimizer ``learnopt main`` benchmarks: the shipped general-purpose one.
+MAIN_OPTIMIZER = "small_fc_lopt_general"
+
+
 def _cmd_main(args) -> int:
-    """Meta-train small_fc_lopt with PES for a bounded time, then evaluate it."""
-    from learnopt.bench.compare import compare_on_task
-    from learnopt.meta.report import plot_meta_training, write_main_report
-    from learnopt.meta.train import MetaTrainer, load_theta
+    """The main job: a short meta-training demo, then the quick benchmark suite for the
+    shipped general optimizer and the demo's theta against tuned and untuned Adam."""
+    from learnopt import pretrained
+    from learnopt.meta.report import plot_meta_training, read_metrics
+    from learnopt.meta.train import MetaTrainer
 
     out = Path(args.out)
+    shipped = args.optimizer or (MAIN_OPTIMIZER if MAIN_OPTIMIZER in pretrained.available()
+                                 else pretrained.available()[0])
     config = _meta_config(args, out / "meta")
-    trainer = MetaTrainer(config, out / "meta")
-    trainer.run()
+    print(f"1/2 meta-training demo: {config.lopt} with {config.estimator} on {config.task} "
+          f"for {config.max_seconds:g} s", flush=True)
+    MetaTrainer(config, out / "meta").run(progress=not args.no_progress)
     plot_meta_training(out / "meta")
-    theta = load_theta(out / "meta", trainer.lopt)
-    tables = []
-    for task_name in (config.task, args.heldout_task):
-        _, table = compare_on_task(
-            task_name,
-            trainer.lopt,
-            theta,
-            f"{config.lopt} (meta-trained)",
-            out / "eval" / task_name,
-            args.seeds,
-            config.horizon,
-            args.nadamw_trials,
-        )
-        tables.append(table)
-    report = write_main_report(out, config, tables)
+    rows = read_metrics(out / "meta")
+    print(f"2/2 the {args.suite} benchmark suite: {shipped} and the demo's theta against "
+          "LR-tuned Adam and Adam at 1e-3", flush=True)
+    done = run_bench_command(
+        [shipped, str(out / "meta")], args.suite, args.seeds, out / "bench", baselines=[],
+        progress=not args.no_progress, command="learnopt main",
+    )
+    lines = [
+        "# learnopt main job",
+        "",
+        f"1. Meta-training demo: `{config.lopt}` with `{config.estimator}` on `{config.task}`, "
+        f"{rows[-1]['step'] if rows else 0} outer steps in {config.max_seconds:g} s "
+        f"(`meta/meta_loss.png`). The demo's theta is `meta` in the tables below.",
+        f"2. `{shipped}`: {pretrained.describe(shipped)}.",
+        "",
+        Path(done["files"]["markdown"]).read_text(),
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
     print(report.read_text())
-    print(f"report: {report}")
+    print(f"report: {report} (plots under {out / 'bench'})")
     return 0
 
 
@@ -442,13 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--out", default="time_model.json")
     tm.set_defaults(fn=_cmd_time_model)
 
-    m = sub.add_parser("main", help="the main job: meta-train small_fc_lopt, then evaluate it")
-    _add_meta_args(m, outer_steps=100_000, max_seconds=600.0)
-    m.set_defaults(no_progress=False)
-    m.add_argument("--heldout-task", default="digits_mlp_8x8")
-    m.add_argument("--seeds", type=int, default=5)
-    m.add_argument("--nadamw-trials", type=int, default=0)
+    m = sub.add_parser("main", help="the main job: a short meta-training demo, then the quick "
+                       "benchmark suite for the shipped general optimizer vs tuned Adam")
+    _add_meta_args(m, outer_steps=100_000, max_seconds=180.0)
+    m.add_argument("--optimizer", default=None,
+                   help=f"the optimizer benchmarked beside the demo (default {MAIN_OPTIMIZER})")
+    m.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="the benchmark suite (quick)")
+    m.add_argument("--seeds", type=int, default=2, help="seeds per configuration (2)")
     m.add_argument("--out", default="runs/main")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(fn=_cmd_main)
     return p
 

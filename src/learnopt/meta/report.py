@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,30 +30,6 @@ def plot_meta_training(run_dir: str | os.PathLike) -> Path:
         ylabel="mean normalised training loss over a truncation",
     )
     return out
-
-
-def write_main_report(out: Path, config, tables: list[Path]) -> Path:
-    """``report.md``: the meta-training config and wall time, then each task's table."""
-    rows = read_metrics(out / "meta")
-    last = rows[-1] if rows else {}
-    lines = [
-        "# learnopt main job",
-        "",
-        f"Meta-trained `{config.lopt}` with `{config.estimator}` on `{config.task}` for "
-        f"{last.get('step', 0)} outer steps in {last.get('seconds', 0.0):.0f} s "
-        f"({last.get('num_dropped', 0)} non-finite meta-gradients dropped).",
-        "",
-        "Config: `" + json.dumps(dataclasses.asdict(config)) + "`",
-        "",
-        "Meta-loss curve: `meta/meta_loss.png`.",
-        "",
-    ]
-    for table in tables:
-        rel = table.parent.relative_to(out)
-        lines += [table.read_text(), f"Learning curves: `{rel}/curves.png`.", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
 
 
 def plot_heldout(path: str | os.PathLike, steps, result, title: str) -> Path:
