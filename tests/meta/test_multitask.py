@@ -218,3 +218,43 @@ def test_a_hung_task_is_reported_and_replaced(recwarn):
     assert [int(s["draw"]) for s in out.state["slots"]] == [0, 2]  # a fresh draw took over
     assert any("quadratic_x2" in str(w.message) for w in recwarn)
     assert np.isfinite(float(out.grad["log_lr"]))
+
+
+def test_a_slot_keeps_the_time_scale_it_was_drawn_under_and_restores_to_the_same_task():
+    import pathlib
+
+    from flax import serialization
+
+    from learnopt.meta.sources import MixtureEntry, TaskMixture, TaskSource, TimeBudget
+
+    model = pathlib.Path(__file__).resolve().parents[2] / "benchmarks/results/time_model.json"
+    mixture = TaskMixture(
+        (MixtureEntry(family="velo_mlp", options={"size": "tiny"}),),
+        time_budget=TimeBudget(str(model), time_scale=0.5,
+                               curriculum={"start": 1.0, "end": 100.0, "num_steps": 10}),
+    )
+    make = lambda: MultiTaskEstimator(  # noqa: E731
+        TaskSource(mixture, 0), LOPT, num_slots=2, num_tasks=2, horizon=4, trunc_length=2,
+        estimator="tbptt", random_offset=False,
+    )
+    engine = make()
+    state = engine.init_state(THETA, jax.random.PRNGKey(0))  # draws 0 and 1 at outer step 0
+    # slot 1 replaced by draw 4 at outer step 10, the curriculum's end: scale 0.5 * 100
+    state["slots"][1] = engine._new_slot(THETA, jax.random.PRNGKey(1), 4, 10, 0)
+    assert [s["scale"] for s in state["slots"]] == pytest.approx([0.5, 50.0], rel=1e-6)
+    assert [s["draw"] for s in state["slots"]] == [0, 4]
+    # draw 4's config depends on the scale: a restore that ignored it would build another task
+    end_scale = state["slots"][1]["scale"]
+    assert engine.draw(4, end_scale).task.name != engine.draw(4, 0.5).task.name
+    raw = serialization.msgpack_restore(checkpoint_bytes(state))["state"]
+    fresh = make()
+    restored = restore_state(fresh.state_template(THETA, raw), raw)
+    for old, new in zip(state["slots"], restored["slots"], strict=True):
+        assert float(new["scale"]) == old["scale"]
+        before = engine.draw(old["draw"], old["scale"])
+        after = fresh.draw(int(new["draw"]), float(new["scale"]))
+        assert after.task.name == before.task.name and after.spec == before.spec
+        assert after.spec["time_scale"] == old["scale"]
+    assert engine.estimator_for(4, 4, 2, scale=state["slots"][1]["scale"]).cache_key == (
+        fresh.estimator_for(4, 4, 2, scale=float(restored["slots"][1]["scale"])).cache_key
+    )

@@ -154,6 +154,10 @@ def test_every_schedule_round_trips_through_json():
             r"unknown keys \['lo'\] for schedule 'fixed'; accepted: \['length'\]",
         ),
         (
+            lambda: schedule_from_dict({"kind": "time_budget", "start": 1.0}),
+            r"schedule 'time_budget' needs keys \['end', 'num_steps'\]; got \['start'\]",
+        ),
+        (
             lambda: FixedLength.from_dict({"kind": "uniform", "length": 3}),
             r"FixedLength.from_dict needs kind 'fixed', got 'uniform'",
         ),

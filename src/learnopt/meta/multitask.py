@@ -65,10 +65,16 @@ class MultiTaskEstimator:
     curriculum) and a per-draw key (a sampled length); all inner runs of a slot share them,
     and a slot lives ``ceil(horizon / trunc_length)`` outer steps unless ``lifetime`` is given.
 
+    A source whose time budget has a curriculum (``source.scale_at(outer_step)`` not None,
+    :class:`~learnopt.meta.sources.TaskSource`) draws each slot's task under the time scale of
+    the outer step at which the slot is drawn (VeLO §3.3, App. D.3: budgets grow over
+    meta-training), and the slot keeps that scale.
+
     The state is a plain dict: ``step`` (outer steps taken), ``next_draw`` (the index of the
     next draw), and per slot its ``draw`` index, ``age`` in outer steps, ``horizon``,
-    ``trunc`` and estimator ``state``. It is checkpointed like any pytree;
-    :meth:`state_template` rebuilds the slots' tasks from their draw indices to restore it.
+    ``trunc``, ``scale`` (only under a budget curriculum) and estimator ``state``. It is
+    checkpointed like any pytree; :meth:`state_template` rebuilds the slots' tasks from their
+    draw indices (and scales) to restore it.
     """
 
     def __init__(
@@ -127,11 +133,23 @@ class MultiTaskEstimator:
         self.compile_seconds = 0.0
 
     # -- slots -------------------------------------------------------------------------
-    def draw(self, index: int) -> TaskDraw:
-        if index not in self._draws:
-            self._draws = {i: d for i, d in self._draws.items() if i > index - 4 * self.num_slots}
-            self._draws[index] = self.source.draw(index)
-        return self._draws[index]
+    def draw(self, index: int, scale: float | None = None) -> TaskDraw:
+        """Draw ``index`` of the source, under time scale ``scale`` (None: the source's own)."""
+        if (index, scale) not in self._draws:
+            self._draws = {
+                k: d for k, d in self._draws.items() if k[0] > index - 4 * self.num_slots
+            }
+            if scale is None:  # sources without a budget curriculum need not take a scale
+                self._draws[(index, scale)] = self.source.draw(index)
+            else:
+                self._draws[(index, scale)] = self.source.draw(index, scale=scale)
+        return self._draws[(index, scale)]
+
+    def draw_scale(self, outer_step: int) -> float | None:
+        """The time scale of a draw made at ``outer_step`` (``source.scale_at``), or None when
+        the source has no budget curriculum."""
+        scale_at = getattr(self.source, "scale_at", None)
+        return None if scale_at is None else scale_at(outer_step)
 
     def lengths(self, outer_step: int, index: int) -> tuple[int, int]:
         """``(horizon, trunc_length)`` of draw ``index`` made at ``outer_step``."""
@@ -150,11 +168,13 @@ class MultiTaskEstimator:
         return max(1, math.ceil(int(slot["horizon"]) / int(slot["trunc"])))
 
     def estimator_for(
-        self, index: int, horizon: int, trunc: int, count: bool = True
+        self, index: int, horizon: int, trunc: int, count: bool = True,
+        scale: float | None = None,
     ) -> GradientEstimator:
-        """The (cached) estimator of draw ``index`` at these lengths. ``count``: a lookup for a
-        new slot, counted as a cache hit or miss (a slot's later steps are not counted)."""
-        draw = self.draw(index)
+        """The (cached) estimator of draw ``index`` (under time scale ``scale``) at these
+        lengths. ``count``: a lookup for a new slot, counted as a cache hit or miss (a slot's
+        later steps are not counted)."""
+        draw = self.draw(index, scale)
         key = f"{draw.cache_key}|horizon={horizon}|trunc={trunc}"
         if key in self._cache:
             self.cache_hits += count
@@ -181,9 +201,18 @@ class MultiTaskEstimator:
 
     def _new_slot(self, theta: MetaParams, key: jax.Array, index: int, step: int, age: int):
         horizon, trunc = self.lengths(step, index)
-        est = self.estimator_for(index, horizon, trunc)
+        scale = self.draw_scale(step)
+        est = self.estimator_for(index, horizon, trunc, scale=scale)
         state = est.init_state(theta, jax.random.fold_in(key, index))
-        return {"draw": index, "age": age, "horizon": horizon, "trunc": trunc, "state": state}
+        slot = {"draw": index, "age": age, "horizon": horizon, "trunc": trunc}
+        if scale is not None:
+            slot["scale"] = scale
+        slot["state"] = state
+        return slot
+
+    @staticmethod
+    def _scale(slot: dict[str, Any]) -> float | None:
+        return float(slot["scale"]) if "scale" in slot else None
 
     def init_state(self, theta: MetaParams, key: jax.Array) -> dict[str, Any]:
         slots = [self._new_slot(theta, key, k, 0, 0) for k in range(self.num_slots)]
@@ -200,10 +229,14 @@ class MultiTaskEstimator:
         slots = []
         for raw in raw_slots:
             index, horizon, trunc = int(raw["draw"]), int(raw["horizon"]), int(raw["trunc"])
-            est = self.estimator_for(index, horizon, trunc)
+            scale = self._scale(raw)
+            est = self.estimator_for(index, horizon, trunc, scale=scale)
             state = est.init_state(theta, jax.random.PRNGKey(0))
-            slots.append({"draw": index, "age": 0, "horizon": horizon, "trunc": trunc,
-                          "state": state})
+            slot = {"draw": index, "age": 0, "horizon": horizon, "trunc": trunc}
+            if scale is not None:
+                slot["scale"] = scale
+            slot["state"] = state
+            slots.append(slot)
         return {"step": 0, "next_draw": 0, "slots": slots}
 
     # -- one outer step --------------------------------------------------------------
@@ -218,14 +251,16 @@ class MultiTaskEstimator:
                 slot = self._new_slot(theta, key, next_draw, step, 0)
                 next_draw += 1
                 replaced += 1
-            index = int(slot["draw"])
-            est = self.estimator_for(index, int(slot["horizon"]), int(slot["trunc"]), False)
+            index, scale = int(slot["draw"]), self._scale(slot)
+            est = self.estimator_for(
+                index, int(slot["horizon"]), int(slot["trunc"]), False, scale
+            )
             start = time.perf_counter()
             watchdog = self._watchdogs.setdefault(est.cache_key, StepWatchdog(**self.watchdog))
             try:
                 meta_loss, grad, slot["state"], slot_metrics = watchdog.run(
                     est.estimate, theta, slot["state"], jax.random.fold_in(key, index),
-                    task=self.draw(index).task.name,
+                    task=self.draw(index, scale).task.name,
                 )
             except StepHangError as e:  # abandon the task; a fresh draw takes its slot
                 warnings.warn(str(e), RuntimeWarning, stacklevel=2)
@@ -260,6 +295,9 @@ class MultiTaskEstimator:
         }
         for i, x in enumerate(losses):
             metrics[f"meta_loss_slot{i}"] = x
+        scale = self.draw_scale(step)
+        if scale is not None:  # the budget curriculum's time scale for this step's draws
+            metrics["time_scale"] = scale
         meta_loss = sum(finite) / len(finite) if finite else math.nan
         new_state = {"step": step + 1, "next_draw": next_draw, "slots": slots}
         return Estimate(jnp.asarray(meta_loss), grad, new_state, metrics)

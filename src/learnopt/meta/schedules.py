@@ -11,9 +11,10 @@ Two kinds of schedule, each a small frozen dataclass called as ``schedule(outer_
   arXiv:2009.11243, App. B grows truncations from 300 to 10k this way),
   :class:`PiecewiseCurriculum` (``(outer_step, horizon)`` breakpoints, held constant or
   interpolated between them; the schedules compared in VeLO, §3.3, Fig. 20) and
-  :class:`TimeBudgetCurriculum` (the maximum seconds per inner step for the time-budgeted task
-  sampler of :mod:`learnopt.tasks.timing`, growing geometrically so that larger problems enter
-  later, as in VeLO's phases, App. D.3).
+  :class:`TimeBudgetCurriculum` (a time budget growing geometrically so that larger problems
+  enter later, as in VeLO's phases, App. D.3: either the maximum seconds per inner step for the
+  time-budgeted sampling of :mod:`learnopt.tasks.timing`, or, as the ``curriculum`` of
+  :class:`learnopt.meta.sources.TimeBudget`, a factor on its ``time_scale``).
 
 Every call is a pure jax function of ``(outer_step, key)`` returning a scalar array (int32 for
 lengths and horizons, float32 for budgets): it traces under ``jit`` and ``vmap`` (one length
@@ -71,6 +72,13 @@ class _Schedule:
             raise ValueError(
                 f"unknown keys {unknown} for schedule {cls.kind!r}; accepted: {sorted(names)}"
             )
+        required = [
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"schedule {cls.kind!r} needs keys {missing}; got {sorted(data)}")
         return cls(**data)
 
 
@@ -207,10 +215,12 @@ class PiecewiseCurriculum(_Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class TimeBudgetCurriculum(_Schedule):
-    """Maximum seconds per inner step: ``start * (end / start) ** min(k / num_steps, 1)``.
+    """A time budget at outer step ``k``: ``start * (end / start) ** min(k / num_steps, 1)``.
 
     Geometric from ``start`` to ``end`` over ``num_steps`` outer steps (budgets span orders of
-    magnitude), then ``end``; ``end < start`` (a shrinking budget) is refused.
+    magnitude), then ``end``; ``end < start`` (a shrinking budget) is refused. The value is in
+    seconds per inner step, or a unitless factor where it scales a budget (the ``curriculum``
+    of :class:`learnopt.meta.sources.TimeBudget` multiplies ``time_scale`` by it).
     """
 
     start: float

@@ -13,8 +13,18 @@ config is rejection-sampled under the budget with the step-time model of
 :mod:`learnopt.tasks.timing`. Other entries (named tasks, TaskSet and synthetic families) are
 not budgeted.
 
-Draw ``i`` depends only on the mixture, the seed and ``i`` (:meth:`TaskSource.draw`), so a
-resumed run rebuilds the tasks it was training from their indices.
+A budget may grow during meta-training, so that larger problems enter later: VeLO trains in
+phases of growing time budgets (§3.3, App. D.3; the phase-two thresholds of the released code
+are 2.5-5x phase one's).
+``time_budget.curriculum`` is a :class:`~learnopt.meta.schedules.TimeBudgetCurriculum` whose
+value at the outer step of a draw *multiplies* ``time_scale`` (``time_scale`` stays the
+calibration to this machine; the curriculum is a unitless growth factor, ``start=1`` begins at
+the plain budget): the scale in effect is :meth:`TaskSource.scale_at` of that outer step.
+
+Draw ``i`` depends only on the mixture, the seed, ``i`` and the scale in effect
+(:meth:`TaskSource.draw`; without a curriculum, ``time_scale``), so a resumed run rebuilds the
+tasks it was training from their indices and scales (the multi-task estimator keeps both in
+its slots).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from learnopt.meta.schedules import TimeBudgetCurriculum
 from learnopt.tasks import augment, timing
 from learnopt.tasks.base import Task, config_to_dict
 from learnopt.tasks.families import velo
@@ -74,21 +85,55 @@ class MixtureEntry:
         return None
 
 
+def budget_curriculum(data: Any) -> TimeBudgetCurriculum:
+    """The curriculum of a :class:`TimeBudget`: a :class:`TimeBudgetCurriculum` or its dict
+    (``{"kind": "time_budget", "start": 1.0, "end": 4.0, "num_steps": 20000}``; ``kind`` may be
+    left out). Raises ``ValueError`` for another kind, unknown or missing keys, bad values."""
+    if isinstance(data, TimeBudgetCurriculum):
+        return data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"time_budget.curriculum must be a table/dict, got {data!r}")
+    kind = data.get("kind", TimeBudgetCurriculum.kind)
+    if kind != TimeBudgetCurriculum.kind:
+        raise ValueError(
+            f"time_budget.curriculum must be of kind {TimeBudgetCurriculum.kind!r} (a geometric "
+            f"growth of time_scale: start, end, num_steps), got kind {kind!r}"
+        )
+    return TimeBudgetCurriculum.from_dict({**data, "kind": kind})
+
+
 @dataclasses.dataclass(frozen=True)
 class TimeBudget:
     """VeLO's time-budgeted sampling: thresholds of ``phase`` (1 or 2) times ``time_scale``,
-    predicted with the step-time model saved at ``model`` (``learnopt time-model``)."""
+    predicted with the step-time model saved at ``model`` (``learnopt time-model``).
+
+    ``curriculum`` (optional, a :class:`TimeBudgetCurriculum` dict): ``time_scale`` is
+    multiplied by its value at the outer step of each draw (:meth:`scale_at`)."""
 
     model: str
     phase: int = 1
     time_scale: float = 10.0
     max_tries: int = 100
+    curriculum: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
             raise ValueError(f"time_budget.phase must be 1 or 2, got {self.phase}")
         if not self.time_scale > 0:
             raise ValueError(f"time_budget.time_scale must be > 0, got {self.time_scale}")
+        if self.curriculum is not None:
+            object.__setattr__(
+                self, "curriculum", budget_curriculum(self.curriculum).to_dict()
+            )
+
+    def scale_at(self, outer_step: int) -> float:
+        """The time scale of a draw made at ``outer_step``: ``time_scale * curriculum(step)``
+        (``time_scale`` without a curriculum), rounded to float32 so that it survives a
+        checkpoint in either precision unchanged."""
+        if self.curriculum is None:
+            return float(self.time_scale)
+        factor = float(budget_curriculum(self.curriculum)(outer_step))
+        return float(np.float32(self.time_scale * factor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +161,10 @@ class TaskMixture:
             "augment": self.augment,
         }
         if self.time_budget is not None:
-            out["time_budget"] = dataclasses.asdict(self.time_budget)
+            budget = dataclasses.asdict(self.time_budget)
+            if budget["curriculum"] is None:
+                del budget["curriculum"]  # as written before curricula existed
+            out["time_budget"] = budget
         return out
 
     @classmethod
@@ -137,6 +185,13 @@ class TaskMixture:
                 )
             entries.append(MixtureEntry(**e))
         budget = data.get("time_budget")
+        if budget:
+            known = [f.name for f in dataclasses.fields(TimeBudget)]
+            bad = set(budget) - set(known)
+            if bad:
+                raise ValueError(
+                    f"unknown time_budget keys {sorted(bad)}; known: {', '.join(known)}"
+                )
         return cls(
             tuple(entries),
             bool(data.get("augment", False)),
@@ -163,6 +218,11 @@ class TaskSource:
 
     def __init__(self, mixture: TaskMixture, seed: int = 0):
         self.mixture = mixture
+        budget = mixture.time_budget
+        self.curriculum = (
+            budget_curriculum(budget.curriculum)
+            if budget is not None and budget.curriculum is not None else None
+        )
         self.key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x7A5C)
         self._families: dict[int, Any] = {}
         weights = np.asarray([e.weight for e in mixture.entries], float)
@@ -209,10 +269,28 @@ class TaskSource:
         rng = np.random.default_rng(np.asarray(jax.random.key_data(k_entry)).tolist())
         return int(rng.choice(len(weights), p=weights)), threshold
 
-    def draw(self, index: int) -> TaskDraw:
-        """The ``index``-th task of the run (deterministic)."""
+    def scale_at(self, outer_step: int) -> float | None:
+        """The time scale for draws made at ``outer_step`` under the budget's curriculum
+        (:meth:`TimeBudget.scale_at`), or None without a curriculum (draws then use
+        ``time_scale``, as :meth:`draw` does without ``scale``)."""
+        if self.curriculum is None:
+            return None
+        return self.mixture.time_budget.scale_at(outer_step)
+
+    def draw(self, index: int, scale: float | None = None) -> TaskDraw:
+        """The ``index``-th task of the run (deterministic in ``index`` and ``scale``).
+
+        ``scale``: the time scale in effect (:meth:`scale_at` of the outer step of the draw);
+        None uses ``time_budget.time_scale``. A budgeted draw made with a ``scale`` records it
+        in its spec (``time_scale``), and so in its cache key.
+        """
         _, _, k_config, k_augment = self._keys(index)
         budget = self.mixture.time_budget
+        if scale is not None:
+            if budget is None:
+                raise ValueError("a draw's scale applies to a mixture with a time_budget only")
+            if not 0 < scale < float("inf"):
+                raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
         i, threshold = self.choose(index)
         entry = self.mixture.entries[i]
         spec: dict[str, Any] = {"entry": entry.name}
@@ -221,11 +299,13 @@ class TaskSource:
         else:
             family = self._family(i)
             if threshold is not None and entry.velo_family is not None:
+                time_scale = budget.time_scale if scale is None else scale
                 config = timing.sample_within_budget(
-                    family, k_config, threshold * budget.time_scale, self._model,
-                    budget.max_tries,
+                    family, k_config, threshold * time_scale, self._model, budget.max_tries,
                 )
-                spec["max_seconds_per_step"] = threshold * budget.time_scale
+                spec["max_seconds_per_step"] = threshold * time_scale
+                if scale is not None:
+                    spec["time_scale"] = scale
             else:
                 config = family.sample(k_config)
             spec["options"] = dict(entry.options)
