@@ -108,3 +108,28 @@ def test_a_corrupt_or_foreign_file_is_refused_naming_it(tmp_path):
     pretrained.save(wrong, {"log_lr": jnp.zeros(3)}, {"architecture": "learnable_sgd"})
     with pytest.raises(CheckpointError, match=r"wrong.msgpack: .*log_lr.* shape \(3,\)"):
         pretrained.load(str(wrong))
+
+
+def test_the_general_optimizer_records_its_distribution_and_comes_guarded():
+    """``small_fc_lopt_general``: meta-trained on a mixture that lists no bench-suite task,
+    with its lineage; ``optimizer`` wraps it in the divergence guard (which needs ``loss=``),
+    ``guard=False`` gives the bare learned optimizer with the same first update."""
+    from learnopt.bench.suite import SUITES
+
+    meta, _ = pretrained.read("small_fc_lopt_general")
+    entries = meta["task_distribution"]["entries"]
+    assert len(entries) == 14 and meta["architecture"] == "small_fc_lopt"
+    named = {e["task"] for e in entries if "task" in e}
+    assert not named & set(SUITES["full"])
+    assert meta["guard"] == {"blowup_factor": 1.0, "shrink": 0.5}
+    assert meta["lineage"][0]["outer_steps"] == 1276
+    assert meta["outer_steps"] >= 1000 and meta["meta_train_config"]["init_theta"]
+    params = {"w": jnp.ones((3, 2))}
+    grads = {"w": jnp.full((3, 2), 0.5)}
+    guarded = pretrained.optimizer("small_fc_lopt_general", num_steps=100)
+    bare = pretrained.optimizer("small_fc_lopt_general", num_steps=100, guard=False)
+    with pytest.raises(ValueError, match="loss"):
+        guarded.update(grads, guarded.init(params), params)
+    u_guarded, _ = guarded.update(grads, guarded.init(params), params, loss=jnp.asarray(1.0))
+    u_bare, _ = bare.update(grads, bare.init(params), params, loss=jnp.asarray(1.0))
+    np.testing.assert_allclose(u_guarded["w"], u_bare["w"], rtol=1e-6)
