@@ -90,8 +90,8 @@ def test_optimizers_lists_hand_designed_learned_and_pretrained_one_line_each(cap
     lines = capsys.readouterr().out.splitlines()
     first = {line.split()[0]: line for line in lines if line.startswith("  ")}
     names = [n for n, _ in list_optimizers()] + list(LEARNED) + pretrained.available()
-    assert pretrained.available() == ["small_fc_lopt_fmnist8"]
-    assert len(first) == len(names) == len(list_optimizers()) + 10 + 1
+    assert pretrained.available() == ["small_fc_lopt_fmnist8", "small_fc_lopt_general"]
+    assert len(first) == len(names) == len(list_optimizers()) + 10 + 2
     for name in names:
         assert len(first[name].split(maxsplit=1)) == 2, f"{name} has no description"
     assert "197 meta-params" in first["small_fc_lopt"]

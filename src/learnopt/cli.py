@@ -147,16 +147,48 @@ def _meta_config(args, run_dir: Path | None = None):
     override it.
     """
     import dataclasses
+    import math
 
+    from learnopt.meta.sources import TaskMixture
     from learnopt.meta.train import MetaTrainConfig
+
+    # Numbers given on the command line, checked before anything else (and by flag name).
+    flags = (*_META_FLAGS, "keep_checkpoints", "max_nonfinite_steps")
+    for name in ("num_tasks", "task_slots", "horizon", "trunc_length", "outer_steps",
+                 "checkpoint_every", "keep_theta_every", "keep_checkpoints"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            hint = ": nothing to train" if name == "outer_steps" else ""
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
+                             f"got {value}{hint}")
+    if getattr(args, "max_nonfinite_steps", None) is not None and args.max_nonfinite_steps < 0:
+        raise ValueError(f"--max-nonfinite-steps must be >= 0 (0: never stop), got "
+                         f"{args.max_nonfinite_steps}")
+    for name in ("outer_lr", "max_seconds", "std"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            hint = ": nothing to train" if name == "max_seconds" else ""
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, "
+                             f"got {value}{hint}")
 
     if args.config is not None:
         base = MetaTrainConfig.from_file(args.config)
-    elif run_dir is not None and (run_dir / "config.json").exists():
-        base = MetaTrainConfig.from_json((run_dir / "config.json").read_text())
+    elif run_dir is not None and (run_dir / "config.json").is_file():
+        path = run_dir / "config.json"
+        try:
+            base = MetaTrainConfig.from_json(path.read_text())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a readable run config ({e}); fix or delete it, "
+                             "or use another --out") from e
     else:
         base = MetaTrainConfig(**args.meta_defaults)
-    changes = {k: getattr(args, k) for k in _META_FLAGS if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in flags if getattr(args, k, None) is not None}
+    if changes.get("max_nonfinite_steps") == 0:
+        changes["max_nonfinite_steps"] = None
+    # --task replaces the base's task distribution when that is just the base's own task
+    # (the config completes tasks=None with it); a declared mixture is kept.
+    if "task" in changes and base.tasks == TaskMixture.single(base.task).to_dict():
+        changes["tasks"] = None
     # A different estimator or architecture starts from its own defaults, not the base's.
     new_estimator = changes.get("estimator", base.estimator) != base.estimator
     options = _json_object(args.estimator_options, "--estimator-options") or {}
@@ -182,7 +214,7 @@ def _cmd_meta_train(args) -> int:
     if args.ray_address and not args.workers:
         raise ValueError("--ray-address needs --workers N (how many workers to start there)")
     config = _meta_config(args, out)
-    trainer = MetaTrainer(config, out)
+    trainer = MetaTrainer(config, out)  # checks OUT and a saved config; writes nothing
     if args.workers:
         from learnopt.distributed import RayMetaGradients
 
@@ -491,8 +523,16 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
     p.add_argument("--trunc-length", type=int, help="truncation length (20)")
     p.add_argument("--outer-lr", type=float, help="outer Adam learning rate (3e-4)")
     p.add_argument("--outer-steps", type=int, help=f"outer steps ({outer_steps})")
-    p.add_argument("--max-seconds", type=float, help=f"wall-time budget ({max_seconds})")
+    p.add_argument("--max-seconds", type=float,
+                   help="time budget in seconds of training, not counting compile time (the "
+                   f"first call of each compiled program) ({max_seconds})")
     p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints (100)")
+    p.add_argument("--keep-checkpoints", type=int,
+                   help="keep the last N checkpoints as OUT/checkpoint_<step>.msgpack; a "
+                   "resume falls back along them past a corrupt one (3)")
+    p.add_argument("--max-nonfinite-steps", type=int,
+                   help="stop (checkpointed, exit code 3) after N consecutive outer steps "
+                   "whose meta-gradient was not finite; 0: never stop (20)")
     p.add_argument("--keep-theta-every", type=int,
                    help="keep a copy of theta every N outer steps under OUT/thetas/ (off)")
     p.add_argument("--seed", type=int, help="seed (0)")
@@ -500,12 +540,38 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad input (``ValueError``, ``FileNotFoundError``) is one line
+    ``learnopt: error: ...`` and exit code 2; an error that carries an ``exit_code`` (a
+    diverged meta-training run: 3) one such line and that code; an interrupt (Ctrl-C,
+    SIGTERM during meta-training) one line and 128 + the signal number. learnopt's own
+    warnings are one line ``learnopt: warning: ...``. No traceback in any of these cases."""
+    import warnings
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"learnopt: error: {e}", file=sys.stderr)
-        return 2
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("learnopt."):
+            print(f"learnopt: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            return args.fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"learnopt: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"learnopt: {str(e) or 'interrupted'}", file=sys.stderr)
+            return getattr(e, "exit_code", 130)
+        except Exception as e:
+            code = getattr(e, "exit_code", None)
+            if not isinstance(code, int):
+                raise
+            print(f"learnopt: error: {e}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ file in the destination directory, flushes and fsyncs it, then moves it into pla
 ``os.replace``. A reader (another process, a run resumed after a kill) sees the old file,
 the new file or nothing, never half a file; a failed write leaves no temporary file behind.
 
+**Strict JSON.** Python's ``json`` writes NaN and infinities as the bare words ``NaN`` and
+``Infinity``, which are not JSON (RFC 8259) and which strict readers (``jq``, JavaScript,
+``json.loads(..., parse_constant=...)``) refuse. :func:`finite_json` replaces every
+non-finite float by ``null`` and says where it did; :func:`dumps_json` and
+:func:`atomic_write_json` write only strictly valid JSON.
+
 **Checkpoints.** :func:`save_checkpoint` writes one msgpack file (``flax.serialization``)
 holding a pytree ``state``, the ``config`` that produced it (a JSON object) and a format
 version::
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -78,15 +85,66 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(
     path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False
 ) -> Path:
-    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically; returns the path."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+    """Write ``obj`` as strict JSON (with a final newline) to ``path`` atomically; returns
+    the path. Non-finite floats are written as ``null`` (:func:`finite_json`)."""
+    return atomic_write_text(path, dumps_json(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+# --- strict JSON ----------------------------------------------------------------------------
+
+
+def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by ``None``, and where.
+
+    Walks dicts, lists and tuples; numpy scalars and 0-d arrays become Python numbers. The
+    second value lists the replaced entries as paths: ``"meta_loss"``, ``"a.b"``,
+    ``"curve[3]"`` (empty if every number was finite).
+    """
+    import numpy as np
+
+    if isinstance(obj, np.generic | np.ndarray) and np.ndim(obj) == 0:
+        obj = obj.item()
+    if isinstance(obj, float):
+        return (obj, []) if math.isfinite(obj) else (None, [where or "value"])
+    if isinstance(obj, Mapping):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = finite_json(v, f"{where}.{k}" if where else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, list | tuple):
+        out, bad = [], []
+        for i, v in enumerate(obj):
+            value, b = finite_json(v, f"{where}[{i}]")
+            out.append(value)
+            bad += b
+        return out, bad
+    return obj, []
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``obj`` with non-finite floats as ``null``: always strict JSON."""
+    return json.dumps(finite_json(obj)[0], allow_nan=False, **kwargs)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: corrupt, unknown format version, wrong shape."""
+    """A checkpoint file that cannot be read: corrupt, unknown format version, wrong shape.
+
+    The message names the file; ``reason`` is the message without the advice on what to do
+    (``fix``) that may follow it.
+    """
+
+    def __init__(self, reason: str, fix: str | None = None):
+        super().__init__(reason if fix is None else f"{reason}; {fix}")
+        self.reason = reason
+
+
+# What to do about an unreadable checkpoint file (the end of CheckpointError's message).
+_FIX = ("replace it with a good copy, or delete it: a meta-training run then resumes from its "
+        "previous checkpoint_<step>.msgpack, or starts over if it has none")
 
 
 class Checkpoint(NamedTuple):
@@ -138,11 +196,11 @@ def load_checkpoint(path: str | os.PathLike, template: Any = None) -> Checkpoint
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises ValueError, ExtraData, FormatError, ...
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (corrupt or cut short: {e})"
+            f"{path}: not a readable checkpoint (corrupt or cut short: {e})", _FIX
         ) from e
     if not isinstance(raw, dict):
         raise CheckpointError(
-            f"{path}: not a checkpoint (holds a {type(raw).__name__}, not a mapping)"
+            f"{path}: not a checkpoint (holds a {type(raw).__name__}, not a mapping)", _FIX
         )
     if "format_version" in raw:
         version = raw["format_version"]

@@ -14,20 +14,48 @@ step). So a run that is killed and resumed from its last checkpoint repeats
 exactly the steps it lost and reaches the same theta as an uninterrupted run.
 
 Files in ``out_dir``: ``config.json`` (the MetaTrainConfig), ``machine.json``,
-``checkpoint.msgpack`` and ``theta.msgpack`` (the full state, and the latest
+``checkpoint.msgpack`` and ``theta.msgpack`` (the latest full state, and the latest
 meta-parameters alone for evaluation; both ``learnopt.io`` checkpoints holding the config
-and a format version, written atomically), ``metrics.jsonl`` (one line per outer step; on
-resume, lines past the checkpoint are dropped so each step appears once).
+and a format version, written atomically), ``checkpoint_<step>.msgpack`` (copies of the
+last ``keep_checkpoints`` full states), ``metrics.jsonl`` (one line per outer step; on
+resume, lines past the checkpoint are dropped so each step appears once) and ``.lock``.
+
+**Faults and bad input.** Nothing is written before the config, the learned optimizer, the
+estimator and the run directory have been checked, so a refused command leaves nothing that
+would refuse the corrected one. ``run()`` holds an exclusive ``flock`` on ``OUT/.lock`` (the
+file holds the holder's pid): a second writer on the same directory gets
+:class:`RunLockedError` naming that pid before it writes anything. SIGINT and SIGTERM end
+the current outer step (a second signal abandons it), write a checkpoint and raise
+:class:`RunInterrupted` (the command line exits 130 or 143 with one line). On resume each
+checkpoint is checked on load (readable, the run's config, the expected structure); a bad
+latest one falls back to the newest good ``checkpoint_<step>.msgpack`` with a
+:class:`CheckpointFallbackWarning` naming both. After ``max_nonfinite_steps`` consecutive
+outer steps whose meta-gradient was not finite (and so was dropped by the learner) the run
+checkpoints and raises :class:`MetaTrainingDiverged` (exit code 3). Every JSON file and
+line written is strict JSON: a non-finite number is written as ``null`` and the record
+names it under ``"nonfinite"``.
+
+**Time budget.** ``max_seconds`` counts training time, not compilation: the seconds spent
+in the first call of each compiled program (the estimator's ``compile_seconds`` metric, the
+learner's first update) are left out, so a budget buys the same number of outer steps
+however long XLA takes to compile; ``"seconds"`` in ``metrics.jsonl`` is this budgeted time,
+summed over resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import math
 import os
+import signal
+import threading
 import time
 import tomllib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +64,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from learnopt.io import (
+    CheckpointError,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    checkpoint_bytes,
+    dumps_json,
+    finite_json,
     load_checkpoint,
     machine_info,
     restore_state,
@@ -74,8 +107,14 @@ class MetaTrainConfig:
     # Further outer-learner settings (meta.learner.LearnerConfig: warmup_steps, schedule, ...).
     learner: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     outer_steps: int = 100_000
+    # Training seconds, compile time excluded (the first call of each compiled program).
     max_seconds: float | None = None
     checkpoint_every: int = 100
+    # Full-state copies kept as checkpoint_<step>.msgpack (resume falls back along them).
+    keep_checkpoints: int = 3
+    # Stop (checkpointed, MetaTrainingDiverged) after this many consecutive outer steps whose
+    # meta-gradient was not finite; None: never stop.
+    max_nonfinite_steps: int | None = 20
     seed: int = 0
     # or "outer_valid" (Metz et al. 2020, arXiv:2009.11243, App. C)
     meta_loss_split: str = "train"
@@ -103,16 +142,31 @@ class MetaTrainConfig:
         object.__setattr__(self, "estimator_options", options)
         object.__setattr__(self, "tasks", self.mixture().to_dict())
         object.__setattr__(self, "learner", self.learner_config().to_dict())
-        for name in ("num_tasks", "horizon", "trunc_length", "task_slots", "checkpoint_every"):
+        for name in ("num_tasks", "horizon", "trunc_length", "task_slots", "checkpoint_every",
+                     "outer_steps", "keep_checkpoints", "keep_theta_every", "max_nonfinite_steps"):
             value = getattr(self, name)
+            if value is None and name in ("keep_theta_every", "max_nonfinite_steps"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                hint = " (nothing to train)" if name == "outer_steps" else ""
+                raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}")
+        if self.max_seconds is not None and (
+            isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float)
+            or not math.isfinite(self.max_seconds) or self.max_seconds <= 0
+        ):
+            raise ValueError(f"max_seconds must be a finite number > 0 or None, got "
+                             f"{self.max_seconds!r} (nothing to train)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("horizon_schedule", "trunc_schedule"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, schedule_from_dict(value).to_dict())
         if self.task_lifetime is not None and self.task_lifetime < 1:
             raise ValueError(f"task_lifetime must be >= 1 or None, got {self.task_lifetime}")
+        _, nonfinite = finite_json(self.to_dict())
+        if nonfinite:  # config.json must be strict JSON, and a NaN setting is a mistake
+            raise ValueError(f"config values must be finite numbers: {', '.join(nonfinite)}")
 
     def learner_config(self) -> LearnerConfig:
         """The outer learner: ``outer_lr`` and ``clip``, and the rest from ``learner``."""
@@ -129,7 +183,7 @@ class MetaTrainConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return dumps_json(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MetaTrainConfig:
@@ -174,7 +228,8 @@ class MetaTrainConfig:
 
 
 # Fields that say how long to run, not what is run: a resumed run may change them.
-BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every", "keep_theta_every")
+BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every", "keep_theta_every",
+                 "keep_checkpoints", "max_nonfinite_steps")
 
 
 def build_estimator_over_tasks(config: MetaTrainConfig, lopt) -> MultiTaskEstimator:
@@ -245,33 +300,210 @@ def run_thetas(run_dir: str | os.PathLike, lopt) -> list[tuple[int, Any]]:
     return sorted(found.items())
 
 
+# --- faults -----------------------------------------------------------------------------------
+
+
+class RunLockedError(ValueError):
+    """Another process is writing the run directory: it holds ``OUT/.lock``."""
+
+    def __init__(self, out: Path, pid: int | None):
+        self.out, self.pid = out, pid
+        holder = f"process {pid}" if pid is not None else "another process (pid not known yet)"
+        super().__init__(
+            f"{out} is in use: {holder} is meta-training into it (it holds {out / '.lock'}); "
+            "wait for it to finish or stop it, or use another run directory"
+        )
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """``run()`` stopped on SIGINT or SIGTERM after writing a checkpoint.
+
+    ``step`` is the outer step checkpointed, ``exit_code`` the shell's ``128 + signal``
+    (130 for SIGINT, 143 for SIGTERM). A subclass of ``KeyboardInterrupt``, so a caller's
+    ``except Exception`` does not swallow it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted at outer step {step}; checkpoint saved to {checkpoint}; "
+                         "rerun the same command to resume")
+
+
+class MetaTrainingDiverged(RuntimeError):
+    """``max_nonfinite_steps`` consecutive meta-gradients were not finite; the run stopped
+    after writing a checkpoint. The command line exits with ``exit_code`` (3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int, checkpoint: Path):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class CheckpointFallbackWarning(RuntimeWarning):
+    """A run's latest checkpoint could not be used; it resumed from an earlier one."""
+
+
+class _Abandon(BaseException):
+    """Raised by the signal handler on a second signal: abandon the current outer step."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``OUT/.lock``; the file holds the holder's pid.
+
+    The lock belongs to the open file, so it ends with the process however that ends (a
+    SIGKILL included): a stale ``.lock`` file never blocks a later run."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+        self.created = False  # whether acquire() created the file
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.created = not self.path.exists()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"cannot open the run lock {self.path}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            raise RunLockedError(self.path.parent, int(text) if text.isdigit() else None) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # a finished run's pid would mislead
+        finally:
+            os.close(fd)  # and closing releases the lock
+
+
+def _numbered_step(path: Path) -> int | None:
+    """The step of ``checkpoint_<step>.msgpack``, None for other names."""
+    digits = path.name[len("checkpoint_"):-len(".msgpack")]
+    return int(digits) if digits.isdigit() else None
+
+
 class MetaTrainer:
-    """Owns one run directory; ``run()`` meta-trains, resuming if a checkpoint exists."""
+    """Owns one run directory; ``run()`` meta-trains, resuming if a checkpoint exists.
+
+    Construction reads but writes nothing: it refuses a run directory that is a file or
+    cannot be created, and a ``config.json`` there of another config (other than
+    ``BUDGET_FIELDS``). ``run()`` creates the directory, takes its lock and writes the
+    run's files once the initial (or resumed) state has been built.
+    """
 
     def __init__(self, config: MetaTrainConfig, out_dir: str | os.PathLike, lopt=None):
         self.config = config
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.out / "config.json"
-        if cfg_path.exists():
-            saved = MetaTrainConfig.from_json(cfg_path.read_text())
-            budget = {k: getattr(config, k) for k in BUDGET_FIELDS}
-            if dataclasses.replace(saved, **budget) != config:
-                raise ValueError(
-                    f"{cfg_path} holds a different config; use a new directory or the same "
-                    f"config (only {', '.join(BUDGET_FIELDS)} may change on resume)"
-                )
-            if saved != config:  # a longer (or shorter) budget for a resumed run
-                atomic_write_text(cfg_path, config.to_json())
-        else:
-            atomic_write_text(cfg_path, config.to_json())
-            atomic_write_json(self.out / "machine.json", machine_info())
+        self._check_out()
+        self._saved_config()
         if lopt is None:
             lopt = get_learned_optimizer(config.lopt, config.lopt_config)
         self.lopt = lopt
         self.estimator = build_estimator_over_tasks(config, self.lopt)
         self.learner = Learner.from_config(config.learner_config())
         self.key = jax.random.PRNGKey(config.seed)
+        self._signal: int | None = None  # the first SIGINT/SIGTERM received during run()
+        self._saving = False  # the final checkpoint is being written: do not abandon it
+
+    # -- the run directory ---------------------------------------------------------------
+    def _check_out(self) -> None:
+        """Refuse (ValueError) a run directory that is a file or cannot be created."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"the run directory {out} exists and is not a directory")
+        base = out
+        while not base.exists():  # the nearest existing ancestor
+            base = base.parent
+        if not base.is_dir():
+            raise ValueError(f"cannot create the run directory {out}: {base} is not a directory")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write to {base} (permission denied), so not to the run "
+                             f"directory {out}")
+
+    def _saved_config(self) -> MetaTrainConfig | None:
+        """The run's ``config.json`` (None if there is none), refused if it is unreadable or
+        differs from this config in more than the budget fields."""
+        path = self.out / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            saved = MetaTrainConfig.from_json(path.read_text())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a readable run config ({e}); fix or delete it, "
+                             "or use another run directory") from e
+        budget = {k: getattr(self.config, k) for k in BUDGET_FIELDS}
+        if dataclasses.replace(saved, **budget) != self.config:
+            raise ValueError(
+                f"{path} holds a different config; use a new directory or the same "
+                f"config (only {', '.join(BUDGET_FIELDS)} may change on resume)"
+            )
+        return saved
+
+    def _make_dirs(self) -> list[Path]:
+        """Create the run directory and missing parents; returns those created."""
+        missing = []
+        path = self.out
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        created = []
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                for done in reversed(created):
+                    with contextlib.suppress(OSError):
+                        done.rmdir()
+                raise ValueError(f"cannot create the run directory {self.out}: "
+                                 f"{e.strerror or e}") from e
+            created.append(path)
+        return created
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[RunLock]:
+        """Create the run directory and hold its lock (``OUT/.lock``) for the block.
+
+        Raises :class:`RunLockedError` (a ``ValueError``) naming the holder's pid if another
+        process holds it. If the block ends before ``config.json`` exists (a refused run),
+        the lock file and the directories created here are removed again."""
+        self._check_out()
+        created = self._make_dirs()
+        lock = RunLock(self.out)
+        try:
+            lock.acquire()
+            yield lock
+        finally:
+            lock.release()
+            if not (self.out / "config.json").exists():  # no run was started: leave no trace
+                if lock.created:
+                    with contextlib.suppress(OSError):
+                        lock.path.unlink()
+                for path in reversed(created):
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+
+    def _write_run_files(self) -> None:
+        """``config.json`` (new, or with a changed budget) and ``machine.json``."""
+        if self._saved_config() != self.config:
+            atomic_write_text(self.out / "config.json", self.config.to_json())
+        if not (self.out / "machine.json").exists():
+            atomic_write_json(self.out / "machine.json", machine_info())
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self, with_estimator: bool = True) -> dict[str, Any]:
@@ -283,9 +515,37 @@ class MetaTrainer:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
+        """``checkpoint.msgpack`` (the latest state), its copy ``checkpoint_<step>.msgpack``
+        (the newest ``keep_checkpoints`` copies are kept) and ``theta.msgpack``."""
         config = self.config.to_dict()
-        save_checkpoint(self.out / "checkpoint.msgpack", state, config)
+        step = int(state["step"])
+        data = checkpoint_bytes(state, config)
+        atomic_write_bytes(self.out / "checkpoint.msgpack", data)
+        atomic_write_bytes(self.out / f"checkpoint_{step:07d}.msgpack", data)
         save_checkpoint(self.out / "theta.msgpack", state["learner"].theta, config)
+        kept = 0
+        for other_step, path in self._numbered_checkpoints():  # newest first
+            # Copies past this step are of a future this run did not reach (a fallback
+            # resumed before them); they would otherwise outrank the good ones.
+            if other_step > step or kept >= self.config.keep_checkpoints:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            else:
+                kept += 1
+
+    def _numbered_checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.out.glob("checkpoint_*.msgpack"):
+            step = _numbered_step(path)
+            if step is not None:
+                found.append((step, path))
+        return sorted(found, reverse=True)
+
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoints in the order a resume tries them: ``checkpoint.msgpack``,
+        then the kept ``checkpoint_<step>.msgpack`` copies, newest first."""
+        latest = self.out / "checkpoint.msgpack"
+        return [latest] * latest.is_file() + [p for _, p in self._numbered_checkpoints()]
 
     def save_theta_copy(self, state: dict[str, Any]) -> Path:
         """``thetas/theta_<step>.msgpack``: theta at this outer step, kept for evaluation."""
@@ -294,60 +554,147 @@ class MetaTrainer:
         return save_checkpoint(path, state["learner"].theta, self.config.to_dict())
 
     def restore(self, with_estimator: bool = True) -> dict[str, Any] | None:
-        """The state of ``checkpoint.msgpack``, or None if there is none.
+        """The state of the newest usable checkpoint, or None if there is none.
+
+        Each of :meth:`checkpoints` is tried in turn and checked on load (readable, of the
+        expected structure); one that is not is skipped with a
+        :class:`CheckpointFallbackWarning` naming it and the file used. If none is usable,
+        :class:`learnopt.io.CheckpointError` names them all. A checkpoint written under a
+        different config (other than the budget fields) raises ``ValueError`` naming the
+        file: it belongs to another run, and no fallback is tried.
 
         Without ``with_estimator`` (a distributed run) only theta, the learner and the step
         come back; with it, a checkpoint of a distributed run gets fresh inner runs.
-
-        A checkpoint written under a different config (other than the budget fields)
-        raises ``ValueError`` naming the file.
         """
-        path = self.out / "checkpoint.msgpack"
-        if not path.exists():
+        candidates = self.checkpoints()
+        if not candidates:
             return None
+        bad: list[CheckpointError] = []
+        for path in candidates:
+            try:
+                state = self._restore_from(path, with_estimator)
+            except CheckpointError as e:
+                bad.append(e)
+                continue
+            if bad:
+                skipped = "; ".join(getattr(e, "reason", str(e)) for e in bad)
+                warnings.warn(CheckpointFallbackWarning(
+                    f"resuming from {path} (outer step {int(state['step'])}): the newer "
+                    f"checkpoint{'s are' if len(bad) > 1 else ' is'} unusable: {skipped}"
+                ), stacklevel=2)
+            return state
+        raise CheckpointError(
+            f"{self.out} has no usable checkpoint: "
+            + "; ".join(getattr(e, "reason", str(e)) for e in bad),
+            "replace them with good copies, or delete them to start the run over (its "
+            "config.json is kept), or use another run directory",
+        )
+
+    def _restore_from(self, path: Path, with_estimator: bool) -> dict[str, Any]:
         ckpt = load_checkpoint(path)
         if ckpt.config is not None:
-            saved = MetaTrainConfig.from_dict(ckpt.config)
+            try:
+                saved = MetaTrainConfig.from_dict(ckpt.config)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{path}: its config is not a meta-training config "
+                                      f"({e})") from e
             budget = {k: getattr(self.config, k) for k in BUDGET_FIELDS}
             if dataclasses.replace(saved, **budget) != self.config:
                 raise ValueError(f"{path} was written under a different config than "
                                  f"{self.out / 'config.json'}")
         theta = initial_theta(self.config, self.lopt)
         template = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
-        saved = dict(ckpt.state)
-        if not with_estimator:
-            saved.pop("estimator", None)
-        elif "estimator" in saved:
-            template["estimator"] = self.estimator.state_template(theta, saved["estimator"])
+        try:
+            saved = dict(ckpt.state)
+            if not with_estimator:
+                saved.pop("estimator", None)
+            elif "estimator" in saved:
+                template["estimator"] = self.estimator.state_template(theta, saved["estimator"])
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the checkpoint does not match this run's state "
+                                  f"({type(e).__name__}: {e})") from e
         state = restore_state(template, saved, str(path))
         if with_estimator and "estimator" not in state:  # a distributed run's checkpoint
             state["estimator"] = self.estimator.init_state(theta, initial_keys(self.config.seed)[1])
         return state
 
     # -- loop ----------------------------------------------------------------------------
-    def _trim_metrics(self, step: int) -> None:
+    def _trim_metrics(self, step: int) -> int:
+        """Drop the lines of ``metrics.jsonl`` past ``step`` (and lines cut short by a kill;
+        lines of older versions with bare NaN become strict JSON). Returns the
+        ``nonfinite_streak`` recorded at ``step`` (0 if none)."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
+            return 0
+        text = path.read_text()
+        keep, last = [], None
+        changed = bool(text) and not text.endswith("\n")
+        for line in text.splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+                record = json.loads(line)
+                if record["step"] > step:
+                    changed = True
+                    continue
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+                changed = True
                 continue
-        path.write_text("".join(line + "\n" for line in keep))
+            if finite_json(record)[1]:
+                line, changed = _record_line(record), True
+            keep.append(line)
+            last = record
+        if changed:
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if last is not None and last["step"] == step:
+            return int(last.get("nonfinite_streak") or 0)
+        return 0
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM set a flag that ``_run`` checks between outer steps; a second
+        one abandons the current step. Only in the main thread (where Python runs signal
+        handlers); the previous handlers are restored afterwards."""
+        self._signal, self._saving = None, False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is None:
+                self._signal = signum
+            elif not self._saving:
+                raise _Abandon(signum)
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
     def run(self, progress: bool = True, gradients: Any = None) -> dict[str, Any]:
         """Meta-train until ``outer_steps`` or ``max_seconds``, resuming from the checkpoint.
+
+        ``max_seconds`` counts training time only: the seconds spent in the first call of
+        each compiled program (the estimator's ``compile_seconds``, the learner's first
+        update) are not counted.
 
         ``gradients`` (e.g. :class:`learnopt.distributed.RayMetaGradients`, built from this
         config) supplies the meta-gradients instead of this process's estimator:
         ``gradients.next(theta, version)`` returns ``(grad, version, metrics)`` results, applied
         in arrival order with the learner's staleness rule. The inner runs then live in the
         workers, so a resumed distributed run restarts them (theta and the learner resume).
+
+        Holds the run directory's lock (:class:`RunLockedError` if another process has it).
+        Raises :class:`RunInterrupted` after SIGINT/SIGTERM and :class:`MetaTrainingDiverged`
+        after ``max_nonfinite_steps`` consecutive non-finite meta-gradients, each once a
+        checkpoint of the last completed outer step is written.
         """
-        return self._run(progress, gradients)
+        with self.lock(), self._stop_on_signals():
+            return self._run(progress, gradients)
 
     def _run(self, progress: bool, gradients) -> dict[str, Any]:
         cfg = self.config
@@ -356,68 +703,147 @@ class MetaTrainer:
         resumed = state is not None
         if state is None:
             state = self.init_state(with_estimator=local)
+        self._write_run_files()
         start_step = int(state["step"])
-        self._trim_metrics(start_step)
+        streak = self._trim_metrics(start_step)  # consecutive non-finite meta-gradients
+        seconds0 = float(state["seconds"])
+        timed = cfg.max_seconds is not None
         bar = tqdm(
-            total=cfg.outer_steps,
-            initial=start_step,
+            total=cfg.max_seconds if timed else cfg.outer_steps,
+            initial=min(seconds0, cfg.max_seconds) if timed else start_step,
+            unit="s" if timed else "it",
+            bar_format=("{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+                        if timed else None),
             disable=not progress,
             mininterval=1.0,
             desc=f"meta-train {cfg.lopt} ({cfg.estimator})",
         )
+        # Compile seconds of this process (or its workers) so far: not part of the budget.
+        compile0 = self.estimator.compile_seconds
+        worker_compile: dict[Any, float] = {}
+        estimator_compile = apply_compile = 0.0
+        first_apply = True
         t0 = time.perf_counter()
-        seconds0 = float(state["seconds"])
-        with open(self.out / "metrics.jsonl", "a", buffering=1) as log:
-            while state["step"] < cfg.outer_steps:
-                elapsed = seconds0 + time.perf_counter() - t0
-                if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
-                    break
-                step = int(state["step"])
-                step_start = time.perf_counter()
-                if gradients is None:
-                    meta_loss, grad, est_state, metrics = self.estimator.estimate(
-                        state["learner"].theta, state["estimator"],
-                        jax.random.fold_in(self.key, step),
+        stop = None  # "signal" or "diverged"
+        try:
+            with open(self.out / "metrics.jsonl", "a", buffering=1) as log:
+                while int(state["step"]) < cfg.outer_steps:
+                    if self._signal is not None:
+                        stop = "signal"
+                        break
+                    if cfg.max_nonfinite_steps is not None and streak >= cfg.max_nonfinite_steps:
+                        stop = "diverged"
+                        break
+                    elapsed = (seconds0 + time.perf_counter() - t0
+                               - estimator_compile - apply_compile)
+                    if timed and elapsed >= cfg.max_seconds:
+                        break
+                    step = int(state["step"])
+                    step_start = time.perf_counter()
+                    if local:
+                        meta_loss, grad, est_state, metrics = self.estimator.estimate(
+                            state["learner"].theta, state["estimator"],
+                            jax.random.fold_in(self.key, step),
+                        )
+                        version = None  # computed at the current theta
+                        estimator_compile = self.estimator.compile_seconds - compile0
+                    else:  # the first gradient to arrive from the workers
+                        learner = state["learner"]
+                        (grad, version, metrics), *_ = gradients.next(
+                            learner.theta, int(learner.step))
+                        meta_loss, est_state = metrics.pop("meta_loss"), None
+                        if "compile_seconds" in metrics:  # workers compile side by side
+                            worker_compile[metrics.get("worker")] = float(
+                                metrics["compile_seconds"])
+                        estimator_compile = max(worker_compile.values(), default=0.0)
+                    apply_start = time.perf_counter()
+                    learner_state, applied = self.learner.apply(state["learner"], grad, version)
+                    if first_apply:  # the learner's update compiles on its first call
+                        jax.block_until_ready(learner_state.theta)
+                        apply_compile, first_apply = time.perf_counter() - apply_start, False
+                    dropped = int(learner_state.num_dropped) > int(state["learner"].num_dropped)
+                    new_streak = streak + 1 if dropped else 0
+                    new_state = {
+                        "learner": learner_state,
+                        "step": step + 1,
+                        "seconds": (seconds0 + time.perf_counter() - t0
+                                    - estimator_compile - apply_compile),
+                    }
+                    if local:
+                        new_state["estimator"] = est_state
+                    dt = time.perf_counter() - step_start
+                    record = {
+                        "step": step + 1,
+                        "meta_loss": float(meta_loss),
+                        "applied": applied,
+                        "num_dropped": int(learner_state.num_dropped),
+                        "num_stale": int(learner_state.num_stale),
+                        "nonfinite_streak": new_streak,
+                        "grad_norm": _global_norm(grad),
+                        "outer_lr": float(self.learner.learning_rate_at(learner_state)),
+                        "seconds": round(new_state["seconds"], 3),
+                        **{k: float(np.asarray(v)) for k, v in metrics.items()
+                           if np.ndim(v) == 0},
+                    }
+                    log.write(_record_line(record) + "\n")
+                    # The step is done (a second signal past here keeps it: one assignment).
+                    state, streak = new_state, new_streak
+                    bar.set_postfix(
+                        step=step + 1,
+                        meta_loss=f"{record['meta_loss']:.4f}",
+                        steps_per_s=f"{1 / max(dt, 1e-9):.2f}",
+                        refresh=False,
                     )
-                    version = None  # computed at the current theta
-                else:  # the first gradient to arrive from the workers
-                    learner = state["learner"]
-                    (grad, version, metrics), *_ = gradients.next(learner.theta, int(learner.step))
-                    meta_loss, est_state = metrics.pop("meta_loss"), None
-                learner_state, applied = self.learner.apply(state["learner"], grad, version)
-                state = {
-                    "learner": learner_state,
-                    "step": step + 1,
-                    "seconds": seconds0 + time.perf_counter() - t0,
-                }
-                if gradients is None:
-                    state["estimator"] = est_state
-                dt = time.perf_counter() - step_start
-                record = {
-                    "step": step + 1,
-                    "meta_loss": float(meta_loss),
-                    "applied": applied,
-                    "num_dropped": int(learner_state.num_dropped),
-                    "num_stale": int(learner_state.num_stale),
-                    "outer_lr": float(self.learner.learning_rate_at(learner_state)),
-                    "seconds": round(state["seconds"], 3),
-                    **{k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0},
-                }
-                log.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    meta_loss=f"{record['meta_loss']:.4f}",
-                    steps_per_s=f"{1 / dt:.2f}",
-                    refresh=False,
-                )
-                bar.update(1)
-                if cfg.keep_theta_every and state["step"] % cfg.keep_theta_every == 0:
-                    self.save_theta_copy(state)
-                if state["step"] % cfg.checkpoint_every == 0:
-                    log.flush()
-                    self.save(state)
-        bar.close()
+                    if timed:
+                        bar.update(max(0.0, min(state["seconds"], cfg.max_seconds) - bar.n))
+                    else:
+                        bar.update(1)
+                    if cfg.keep_theta_every and state["step"] % cfg.keep_theta_every == 0:
+                        self.save_theta_copy(state)
+                    if state["step"] % cfg.checkpoint_every == 0:
+                        log.flush()
+                        self.save(state)
+        except _Abandon:
+            stop = "signal"
+        finally:
+            self._saving = True
+            bar.close()
+        step = int(state["step"])
+        if stop is None and cfg.max_nonfinite_steps is not None:
+            if streak >= cfg.max_nonfinite_steps:
+                stop = "diverged"
+        if stop == "signal":
+            self._trim_metrics(step)  # the line of an abandoned step
         self.save(state)
+        checkpoint = self.out / "checkpoint.msgpack"
+        if stop == "signal":
+            raise RunInterrupted(self._signal or signal.SIGINT, step, checkpoint)
+        if stop == "diverged":
+            raise MetaTrainingDiverged(
+                f"meta-training diverged: the meta-gradients of the last {streak} outer steps "
+                f"(to outer step {step}) were not finite and were dropped, so theta no longer "
+                f"changes; checkpoint saved to {checkpoint}. Start a new run with a lower "
+                f"outer learning rate (outer_lr {cfg.outer_lr:g}) or clip, or raise "
+                f"max_nonfinite_steps (now {cfg.max_nonfinite_steps}) to go on",
+                step, checkpoint,
+            )
         return {"state": state, "resumed": resumed, "start_step": start_step}
+
+
+def _global_norm(tree: Any) -> float:
+    """The Euclidean norm of all entries of a meta-gradient (NaN if any is not finite)."""
+    leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.sqrt(sum(float(np.sum(np.square(x))) for x in leaves))
+
+
+def _record_line(record: Mapping[str, Any]) -> str:
+    """One strict-JSON line of ``metrics.jsonl``: non-finite values become ``null`` and are
+    named under ``"nonfinite"``."""
+    clean, bad = finite_json(dict(record))
+    if bad:
+        clean["nonfinite"] = sorted(set(clean.get("nonfinite") or []) | set(bad))
+    return json.dumps(clean, allow_nan=False)
 
 
 def load_theta(run_dir: str | os.PathLike, lopt) -> Any:
