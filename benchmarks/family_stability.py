@@ -52,31 +52,7 @@ def one_draw(family, key, optimizers, steps: int) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", action="append", required=True)
-    parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "family_stability.json")
-    args = parser.parse_args(argv)
-    optimizers = [resolve_optimizer(o) for o in args.optimizer]
-    start = time.perf_counter()
-    rows = {}
-    bar = tqdm(total=len(args.families) * args.draws, desc="draws", unit="task")
-    for name in args.families:
-        family = get_family(name)
-        rows[name] = []
-        for i in range(args.draws):
-            key = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-            bar.set_postfix_str(name)
-            try:
-                rows[name].append(one_draw(family, key, optimizers, args.steps))
-            except Exception as e:  # a draw that cannot be built or trained is reported
-                rows[name].append({"error": f"{type(e).__name__}: {e}"})
-            bar.update(1)
-    bar.close()
+def _result(args, optimizers, rows: dict, seconds: float) -> dict:
     summary = {}
     for opt in optimizers:
         done = [r["optimizers"][opt.label] for rs in rows.values() for r in rs
@@ -90,18 +66,47 @@ def main(argv: list[str] | None = None) -> dict:
                 if any("optimizers" in r and not r["optimizers"][opt.label]["ends_below_start"]
                        for r in rs)),
         }
-    result = {
+    return {
         "what": "training loss finite and ending below its start on fresh family draws",
         "command": "python benchmarks/family_stability.py " + " ".join(sys.argv[1:]),
         "draws_per_family": args.draws,
         "steps": args.steps,
-        "seconds": time.perf_counter() - start,
+        "families_done": len(rows),
+        "seconds": seconds,
         "machine": machine_info(),
         "summary": summary,
         "families": rows,
     }
-    atomic_write_json(args.out, result)
-    for label, s in summary.items():
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--optimizer", action="append", required=True)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "family_stability.json")
+    args = parser.parse_args(argv)
+    optimizers = [resolve_optimizer(o) for o in args.optimizer]
+    start = time.perf_counter()
+    rows: dict[str, list] = {}
+    bar = tqdm(total=len(args.families) * args.draws, desc="draws", unit="task")
+    for name in args.families:
+        family = get_family(name)
+        rows[name] = []
+        for i in range(args.draws):
+            key = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
+            bar.set_postfix_str(name)
+            try:
+                rows[name].append(one_draw(family, key, optimizers, args.steps))
+            except Exception as e:  # a draw that cannot be built or trained is reported
+                rows[name].append({"error": f"{type(e).__name__}: {e}"})
+            bar.update(1)
+        result = _result(args, optimizers, rows, time.perf_counter() - start)
+        atomic_write_json(args.out, result)  # after every family: a cut-short run keeps them
+    bar.close()
+    for label, s in result["summary"].items():
         print(f"{label}: {s['draws']} draws, {s['nonfinite']} non-finite, "
               f"{s['not_below_start']} not below start ({', '.join(s['families_with_a_failure'])})")
     return result

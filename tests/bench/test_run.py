@@ -78,3 +78,31 @@ def test_summarise_counts_by_hand():
     assert agg["divergences"] == 1
     assert agg["p50"] == pytest.approx(1.25)
     assert agg["mean"] == pytest.approx((2.0 + 0.5 + 0.01 + 3.0) / 4)
+
+
+def test_merge_results_of_disjoint_task_subsets(first_and_second):
+    """Two runs on different tasks merge into one result whose aggregates are recomputed over
+    both; a null final loss (from results.json) reads as diverged; overlaps are refused."""
+    import copy
+
+    from learnopt.bench.run import merge_results
+
+    first, _, _, _ = first_and_second
+    labels = list(first["results"])
+    part = {"suite": "quick", "seeds": 2, "baseline_factor": 3.0, "optimizers": labels,
+            "reference": ADAM_TUNED, "seconds": 10.0, "command": "a",
+            "cache": {"hits": 1, "misses": 2}}
+    task_b = copy.deepcopy(first)
+    task_b["task"] = "Synthetic_Rosenbrock_d10"
+    task_b["results"]["sgd:lr=0.5"]["final_loss"] = None
+    task_b["results"]["sgd:lr=0.5"]["speedup"] = 3.0
+    merged = merge_results([{**part, "tasks": [task_b]},
+                            {**part, "tasks": [first], "command": "b"}])
+    assert [t["task"] for t in merged["tasks"]] == ["Synthetic_Rosenbrock_d10", "quadratic_d10"]
+    assert merged["seconds"] == 20.0 and merged["cache"] == {"hits": 2, "misses": 4}
+    agg = merged["aggregate"]["sgd:lr=0.5"]
+    assert agg["n"] == 2 and agg["beats_tuned_adam"] == 0.5
+    assert agg["beats_adam_1e-3"] == (first["results"]["sgd:lr=0.5"]["final_loss"]
+                                      < first["results"][ADAM_DEFAULT]["final_loss"]) / 2
+    with pytest.raises(ValueError, match="overlap"):
+        merge_results([{**part, "tasks": [first]}, {**part, "tasks": [first]}])

@@ -315,3 +315,36 @@ def run_bench(
         "tasks": results,
         "aggregate": summarise(results, labels + fixed),
     }
+
+
+def merge_results(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same optimizers on disjoint tasks of a suite (e.g. run in
+    parallel with ``--task``): tasks in suite order, aggregates recomputed over all of them.
+
+    Parts may come from ``results.json`` files, where non-finite numbers are ``null``: a
+    ``null`` final loss reads as diverged (+inf)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for key in ("suite", "seeds", "baseline_factor", "optimizers", "reference"):
+        if any(p[key] != first[key] for p in parts):
+            raise ValueError(f"parts differ in {key!r}; only runs of one benchmark merge")
+    tasks = [t for p in parts for t in p["tasks"]]
+    names = [t["task"] for t in tasks]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parts overlap in tasks: {twice}")
+    order = {t.name: i for i, t in enumerate(suite(first["suite"]))}
+    tasks.sort(key=lambda t: order.get(t["task"], len(order)))
+    for t in tasks:
+        for r in t["results"].values():
+            if r["final_loss"] is None:
+                r["final_loss"] = float("inf")
+    return {
+        **{k: v for k, v in first.items() if k not in ("tasks", "aggregate", "nonfinite")},
+        "seconds": sum(p["seconds"] for p in parts),
+        "command": " ; ".join(p["command"] for p in parts),
+        "cache": {k: sum(p["cache"][k] for p in parts) for k in ("hits", "misses")},
+        "tasks": tasks,
+        "aggregate": summarise(tasks, first["optimizers"]),
+    }
