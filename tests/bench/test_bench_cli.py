@@ -23,14 +23,17 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_quick_task_end_to_end(tmp_path, capsys):
-    argv = ["bench", "--optimizer", "sgd:lr=1e-3", "--task", "Synthetic_Rosenbrock_d10",
+TASK = "Synthetic_SparseGradBowl_d100_cond1e2_zero90"  # not in the committed cache
+
+
+def test_a_cheap_task_end_to_end(tmp_path, capsys):
+    argv = ["bench", "--optimizer", "sgd:lr=1e-3", "--suite", "full", "--task", TASK,
             "--seeds", "1", "--baselines", "", "--cache", str(tmp_path / "cache"),
             "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["optimizers"] == ["sgd:lr=1e-3", "adam lr=1e-3", "adam (tuned)"]
-    assert [t["task"] for t in result["tasks"]] == ["Synthetic_Rosenbrock_d10"]
+    assert [t["task"] for t in result["tasks"]] == [TASK]
     assert result["cache"] == {"hits": 0, "misses": 15}
     assert "| sgd:lr=1e-3 |" in capsys.readouterr().out
     assert main(argv) == 0  # the second run reads the Adam grid from the cache
