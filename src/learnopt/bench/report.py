@@ -397,9 +397,10 @@ def plot_speedups(result: Mapping[str, Any], path: Path, include_reference: bool
         drawn.extend(ys.tolist())
     ax.axhline(1.0, color="k", lw=1, label=f"LR-tuned Adam ({ref})")
     if factor is not None and factor > 1:
-        ax.axhline(factor, color="gray", ls=":", lw=1, label=f"clip ({factor:g}×)")
-        ax.axhline(1 / factor, color="gray", ls=":", lw=1)
-        lo, hi = 1 / factor, factor
+        low = float(result.get("min_speedup", 0.01))
+        ax.axhline(factor, color="gray", ls=":", lw=1, label=f"clips ({low:g}, {factor:g}×)")
+        ax.axhline(low, color="gray", ls=":", lw=1)
+        lo, hi = low, factor
     else:
         lo, hi = 1.0, 1.0
     if drawn:
