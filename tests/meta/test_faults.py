@@ -18,23 +18,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from test_train import TINY  # the tiny run of the meta-training tests
 
 from learnopt.cli import main
 from learnopt.io import load_checkpoint
-from learnopt.meta.train import MetaTrainConfig, MetaTrainer
+from learnopt.meta.train import MetaTrainer
 
-TINY = MetaTrainConfig(
-    task="quadratic_d10",
-    lopt="learnable_sgd",
-    estimator="pes",
-    num_tasks=4,
-    horizon=30,
-    trunc_length=5,
-    outer_lr=1e-2,
-    outer_steps=40,
-    checkpoint_every=4,
-    seed=3,
-)
 # TINY on the command line.
 TINY_FLAGS = ["--task", "quadratic_d10", "--lopt", "learnable_sgd", "--num-tasks", "4",
               "--horizon", "30", "--trunc-length", "5", "--seed", "3", "--no-progress"]
