@@ -103,10 +103,14 @@ def load(name: str) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def describe(name: str) -> str:
-    """One line: architecture, meta-training task, estimator and outer steps."""
+    """One line: architecture, meta-training task, estimator and outer steps (with those of
+    the runs it started from)."""
     meta, _ = read(name)
     steps = meta.get("outer_steps")
-    return (f"{meta['architecture']} meta-trained on {meta.get('task', '?')} with "
+    if steps and meta.get("lineage"):  # runs it started from count too
+        steps += sum(int(run["outer_steps"]) for run in meta["lineage"])
+    task = str(meta.get("task", "?")).split(" (")[0]  # a mixture's entries are in the file
+    return (f"{meta['architecture']} meta-trained on {task} with "
             f"{meta.get('estimator', '?')}" + (f", {steps:,} outer steps" if steps else ""))
 
 
