@@ -261,17 +261,19 @@ def _cmd_meta_eval(args) -> int:
 def _load_lopt(run: str | None, pretrained: str | None):
     """``(lopt, theta, label, default_task)`` from a run directory or a shipped name."""
     from learnopt import pretrained as shipped
-    from learnopt.learned.registry import learned_optimizer_from_config
-    from learnopt.meta.train import MetaTrainConfig, load_theta
+    from learnopt.meta.train import MetaTrainConfig
+    from learnopt.resolve import learned_from_spec
 
     if (run is None) == (pretrained is None):
         raise ValueError("give exactly one of --run DIR or --pretrained NAME")
     if pretrained is not None:
         lopt, theta, meta = shipped.load(pretrained)
         return lopt, theta, pretrained, meta.get("task")
+    if not (Path(run) / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is not a meta-training run (no config.json)")
+    lopt, theta, _ = learned_from_spec(run)
     config = MetaTrainConfig.from_json((Path(run) / "config.json").read_text())
-    lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
-    return lopt, load_theta(run, lopt), f"{config.lopt} (meta-trained)", config.task
+    return lopt, theta, f"{config.lopt} (meta-trained)", config.task
 
 
 def _cmd_evaluate(args) -> int:

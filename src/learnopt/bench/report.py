@@ -337,8 +337,11 @@ def _color(labels: Sequence[str], label: str) -> str:
 
 
 def _save(fig, path: Path) -> None:
+    """Lay out, write atomically and close ``fig``."""
+    fig.tight_layout()
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=110)
+    pyplot().close(fig)
 
 
 def speedup_profile(
@@ -420,9 +423,7 @@ def plot_speedups(result: Mapping[str, Any], path: Path, include_reference: bool
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def _seed_stats(curves: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -546,9 +547,7 @@ def plot_task_curves(result: Mapping[str, Any], task: Mapping[str, Any], path: P
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
     return scale
 
 

@@ -45,6 +45,7 @@ from learnopt.bench.speedup import adam_envelope, aggregate, final_loss, speedup
 from learnopt.bench.suite import BenchTask, suite
 from learnopt.io import machine_info
 from learnopt.optimizers.hand import adam, sgdm
+from learnopt.optimizers.nadamw import nadamw
 from learnopt.optimizers.search import LR_GRID, sample_nadamw_configs
 from learnopt.resolve import NamedOptimizer
 
@@ -90,14 +91,8 @@ def _baselines(names: Sequence[str], nadamw_trials: int, seed: int = 0) -> list[
         configs = sample_nadamw_configs(np.random.default_rng(seed), nadamw_trials)
         settings = [{k: float(v) for k, v in c.to_dict().items()} for c in configs]
         out.append(_Baseline("nadamw", f"nadamw ({nadamw_trials} trials)", settings,
-                             lambda h, n: _nadamw(h, n)))
+                             lambda h, n: nadamw(**h, num_steps=n)))
     return out
-
-
-def _nadamw(h: Mapping[str, jax.Array], num_steps: int) -> optax.GradientTransformation:
-    from learnopt.optimizers.nadamw import nadamw
-
-    return nadamw(**h, num_steps=num_steps)
 
 
 def _setting_text(setting: Mapping[str, float]) -> str:
@@ -121,12 +116,14 @@ def grid_curves(
     make: Callable[[dict[str, jax.Array], int], optax.GradientTransformation],
     seeds: Sequence[int],
     steps: int,
+    fp: str | None = None,
 ) -> np.ndarray:
     """Training-loss curves ``[len(settings), len(seeds), steps]``, from the cache where there.
 
     The settings and seeds that miss are trained together in one compiled program and
-    stored, one cache entry per (setting, seed)."""
-    fp = _fingerprint(bench_task, task)
+    stored, one cache entry per (setting, seed). ``fp``: the task's cache fingerprint
+    (computed when not given)."""
+    fp = fp if fp is not None else _fingerprint(bench_task, task)
     out = np.full((len(settings), len(seeds), steps), np.nan, np.float32)
     missing_h, missing_s = set(), set()
     for i, h in enumerate(settings):
@@ -188,8 +185,9 @@ def bench_task_result(
     task = bench_task.build()
     steps = bench_task.steps
     long_steps = int(round(baseline_factor * steps))
+    fp = _fingerprint(bench_task, task)
     grid = grid_curves(cache, bench_task, task, "adam", _lr_settings(),
-                       lambda h, n: adam(h["learning_rate"]), seeds, long_steps)
+                       lambda h, n: adam(h["learning_rate"]), seeds, long_steps, fp)
     on_stage("adam grid")
     envelope = adam_envelope(grid)
     initial = float(np.mean(grid[:, :, 0]))
@@ -202,7 +200,7 @@ def bench_task_result(
     curves[ADAM_DEFAULT] = ("lr=0.001", short[LR_GRID.index(10.0 ** -3)])
     curves[ADAM_TUNED] = (f"lr={LR_GRID[best]:.3g}", short[best])
     for b in _baselines(baselines, nadamw_trials):
-        runs = grid_curves(cache, bench_task, task, b.name, b.settings, b.make, seeds, steps)
+        runs = grid_curves(cache, bench_task, task, b.name, b.settings, b.make, seeds, steps, fp)
         pick = int(np.argmin([final_loss(c) for c in runs]))
         curves[b.label] = (_setting_text(b.settings[pick]), runs[pick])
         on_stage(b.label)

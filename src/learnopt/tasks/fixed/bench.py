@@ -249,20 +249,20 @@ def flow(kind: str, dataset: str, size: int, hidden: Sequence[int], bijectors: i
 
 def rnn_lm(corpus: str, cell: str, hidden: int, embed: int, seq_len: int, batch: int):
     def build() -> Task:
-        from learnopt.tasks.fixed.canonical import _text
+        from learnopt.tasks.fixed.canonical import text_task
 
         make = lambda vocab, _: fm.RNNLM(cell, vocab, embed, hidden)
-        return _text("rnn_lm", make, batch=batch, seq_len=seq_len, corpus=corpus)()
+        return text_task("rnn_lm", make, batch=batch, seq_len=seq_len, corpus=corpus)()
 
     return build
 
 
 def transformer_lm(corpus: str, heads: int, head_dim: int, layers: int, seq_len: int, batch: int):
     def build() -> Task:
-        from learnopt.tasks.fixed.canonical import _text
+        from learnopt.tasks.fixed.canonical import text_task
 
         make = lambda vocab, t: fm.TransformerLM(vocab, heads, head_dim, layers, t)
-        return _text("transformer_lm", make, batch=batch, seq_len=seq_len, corpus=corpus)()
+        return text_task("transformer_lm", make, batch=batch, seq_len=seq_len, corpus=corpus)()
 
     return build
 

@@ -118,7 +118,8 @@ def _autoencoder(name, size, hidden, batch=128):
     return build
 
 
-def _text(name, model_fn, batch=32, seq_len=32, corpus="shakespeare"):
+def text_task(name, model_fn, batch=32, seq_len=32, corpus="shakespeare"):
+    """A language-model task on a character corpus: ``build()`` loads the data and the model."""
     def build() -> Task:
         ds = load_text_datasets(corpus, batch, seq_len)
         return LanguageModelTask(name, model_fn(ds.extra_info["vocab_size"], seq_len), ds)
@@ -220,14 +221,14 @@ CANONICAL = {
     ),
     "RNNLM_shakespeare_Patch32_LSTM128_Embed64": (
         "Shakespeare characters, LSTM 128, embedding 64, sequence 32, batch 32",
-        _text(
+        text_task(
             "RNNLM_shakespeare_Patch32_LSTM128_Embed64",
             lambda v, _: models.CharLSTM(v, embed_size=64, hidden_size=128),
         ),
     ),
     "TransformerLM_shakespeare_4heads_32width_2layers": (
         "Shakespeare characters, Transformer 4 heads x d_model 32 x 2 layers, seq 32, batch 32",
-        _text("TransformerLM_shakespeare_4heads_32width_2layers", _transformer),
+        text_task("TransformerLM_shakespeare_4heads_32width_2layers", _transformer),
     ),
     "LOpt_SmallFcLOpt_FashionMnist8_Relu32_20steps": (
         "meta-objective of small_fc_lopt: 20 steps of ImageMLP_FashionMnist8_Relu32",
