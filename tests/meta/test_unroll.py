@@ -195,3 +195,28 @@ def test_meta_loss_averages_valid_steps_per_task():
     out = UnrollOutput(losses, losses, mask, zeros, jnp.zeros((3, 2), jnp.int32))
     np.testing.assert_allclose(np.asarray(meta_loss_per_task(out)), [3.0, 15.0])
     np.testing.assert_allclose(float(meta_loss(out)), 9.0)
+
+
+def test_resets_built_before_the_scan_equal_resets_built_in_the_step(monkeypatch):
+    # Two code paths: the fresh states of a truncation built once before the scan (the
+    # default when trunc_length <= horizon), and built inside every step (as when a task can
+    # reset more than once). Bitwise equal, with resets at several steps of a truncation.
+    from learnopt.learned.learnable import LearnableAdam
+
+    lopt = LearnableAdam()
+    theta = lopt.init(jax.random.PRNGKey(0))
+    runs = []
+    for hoisted in (True, False):
+        u = TruncatedUnroll(TASK, lopt, num_tasks=6, horizon=7, trunc_length=5)
+        if not hoisted:
+            monkeypatch.setattr(u, "_fresh_states", lambda *args: None)
+        state = u.init_state(theta, jax.random.PRNGKey(1))
+        losses = []
+        for i in range(5):
+            state, out = u.unroll(theta, state, jax.random.PRNGKey(30 + i))
+            losses.append(np.asarray(out.losses))
+            assert i == 0 or np.any(out.is_reset)
+        runs.append((np.concatenate(losses), jax.tree_util.tree_leaves(state)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
