@@ -59,3 +59,19 @@ def test_pretrained_and_run_directory(tmp_path):
     assert from_run.label == "myrun" and from_run.kind == "run"
     np.testing.assert_array_equal(_one_update(from_run.make(100)),
                                   _one_update(shipped.make(100)))
+
+
+def test_a_learning_rate_given_apart_sets_a_hand_designed_optimizer_only():
+    """`learnopt train --optimizer NAME --lr LR` goes through resolve_optimizer."""
+    from learnopt import pretrained
+
+    sgd = resolve_optimizer("sgd", learning_rate=0.5)
+    assert sgd.setting == "lr=0.5"
+    np.testing.assert_allclose(_one_update(sgd.make(10)), [-0.5, -0.5])
+    assert resolve_optimizer("sgd:lr=0.5", learning_rate=0.5).setting == "lr=0.5"
+    with pytest.raises(ValueError, match="two learning rates"):
+        resolve_optimizer("sgd:lr=0.5", learning_rate=0.1)
+    with pytest.raises(ValueError, match="learned optimizer takes no learning rate"):
+        resolve_optimizer(pretrained.available()[0], learning_rate=0.1)
+    with pytest.raises(ValueError, match="learning"):
+        resolve_optimizer("adam", learning_rate=-1.0)

@@ -10,8 +10,87 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
+
+# --- validation: every input is checked before anything is written ------------------------
+
+
+def _positive_int(flag: str, value: int | None, hint: str = "") -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be >= 1, got {value}{hint}")
+
+
+def _non_negative_int(flag: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{flag} must be >= 0, got {value}")
+
+
+def _positive_number(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def _creatable(path: Path, what: str) -> None:
+    """``path`` (absent) can be created: its first existing ancestor is a directory where a
+    probe directory can be made (and is removed again)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot create {what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {what} {path}: {parent} is not writable")
+    try:  # access() is not the whole story (root, read-only or virtual file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".learnopt-probe-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"cannot create {what} {path}: {e.strerror or e} in {parent}") from e
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` is a directory, or can be created as one; nothing is left behind here."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path} is not writable")
+    else:
+        _creatable(path, f"the {flag} directory")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` is a writable file, or can be created as one; nothing is left behind here."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{flag} {path} is not writable")
+    else:
+        _creatable(path, f"the {flag} file")
+    return path
+
+
+def _task_names(names) -> None:
+    from learnopt.tasks.fixed.registry import get_task
+
+    for name in names:
+        get_task(name)  # an unknown name lists the valid ones; missing data names its set-up
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line ``learnopt: error: ...`` (exit code 2), as all bad input."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("learnopt").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"learnopt: error: {where}{message} (see {self.prog} --help)\n")
 
 
 def _cmd_tasks(args) -> int:
@@ -74,30 +153,42 @@ def run_training(
     seed: int,
     out: Path,
     augment: str | None = None,
+    progress: bool = True,
 ):
     """Train a named task with a named optimizer; write JSONL metrics, a PNG and a summary.
 
-    ``augment`` (``"delay=1"``, ``"bf16=true,batch_fraction=0.5"``, ...) wraps the task in
-    those augmentations (:func:`learnopt.tasks.augment.parse_augmentation`)."""
-    from learnopt.optimizers.registry import get_optimizer
+    ``optimizer`` is any :func:`learnopt.resolve.resolve_optimizer` spec: a hand-designed
+    name (``lr`` its learning rate), ``adam:lr=3e-3``, a shipped pretrained name or a
+    meta-training run directory. ``augment`` (``"delay=1"``, ``"bf16=true,batch_fraction=0.5"``,
+    ...) wraps the task in those augmentations
+    (:func:`learnopt.tasks.augment.parse_augmentation`). Every input is checked before
+    ``out`` is created."""
     from learnopt.plotting import plot_training
+    from learnopt.resolve import resolve_optimizer
     from learnopt.tasks import augment as augmentations
     from learnopt.tasks.fixed.registry import get_task
     from learnopt.training import train
 
+    _positive_int("--steps", steps)
+    _positive_number("--lr", lr)
+    check_out_dir(out)
     config = augmentations.parse_augmentation(augment) if augment else None
-    opt = get_optimizer(optimizer, learning_rate=lr, num_steps=steps)
+    named = resolve_optimizer(optimizer, learning_rate=lr)
+    opt = named.make(steps)
     task = get_task(task_name)
     if config is not None:
         task = augmentations.apply(task, config)
     out.mkdir(parents=True, exist_ok=True)
-    result = train(task, opt, steps, seed=seed, log_path=out / "metrics.jsonl", desc=task_name)
-    label = f"{optimizer}" + (f" lr={lr:g}" if lr is not None else "")
-    plot_training(out / "loss.png", result.train_loss, result.evals, f"{task_name}: {label}")
+    result = train(task, opt, steps, seed=seed, log_path=out / "metrics.jsonl", desc=task_name,
+                   progress=progress)
+    plot_training(out / "loss.png", result.train_loss, result.evals,
+                  f"{task_name}: {named.label} ({named.setting})")
     summary = {
         "task": task_name,
         "augment": augment,
         "optimizer": optimizer,
+        "kind": named.kind,
+        "setting": named.setting,
         "learning_rate": lr,
         "steps": steps,
         "seed": seed,
@@ -110,9 +201,11 @@ def run_training(
 
 
 def _cmd_train(args) -> int:
-    out = Path(args.out or f"runs/train/{args.task}_{args.optimizer}_s{args.seed}")
+    label = re.sub(r"[^\w.=,-]+", "_", args.optimizer.rstrip("/")).strip("_") or "optimizer"
+    out = Path(args.out or f"runs/train/{args.task}_{label}_s{args.seed}")
     summary = run_training(
-        args.task, args.optimizer, args.lr, args.steps, args.seed, out, args.augment
+        args.task, args.optimizer, args.lr, args.steps, args.seed, out, args.augment,
+        progress=not args.no_progress,
     )
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}/metrics.jsonl, {out}/loss.png, {out}/summary.json")
@@ -235,12 +328,15 @@ def _cmd_meta_eval(args) -> int:
     from learnopt.meta.train import MetaTrainConfig, run_thetas
 
     run = Path(args.run)
-    if not (run / "config.json").exists():
+    _positive_int("--draws", args.draws)
+    _positive_int("--steps", args.steps)
+    if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a meta-training run (no config.json)")
-    for name in ("draws", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    config = MetaTrainConfig.from_json((run / "config.json").read_text())
+    check_out_dir(run, "--run")  # heldout.json and heldout.png are written there
+    try:
+        config = MetaTrainConfig.from_json((run / "config.json").read_text())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{run}/config.json is not a readable run config ({e})") from e
     lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
     steps, thetas = zip(*run_thetas(run, lopt), strict=True)
     print(f"{len(thetas)} thetas (outer steps {', '.join(map(str, steps))}) on {args.draws} "
@@ -277,15 +373,52 @@ def _load_lopt(run: str | None, pretrained: str | None):
 
 
 def _cmd_evaluate(args) -> int:
-    from learnopt.bench.compare import compare_on_task
+    """Each task: the learned optimizer, LR-tuned Adam (and NAdamW search), one bar stage
+    each (:mod:`learnopt.bench.compare`)."""
+    from tqdm.auto import tqdm
 
+    from learnopt.bench import compare
+    from learnopt.tasks.fixed.registry import get_task
+
+    _positive_int("--seeds", args.seeds)
+    _positive_int("--steps", args.steps)
+    _non_negative_int("--nadamw-trials", args.nadamw_trials)
+    check_out_dir(args.out)
     lopt, theta, label, default_task = _load_lopt(args.run, args.pretrained)
+    from learnopt.tasks.fixed.registry import TASKS
+
+    if not args.task and default_task not in TASKS:
+        raise ValueError(f"{label} was meta-trained on {default_task}, not one named task: "
+                         "give --task NAME (`learnopt tasks`)")
     tasks = args.task or [default_task]
-    for task_name in tasks:
-        out = Path(args.out) / task_name
-        _, table = compare_on_task(
-            task_name, lopt, theta, label, out, args.seeds, args.steps, args.nadamw_trials
-        )
+    _task_names(tasks)
+    seeds = list(range(args.seeds))
+    stages = [("learned", lambda task: compare.score_learned(
+                   task, label, lopt, theta, seeds, args.steps)),
+              (f"Adam x {len(compare.LR_GRID)} learning rates",
+               lambda task: compare.tune_adam(task, seeds, args.steps))]
+    if args.nadamw_trials > 0:
+        stages.append((f"NAdamW x {args.nadamw_trials} trials", lambda task: compare.tune_nadamw(
+            task, seeds, args.steps, args.nadamw_trials)))
+    print(f"evaluate {label} on {len(tasks)} task(s): {len(stages)} optimizer runs of "
+          f"{args.seeds} seeds x {args.steps} steps each", flush=True)
+    bar = tqdm(total=len(tasks) * len(stages), desc="evaluate", unit="run",
+               disable=args.no_progress, bar_format="{l_bar}{bar}| {n}/{total} runs "
+               "[{elapsed}<{remaining}{postfix}]")
+    tables = []
+    try:
+        for task_name in tasks:
+            task = get_task(task_name)
+            scores = []
+            for what, score in stages:
+                bar.set_postfix_str(f"{task_name}: {what}")
+                scores.append(score(task))
+                bar.update(1)
+            out = Path(args.out) / task_name
+            tables.append((out, compare.write_report(out, task_name, scores, args.steps)))
+    finally:
+        bar.close()
+    for out, table in tables:
         print(table.read_text())
         print(f"wrote {out}/results.json, {out}/table.md, {out}/curves.png")
     return 0
@@ -310,12 +443,26 @@ def run_bench_command(optimizers, suite, seeds, out, *, tasks=None, baselines=No
     """Resolve the optimizers, run the benchmark, write the report; returns the result."""
     from learnopt.bench.report import write_report
     from learnopt.bench.run import BASELINES, run_bench
+    from learnopt.bench.suite import suite as suite_tasks
     from learnopt.resolve import resolve_optimizer
 
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    if nadamw_trials < 0:
-        raise ValueError(f"--nadamw-trials must be >= 0, got {nadamw_trials}")
+    _positive_int("--seeds", seeds)
+    _non_negative_int("--nadamw-trials", nadamw_trials)
+    if not math.isfinite(baseline_factor) or baseline_factor < 1:
+        raise ValueError(f"--baseline-factor: baseline_factor must be >= 1 (and finite), got "
+                         f"{baseline_factor}")
+    unknown = sorted(set(baselines or ()) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; valid: {', '.join(BASELINES)} "
+                         "(comma-separated, '' for Adam only)")
+    names = [t.name for t in suite_tasks(suite)]
+    bad = [t for t in tasks or () if t not in names]
+    if bad:
+        raise ValueError(f"tasks {bad} are not in the {suite!r} suite; its tasks: "
+                         f"{', '.join(names)}")
+    check_out_dir(out)
+    if cache is not None:
+        check_out_dir(cache, "--cache")
     contenders = [resolve_optimizer(spec) for spec in optimizers]
     result = run_bench(contenders, suite, seeds, _bench_cache(cache), baseline_factor,
                        tuple(baselines) if baselines is not None else BASELINES,
@@ -347,11 +494,15 @@ def _cmd_main(args) -> int:
     from learnopt import pretrained
     from learnopt.meta.report import plot_meta_training, read_metrics
     from learnopt.meta.train import MetaTrainer
+    from learnopt.resolve import resolve_optimizer
 
-    out = Path(args.out)
+    out = check_out_dir(args.out)
+    _positive_int("--seeds", args.seeds)
     shipped = args.optimizer or (MAIN_OPTIMIZER if MAIN_OPTIMIZER in pretrained.available()
                                  else pretrained.available()[0])
+    resolve_optimizer(shipped)  # refused now, not after the meta-training demo
     config = _meta_config(args, out / "meta")
+    MetaTrainer(config, out / "meta")  # checks OUT/meta and a saved config; writes nothing
     print(f"1/2 meta-training demo: {config.lopt} with {config.estimator} on {config.task} "
           f"for {config.max_seconds:g} s", flush=True)
     MetaTrainer(config, out / "meta").run(progress=not args.no_progress)
@@ -386,6 +537,8 @@ def _cmd_time_model(args) -> int:
     from learnopt.tasks import timing as T
     from learnopt.tasks.families.registry import velo_families
 
+    _positive_int("--samples", args.samples)
+    check_out_file(args.out)
     families = velo_families(args.families or None, size=args.size, data="synthetic")
     names = list(families)
     model = T.calibrate(families, args.samples, jax.random.PRNGKey(args.seed), path=args.out,
@@ -397,24 +550,36 @@ def _cmd_time_model(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="learnopt", description="Learned optimizers in JAX.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_tasks(sub) -> None:
     ts = sub.add_parser("tasks", help="list the named fixed tasks (--families: the families)")
     ts.add_argument("--families", action="store_true", help="list the sampled task families")
     ts.set_defaults(fn=_cmd_tasks)
-    sub.add_parser("optimizers", help="list the optimizers").set_defaults(fn=_cmd_optimizers)
+
+
+def _add_optimizers(sub) -> None:
+    sub.add_parser("optimizers", help="list the hand-designed, learned and pretrained "
+                   "optimizers").set_defaults(fn=_cmd_optimizers)
+
+
+def _add_data(sub) -> None:
     sub.add_parser("data", help="list datasets, whether present, shapes, sources").set_defaults(
         fn=_cmd_data
     )
 
-    t = sub.add_parser("train", help="train a task with an optimizer")
+
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="train a task with an optimizer (hand-designed, "
+                       "pretrained or meta-trained)")
     t.add_argument("--task", required=True, help="a name from `learnopt tasks`")
-    t.add_argument("--optimizer", required=True, help="a name from `learnopt optimizers`")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
-    t.add_argument("--steps", type=int, required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--optimizer", required=True, metavar="NAME",
+                   help="a hand-designed optimizer (adam, or with options adam:lr=3e-3), a "
+                   "shipped pretrained name or a meta-training run directory (`learnopt "
+                   "optimizers`)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate of a hand-designed optimizer (default: per optimizer)")
+    t.add_argument("--steps", type=int, required=True, help="training steps")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and "
+                   "batches (0)")
     t.add_argument("--out", default=None, help="output directory (default runs/train/...)")
     t.add_argument(
         "--augment",
@@ -423,8 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap the task in augmentations, e.g. delay=1 or bf16=true,batch_fraction=0.5 "
         "(fields of learnopt.tasks.augment.AugmentationConfig)",
     )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
 
+
+def _add_meta_eval(sub) -> None:
     me = sub.add_parser("meta-eval", help="a run's held-out meta-loss: its thetas train fresh "
                         "draws of its task distribution")
     me.add_argument("--run", required=True, help="a meta-training run directory")
@@ -432,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--steps", type=int, default=500, help="inner steps per task (500)")
     me.set_defaults(fn=_cmd_meta_eval)
 
+
+def _add_meta_train(sub) -> None:
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer (resumable)")
     _add_meta_args(mt, outer_steps=100_000, max_seconds=None)
     mt.add_argument("--out", required=True, help="run directory (resumes if it has a checkpoint)")
@@ -443,16 +613,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="join the Ray cluster at this address (docs/distributed.md)")
     mt.set_defaults(fn=_cmd_meta_train)
 
+
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate", help="a learned optimizer vs LR-tuned Adam (and NAdamW)")
-    ev.add_argument("--run", default=None, help="a meta-training run directory")
-    ev.add_argument("--pretrained", default=None, help="a shipped pretrained name")
-    ev.add_argument("--task", action="append", help="task(s) (default: the meta-training task)")
-    ev.add_argument("--seeds", type=int, default=5)
-    ev.add_argument("--steps", type=int, default=2000)
-    ev.add_argument("--nadamw-trials", type=int, default=0)
-    ev.add_argument("--out", default="runs/evaluate")
+    ev.add_argument("--run", default=None, metavar="DIR",
+                    help="a meta-training run directory (or give --pretrained)")
+    ev.add_argument("--pretrained", default=None, metavar="NAME",
+                    help="a shipped pretrained name from `learnopt optimizers` (or give --run)")
+    ev.add_argument("--task", action="append", metavar="NAME",
+                    help="a task from `learnopt tasks` (repeatable; default: the task the "
+                    "optimizer was meta-trained on)")
+    ev.add_argument("--seeds", type=int, default=5, help="seeds per optimizer (5)")
+    ev.add_argument("--steps", type=int, default=2000, help="training steps per run (2000)")
+    ev.add_argument("--nadamw-trials", type=int, default=0,
+                    help="random-search trials of NAdamW; 0: no NAdamW (0)")
+    ev.add_argument("--out", default="runs/evaluate",
+                    help="output directory, one subdirectory per task (runs/evaluate)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(fn=_cmd_evaluate)
 
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="optimizers against LR-tuned Adam and other tuned "
                        "baselines on a task suite: speedups (VeLO §4.1), report and plots")
     b.add_argument("--optimizer", action="append", required=True, metavar="NAME",
@@ -479,15 +660,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_cmd_bench)
 
+
+def _add_time_model(sub) -> None:
     tm = sub.add_parser("time-model", help="time sampled tasks on this machine and fit the "
                         "step-time model of the budgeted sampler (VeLO, App. C.4)")
-    tm.add_argument("--families", nargs="*", default=None, help="default: all sampled families")
-    tm.add_argument("--samples", type=int, default=5, help="sampled tasks timed per family")
-    tm.add_argument("--size", default="cpu", choices=["cpu", "paper", "tiny"])
-    tm.add_argument("--seed", type=int, default=0)
-    tm.add_argument("--out", default="time_model.json")
+    tm.add_argument("--families", nargs="*", default=None,
+                    help="VeLO families to time, e.g. mlp conv (default: all nine)")
+    tm.add_argument("--samples", type=int, default=5, help="sampled tasks timed per family (5)")
+    tm.add_argument("--size", default="cpu", choices=["cpu", "paper", "tiny"],
+                    help="the families' size ranges: cpu (default), paper or tiny")
+    tm.add_argument("--seed", type=int, default=0, help="seed of the sampled tasks (0)")
+    tm.add_argument("--out", default="time_model.json",
+                    help="the model file written (time_model.json)")
     tm.set_defaults(fn=_cmd_time_model)
 
+
+def _add_main(sub) -> None:
     m = sub.add_parser("main", help="the main job: a short meta-training demo, then the quick "
                        "benchmark suite for the shipped general optimizer vs tuned Adam")
     _add_meta_args(m, outer_steps=100_000, max_seconds=180.0)
@@ -496,9 +684,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="the benchmark suite (quick)")
     m.add_argument("--seeds", type=int, default=2, help="seeds per configuration (2)")
-    m.add_argument("--out", default="runs/main")
+    m.add_argument("--out", default="runs/main",
+                   help="output directory: meta/, bench/ and report.md (runs/main)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(fn=_cmd_main)
+
+
+#: The subcommands in ``learnopt --help`` order: each adds its parser (with ``fn``, the
+#: function that runs it) to the subparsers. A new command is one more entry.
+COMMANDS = [
+    _add_tasks,
+    _add_optimizers,
+    _add_data,
+    _add_train,
+    _add_meta_eval,
+    _add_meta_train,
+    _add_evaluate,
+    _add_bench,
+    _add_time_model,
+    _add_main,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="learnopt", description="Learned optimizers in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
@@ -541,12 +753,17 @@ def _add_meta_args(p: argparse.ArgumentParser, outer_steps: int, max_seconds: fl
     p.add_argument("--meta-loss-split", help="split of the meta-objective's loss (train)")
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Bad input (``ValueError``, ``FileNotFoundError``) is one line
-    ``learnopt: error: ...`` and exit code 2; an error that carries an ``exit_code`` (a
-    diverged meta-training run: 3) one such line and that code; an interrupt (Ctrl-C,
-    SIGTERM during meta-training) one line and 128 + the signal number. learnopt's own
-    warnings are one line ``learnopt: warning: ...``. No traceback in any of these cases."""
+    """Run a command. Bad input (a usage error, ``ValueError``, ``OSError`` such as a missing
+    or unwritable file) is one line ``learnopt: error: ...`` and exit code 2; an error that
+    carries an ``exit_code`` (a diverged meta-training run: 3) one such line and that code;
+    an interrupt (Ctrl-C, SIGTERM during meta-training) one line and 128 + the signal
+    number. learnopt's own warnings are one line ``learnopt: warning: ...``. No traceback
+    in any of these cases; docs/errors.md lists every bad input tried."""
     import warnings
 
     args = build_parser().parse_args(argv)
@@ -562,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = one_line
         try:
             return args.fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"learnopt: error: {e}", file=sys.stderr)
+        except (ValueError, OSError) as e:  # bad input, file-system faults
+            print(f"learnopt: error: {_one_line(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             print(f"learnopt: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -64,8 +64,11 @@ def _hand_options(text: str, spec: str) -> dict[str, Any]:
     return options
 
 
-def resolve_optimizer(spec: str) -> NamedOptimizer:
-    """The optimizer ``spec`` names (see the module docstring); ``ValueError`` if none."""
+def resolve_optimizer(spec: str, learning_rate: float | None = None) -> NamedOptimizer:
+    """The optimizer ``spec`` names (see the module docstring); ``ValueError`` if none.
+
+    ``learning_rate`` (``learnopt train --lr``) is the learning rate of a hand-designed
+    ``spec`` (as ``:lr=`` would be); a learned optimizer takes none."""
     from learnopt import pretrained
     from learnopt.optimizers.registry import OPTIMIZERS, get_optimizer
 
@@ -75,12 +78,21 @@ def resolve_optimizer(spec: str) -> NamedOptimizer:
     if name in OPTIMIZERS:
         options = _hand_options(rest, spec)
         lr = options.pop("lr", None)
+        if learning_rate is not None:
+            if lr is not None and lr != learning_rate:
+                raise ValueError(f"two learning rates: {spec!r} and --lr {learning_rate:g}; "
+                                 "give one")
+            lr = learning_rate
         get_optimizer(name, lr, num_steps=1, **options)  # validate now, not mid-benchmark
         setting = ", ".join(f"{k}={v:g}" for k, v in
                             {"lr": lr or OPTIMIZERS[name].default_learning_rate,
                              **options}.items())
         return NamedOptimizer(spec, lambda n: get_optimizer(name, lr, num_steps=n, **options),
                               setting, "hand")
+    if learning_rate is not None:
+        raise ValueError(f"--lr {learning_rate:g} sets the learning rate of a hand-designed "
+                         f"optimizer ({', '.join(OPTIMIZERS)}); {spec!r} is not one (a "
+                         "learned optimizer takes no learning rate)")
     if spec in pretrained.available():
         return NamedOptimizer(spec, lambda n: pretrained.optimizer(spec, n),
                               pretrained.describe(spec), "pretrained")

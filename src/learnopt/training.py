@@ -128,7 +128,7 @@ def train(
     evals: list[dict[str, float]] = []
     log = open(log_path, "w") if log_path else None  # noqa: SIM115
     bar = tqdm(
-        total=num_steps, disable=not progress, desc=desc or task.name, leave=False, mininterval=1.0
+        total=num_steps, disable=not progress, desc=desc or task.name, mininterval=1.0
     )
     start = time.perf_counter()
     try:
@@ -137,6 +137,7 @@ def train(
             valid_batch = next(valid_batches) if valid_batches is not None else None
             state, loss = step_fn(state, next(batches), step_key, valid_batch)
             losses[i] = float(loss)
+            bar.update(1)  # the step is done: the bar ends at num_steps/num_steps
             record: dict[str, float] = {"step": i + 1, "train_loss": losses[i].item()}
             if (i + 1) % eval_every == 0 or i + 1 == num_steps:
                 ev = evaluate(task, state.params, eval_split)
@@ -146,8 +147,8 @@ def train(
                 bar.set_postfix(loss=f"{losses[i]:.4f}", **{k: f"{v:.4f}" for k, v in ev.items()})
             if log:
                 log.write(json.dumps(record) + "\n")
-            bar.update(1)
     finally:
+        bar.refresh()  # the last count and postfix, even within mininterval
         bar.close()
         if log:
             log.close()

@@ -158,25 +158,3 @@ def write_report(
         log_y=True,
     )
     return table
-
-
-def compare_on_task(
-    task_name: str,
-    lopt,
-    theta,
-    label: str,
-    out_dir: str | os.PathLike,
-    seeds: int = 5,
-    num_steps: int = 2000,
-    nadamw_trials: int = 0,
-) -> tuple[list[OptimizerScore], Path]:
-    """Score ``lopt(theta)`` against LR-tuned Adam (and NAdamW search) on a named task."""
-    from learnopt.tasks.fixed.registry import get_task
-
-    task = get_task(task_name)
-    seed_list = list(range(seeds))
-    scores = [score_learned(task, label, lopt, theta, seed_list, num_steps)]
-    scores.append(tune_adam(task, seed_list, num_steps))
-    if nadamw_trials > 0:
-        scores.append(tune_nadamw(task, seed_list, num_steps, nadamw_trials))
-    return scores, write_report(out_dir, task_name, scores, num_steps)

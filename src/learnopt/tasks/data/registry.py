@@ -22,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import pickle
+import tarfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +57,19 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError would format errno/filename instead
         return self.args[0]
+
+
+class CorruptDatasetError(ValueError):
+    """A registered data set is installed but cannot be read (a truncated or corrupt
+    archive); the message names the file and says how to reinstall it."""
+
+    def __init__(self, name: str, expected: str, setup: str, error: BaseException):
+        self.name, self.expected, self.setup = name, expected, setup
+        reason = str(error) or type(error).__name__
+        super().__init__(
+            f"dataset {name!r} is unreadable: {expected} is corrupt or incomplete "
+            f"({type(error).__name__}: {reason}); delete it and reinstall it: {setup}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +343,14 @@ def load(name: str) -> Any:
         raise DatasetNotFoundError(name, entry.expected(), entry.setup)
     key = (name, entry.stamp())
     if key not in _MEMORY:
-        _MEMORY[key] = _freeze(entry.loader())
+        try:
+            data = entry.loader()
+        except DatasetNotFoundError:
+            raise
+        except (OSError, EOFError, ValueError, zlib.error, tarfile.TarError,
+                pickle.UnpicklingError) as e:
+            raise CorruptDatasetError(name, entry.expected(), entry.setup, e) from e
+        _MEMORY[key] = _freeze(data)
     return _MEMORY[key]
 
 
