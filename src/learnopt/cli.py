@@ -323,8 +323,9 @@ def _cmd_meta_train(args) -> int:
 def _cmd_meta_eval(args) -> int:
     from learnopt.io import atomic_write_json
     from learnopt.learned.registry import learned_optimizer_from_config
-    from learnopt.meta.heldout import heldout_meta_loss
+    from learnopt.meta.heldout import HELDOUT_SEED, heldout_meta_loss
     from learnopt.meta.report import plot_heldout
+    from learnopt.meta.sources import TaskSource
     from learnopt.meta.train import MetaTrainConfig, run_thetas
 
     run = Path(args.run)
@@ -339,11 +340,17 @@ def _cmd_meta_eval(args) -> int:
         raise ValueError(f"{run}/config.json is not a readable run config ({e})") from e
     lopt = learned_optimizer_from_config(config.lopt, config.lopt_config)
     steps, thetas = zip(*run_thetas(run, lopt), strict=True)
+    mixture = config.mixture()
+    # Under a time-budget curriculum, every theta is scored on draws at the scale of the
+    # run's last outer step: the distribution it ended on.
+    scale = TaskSource(mixture, HELDOUT_SEED).scale_at(max(steps))
+    at_scale = "" if scale is None else f" at time scale {scale:g}"
     print(f"{len(thetas)} thetas (outer steps {', '.join(map(str, steps))}) on {args.draws} "
-          f"held-out draws of the run's task distribution, {args.steps} steps each")
+          f"held-out draws of the run's task distribution{at_scale}, {args.steps} steps each")
     result = heldout_meta_loss(
-        config.mixture(), lopt, list(thetas), args.draws, args.steps,
+        mixture, lopt, list(thetas), args.draws, args.steps,
         progress=lambda i, name: print(f"  task {i + 1}/{args.draws}: {name}", flush=True),
+        scale=scale,
     )
     out = {"run": str(run), "steps": list(steps), "num_steps": args.steps, **result.to_dict()}
     atomic_write_json(run / "heldout.json", out)

@@ -55,8 +55,13 @@ def heldout_meta_loss(
     seeds: Sequence[int] = (0, 1),
     seed: int = HELDOUT_SEED,
     progress=None,
+    scale: float | None = None,
 ) -> HeldoutResult:
     """The held-out meta-loss of each of ``thetas`` (module docstring).
+
+    ``scale``: the time scale of the draws when the mixture samples within a time budget
+    (:meth:`TaskSource.scale_at` of an outer step, for a run with a time-budget curriculum);
+    None draws at the budget's own ``time_scale``. Every theta sees the same draws.
 
     A task whose normalised losses are not finite counts at its normaliser's value for a
     non-finite loss (the task decides, as in meta-training). ``progress(i, name)`` is called
@@ -69,7 +74,7 @@ def heldout_meta_loss(
     start = time.perf_counter()
     rows, names = [], []
     for i in range(num_draws):
-        draw = source.draw(i)
+        draw = source.draw(i, scale)
         names.append(draw.task.name)
         if progress is not None:
             progress(i, draw.task.name)
