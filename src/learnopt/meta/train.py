@@ -24,8 +24,9 @@ resume, lines past the checkpoint are dropped so each step appears once) and ``.
 estimator and the run directory have been checked, so a refused command leaves nothing that
 would refuse the corrected one. ``run()`` holds an exclusive ``flock`` on ``OUT/.lock`` (the
 file holds the holder's pid): a second writer on the same directory gets
-:class:`RunLockedError` naming that pid before it writes anything. SIGINT and SIGTERM end
-the current outer step (a second signal abandons it), write a checkpoint and raise
+:class:`RunLockedError` naming that pid before it writes anything; under the lock, a resume
+first removes the temporary files of atomic writes that a killed writer left. SIGINT and
+SIGTERM end the current outer step (a second signal abandons it), write a checkpoint and raise
 :class:`RunInterrupted` (the command line exits 130 or 143 with one line). On resume each
 checkpoint is checked on load (readable, the run's config, the expected structure); a bad
 latest one falls back to the newest good ``checkpoint_<step>.msgpack`` with a
@@ -232,8 +233,11 @@ BUDGET_FIELDS = ("outer_steps", "max_seconds", "checkpoint_every", "keep_theta_e
                  "keep_checkpoints", "max_nonfinite_steps")
 
 
-def build_estimator_over_tasks(config: MetaTrainConfig, lopt) -> MultiTaskEstimator:
-    """The multi-task estimator of ``config``: its task mixture, slots and estimator."""
+def build_estimator_over_tasks(
+    config: MetaTrainConfig, lopt, **options: Any
+) -> MultiTaskEstimator:
+    """The multi-task estimator of ``config``: its task mixture, slots and estimator.
+    ``options``: further MultiTaskEstimator arguments (``cache_size``, ``shared_cache``)."""
     return MultiTaskEstimator(
         TaskSource(config.mixture(), config.seed),
         lopt,
@@ -249,6 +253,7 @@ def build_estimator_over_tasks(config: MetaTrainConfig, lopt) -> MultiTaskEstima
         lifetime=config.task_lifetime,
         horizon_schedule=_schedule(config.horizon_schedule),
         trunc_schedule=_schedule(config.trunc_schedule),
+        **options,
     )
 
 
@@ -388,6 +393,12 @@ class RunLock:
             os.ftruncate(fd, 0)  # a finished run's pid would mislead
         finally:
             os.close(fd)  # and closing releases the lock
+
+
+# Temporary files of the files run() writes atomically (learnopt.io.atomic_open names them
+# ``.NAME.XXXX.tmp``): checkpoint*.msgpack, theta.msgpack, metrics.jsonl, config.json, machine.json.
+_RUN_FILE_PREFIXES = (".checkpoint", ".theta.msgpack.", ".metrics.jsonl.", ".config.json.",
+                      ".machine.json.")
 
 
 def _numbered_step(path: Path) -> int | None:
@@ -696,9 +707,21 @@ class MetaTrainer:
         with self.lock(), self._stop_on_signals():
             return self._run(progress, gradients)
 
+    def _remove_stale_temporaries(self) -> None:
+        """Remove the temporary files (``.NAME.XXXX.tmp``) of this run's atomic writes that
+        a writer killed mid-write (SIGKILL, power loss) left behind. Only the lock's holder
+        writes these files, so under the lock none is in use; other files are kept."""
+        thetas = (self.out / "thetas", (".theta_",))
+        for folder, prefixes in ((self.out, _RUN_FILE_PREFIXES), thetas):
+            for path in folder.glob(".*.tmp"):
+                if path.name.startswith(prefixes):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+
     def _run(self, progress: bool, gradients) -> dict[str, Any]:
         cfg = self.config
         local = gradients is None  # the estimator state lives here, not in workers
+        self._remove_stale_temporaries()
         state = self.restore(with_estimator=local)
         resumed = state is not None
         if state is None:
