@@ -699,6 +699,114 @@ def _add_main(sub) -> None:
 
 #: The subcommands in ``learnopt --help`` order: each adds its parser (with ``fn``, the
 #: function that runs it) to the subparsers. A new command is one more entry.
+def _add_pbt(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "pbt", help="a population of learned optimizers that train each other, guided by "
+        "population-based training (Metz et al. 2021, arXiv:2101.07367); resumable")
+    p.add_argument("--config", default=None,
+                   help="the population's TOML file (configs/pbt_*.toml) or a run's "
+                   "config.json; default: OUT/config.json of a run to resume")
+    p.add_argument("--out", required=True,
+                   help="run directory (resumes from its checkpoint if it has one)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray actors hosting the members (dealt round-robin; an embedded local "
+                   "Ray unless --ray-address); 0: every member in this process; default: "
+                   "min(population, CPU count)")
+    p.add_argument("--ray-address", default=None,
+                   help="join the Ray cluster at this address instead of starting one")
+    p.add_argument("--outer-steps", type=int, default=None,
+                   help="outer steps of the population (overrides the config's outer_steps)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock budget in seconds, compiles included, summed over resumes "
+                   "(overrides the config's max_seconds)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="do not train: evaluate the run's kept thetas (Fig. 2) and plot")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the evaluation after training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_pbt)
+    return p
+
+
+def _pbt_config(args):
+    from learnopt.meta.pbt_config import PBTConfig
+
+    out = Path(args.out)
+    source = args.config
+    if source is None:
+        if not (out / "config.json").is_file():
+            raise ValueError(f"give --config FILE (there is no {out / 'config.json'} to "
+                             "resume)")
+        source = out / "config.json"
+    config = PBTConfig.from_file(source)
+    changes = {}
+    if args.outer_steps is not None:
+        changes["outer_steps"] = args.outer_steps
+    if args.max_seconds is not None:
+        changes["max_seconds"] = args.max_seconds
+    if changes:
+        config = PBTConfig.from_dict({**config.to_dict(), **changes})
+    return config
+
+
+def _cmd_pbt(args) -> int:
+    """``learnopt pbt`` (:mod:`learnopt.meta.pbt`): bad input raises before anything is
+    written."""
+    import numpy as np
+
+    from learnopt.meta.pbt import PopulationRun, evaluate_run
+    from learnopt.meta.pbt_workers import LocalHosts, RayHosts
+
+    if args.eval_only:
+        result = evaluate_run(args.out, progress=not args.no_progress)
+        _print_pbt_eval(result, args.out)
+        return 0
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.ray_address and args.workers == 0:
+        raise ValueError("--ray-address needs Ray workers (--workers N with N >= 1)")
+    config = _pbt_config(args)
+    run = PopulationRun(config, args.out)  # checks the directory; writes nothing
+    workers = args.workers
+    if workers is None:
+        workers = min(config.population, os.cpu_count() or 1)
+    hosts = LocalHosts(config) if workers == 0 else RayHosts(config, workers, args.ray_address)
+    try:
+        pop = run.run(hosts, progress=not args.no_progress)
+    finally:
+        hosts.close()
+    best = int(np.argmin([_pbt_last_loss(Path(args.out), m) for m in range(config.population)]))
+    print(f"population at outer step {pop.step} ({pop.num_events} events, "
+          f"{pop.seconds:.0f} s); member {best} has the lowest last meta-loss")
+    done = pop.step >= config.outer_steps or (
+        config.max_seconds is not None and pop.seconds >= config.max_seconds)
+    if done and config.final_eval and not args.no_eval:
+        result = evaluate_run(args.out, progress=not args.no_progress)
+        _print_pbt_eval(result, args.out)
+    print(f"wrote {args.out}/checkpoint.msgpack, metrics.jsonl, events.jsonl")
+    return 0
+
+
+def _pbt_last_loss(run_dir: Path, member: int) -> float:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not lines:
+        return float("inf")
+    value = json.loads(lines[-1])["members"][member]["meta_loss"]
+    return float("inf") if value is None else float(value)
+
+
+def _print_pbt_eval(result: dict, out: str) -> None:
+    print(f"evaluation ({len(result['tasks'])} tasks x {result['num_steps']} steps, mean "
+          f"normalised training loss; lower is better):")
+    for step, best in zip(result["steps"], result["population_best"], strict=True):
+        print(f"  outer step {step:>7}: population best {best}")
+    print(f"  Adam, best single LR ({result['adam_best_fixed_lr_value']:.0e}): "
+          f"{result['adam_best_fixed_lr']}")
+    print(f"  Adam, LR tuned per task: {result['adam_per_task_tuned']}")
+    print(f"wrote {out}/eval.json, {out}/eval.png")
+
+
 COMMANDS = [
     _add_tasks,
     _add_optimizers,
@@ -710,6 +818,7 @@ COMMANDS = [
     _add_bench,
     _add_time_model,
     _add_main,
+    _add_pbt,
 ]
 
 

@@ -192,6 +192,12 @@ class Learner:
 
     ``Learner(learning_rate, clip, max_staleness, **other LearnerConfig fields)`` or
     ``Learner.from_config(LearnerConfig(...))``; ``learner.config`` is the LearnerConfig.
+
+    ``optimizer``: another outer optimizer (an optax transformation) in place of the clipped
+    Adam, e.g. a learned one (:func:`learnopt.meta.learned_outer.learned_outer_optimizer`);
+    ``learning_rate`` and ``clip`` then do not apply (the learning-rate methods need the
+    default optimizer), and an update with a non-finite value is dropped like a non-finite
+    meta-gradient. Keyword arguments of :meth:`apply` go to its ``update``.
     """
 
     def __init__(
@@ -199,6 +205,7 @@ class Learner:
         learning_rate: float = 3e-4,
         clip: float | None = 3.0,
         max_staleness: int | None = 5,
+        optimizer: optax.GradientTransformation | None = None,
         **config: Any,
     ):
         self.config = LearnerConfig(
@@ -206,7 +213,8 @@ class Learner:
         )
         self.max_staleness = self.config.max_staleness
         self.multiplier = lr_multiplier(self.config)
-        self.opt = outer_optimizer(self.config)
+        self.custom = optimizer is not None
+        self.opt = outer_optimizer(self.config) if optimizer is None else optimizer
         self._apply = jax.jit(self._apply_impl)
 
     @classmethod
@@ -237,11 +245,15 @@ class Learner:
         return state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
 
     # -- updates -------------------------------------------------------------------------
-    def _apply_impl(self, state: LearnerState, grad, fresh: jax.Array):
+    def _apply_impl(self, state: LearnerState, grad, fresh: jax.Array, extra=None):
         finite = tree_all_finite(grad)
         ok = fresh & finite
         safe_grad = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grad)
-        updates, new_opt = self.opt.update(safe_grad, state.opt_state, state.theta)
+        updates, new_opt = self.opt.update(safe_grad, state.opt_state, state.theta,
+                                           **(extra or {}))
+        if self.custom:  # a learned outer optimizer may itself produce non-finite steps
+            finite = finite & tree_all_finite(updates)
+            ok = fresh & finite
         new_theta = optax.apply_updates(state.theta, updates)
         pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = LearnerState(
@@ -265,12 +277,15 @@ class Learner:
         return age
 
     def apply(
-        self, state: LearnerState, grad, version: int | None = None
+        self, state: LearnerState, grad, version: int | None = None, **extra_args: Any
     ) -> tuple[LearnerState, bool]:
         """Apply one meta-gradient computed at the theta of learner step ``version``
-        (None: the current theta); returns whether it was applied (fresh and finite)."""
+        (None: the current theta); returns whether it was applied (fresh and finite).
+        ``extra_args`` (e.g. ``loss=``, ``outer_theta=`` of a learned outer optimizer) are
+        passed to the outer optimizer's ``update``."""
         fresh = self.max_staleness is None or self.staleness(state, version) <= self.max_staleness
-        state, ok = self._apply(state, grad, jnp.asarray(fresh))
+        extra = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in extra_args.items()}
+        state, ok = self._apply(state, grad, jnp.asarray(fresh), extra or None)
         return state, bool(ok)
 
     def aggregate(self, grads: Sequence[tuple[Any, int]], current_step: int):

@@ -96,6 +96,7 @@ class MultiTaskEstimator:
         horizon_schedule: Any = None,
         trunc_schedule: Any = None,
         watchdog: dict[str, Any] | None = None,
+        shared_cache: collections.OrderedDict | None = None,
     ):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
@@ -123,7 +124,11 @@ class MultiTaskEstimator:
             and not mixture.augment and horizon_schedule is None and trunc_schedule is None
         )
         self.cache_size = cache_size
-        self._cache: collections.OrderedDict[str, GradientEstimator] = collections.OrderedDict()
+        # ``shared_cache``: the compiled-estimator cache of another MultiTaskEstimator of the
+        # same learned optimizer, estimator and options (a population's members share compiles).
+        self._cache: collections.OrderedDict[str, GradientEstimator] = (
+            collections.OrderedDict() if shared_cache is None else shared_cache
+        )
         self._draws: dict[int, TaskDraw] = {}
         self._called: set[str] = set()
         self.watchdog = dict(watchdog or {})  # StepWatchdog settings, one watchdog per task
