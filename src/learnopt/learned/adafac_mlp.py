@@ -55,28 +55,12 @@ def mlp_elementwise(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
     evaluates as :func:`mlp_concat`, the same function: differentiating the unrolled scalar
     graph made XLA compile a meta-gradient 2-6x slower on CPU.
     """
-    chans = [b[..., i] for b in blocks for i in range(b.shape[-1])]
+    chans = common.block_channels(blocks)
+    scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
     nf = len(chans)
-    scales = [jax.lax.rsqrt(common.NORMALIZER_EPS + jnp.mean(jnp.square(c))) for c in chans]
-    w0 = nn["w0"]
-    bias = nn["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST)
-    hidden: list[jax.Array] = []
-    for o in range(w0.shape[1]):
-        acc = bias[o]
-        for v in range(nf):
-            acc = acc + chans[v] * (scales[v] * w0[v, o])
-        hidden.append(acc)
-    for i in range(1, common.mlp_num_layers(nn)):
-        hidden = [jax.nn.relu(h) for h in hidden]
-        w, b = nn[f"w{i}"], nn[f"b{i}"]
-        nxt = []
-        for o in range(w.shape[1]):
-            acc = b[o]
-            for v, h in enumerate(hidden):
-                acc = acc + h * w[v, o]
-            nxt.append(acc)
-        hidden = nxt
-    return hidden[0], hidden[1]
+    bias = nn["b0"] + jnp.dot(time, nn["w0"][nf:], precision=jax.lax.Precision.HIGHEST)
+    d, m = common.channel_mlp(nn, chans, scales, bias)
+    return d, m
 
 
 @mlp_elementwise.defjvp
@@ -84,6 +68,48 @@ def _mlp_elementwise_jvp(primals, tangents):
     # Differentiated, the path evaluates as the matmul path (values agree to ~1e-7), so the
     # elementwise forward is dead code in a meta-gradient and XLA compiles the smaller graph.
     return jax.jvp(mlp_concat, primals, tangents)
+
+
+def _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
+    blocks = _feature_blocks(p, g, m, rms, fac_g, v_row, v_col, v_full)
+    return mlp_concat(nn, blocks, time)
+
+
+@jax.custom_jvp
+def _leaf_elementwise(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
+    """``(d, m)`` of one tensor (rank >= 1) by the elementwise path, from the accumulators.
+
+    The same function as ``mlp_concat`` on :func:`_feature_blocks`, computed without
+    materialising the 28 features: the row / column statistics of a factored tensor (12 of the
+    28 channels) are constant along one axis, so their normalisers and their first-layer
+    contributions are computed on the small ``v_row`` / ``v_col`` arrays and broadcast once per
+    hidden unit (:func:`common.channel_mlp`).
+    """
+    r = jax.lax.rsqrt(rms + 1e-6)
+    chans = common.block_channels([g[..., None], p[..., None], m, rms, m * r, r, fac_g])
+    chans += common.second_moment_channels(m, v_row, v_col, v_full, p.shape,
+                                           lambda v: (v + 1e-6) ** -0.5)
+    scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
+    nf = len(chans)
+    bias = nn["b0"] + jnp.dot(time, nn["w0"][nf:], precision=jax.lax.Precision.HIGHEST)
+    d, mag = common.channel_mlp(nn, chans, scales, bias)
+    return d, mag
+
+
+@_leaf_elementwise.defjvp
+def _leaf_elementwise_jvp(primals, tangents):
+    # Differentiated, the leaf evaluates as the matmul path (the same function), as
+    # mlp_elementwise does: XLA compiles the meta-gradient of the smaller graph much faster.
+    return jax.jvp(_leaf_concat, primals, tangents)
+
+
+def _feature_blocks(p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
+    """The 28 features of one tensor (rank >= 1), as blocks of shape ``p.shape + (k,)``."""
+    r = jax.lax.rsqrt(rms + 1e-6)
+    blocks = [g[..., None], p[..., None], m, rms, m * r, r, fac_g]
+    return blocks + common.second_moment_features(
+        m, v_row, v_col, v_full, p.shape, lambda v: (v + 1e-6) ** -0.5
+    )
 
 
 class SmallFcLOptState(NamedTuple):
@@ -106,7 +132,9 @@ class SmallFcLOpt(LearnedOptimizer):
       initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: decays at
         ``theta = init``; momentum and AdaFactor need the same count (they are paired in
         ``fac_mom``) and there is exactly one rms decay.
-      compute: ``"elementwise"`` (default) or ``"concat"``; see the module docstring.
+      compute: ``"elementwise"`` (default) or ``"concat"``; see the module docstring. With
+        ``"elementwise"``, tensors under ``common.ELEMENTWISE_MIN_SIZE`` (4096) elements still
+        take the matmul path (fewer ops; the same function).
     """
 
     name = "small_fc_lopt"
@@ -193,22 +221,18 @@ class SmallFcLOpt(LearnedOptimizer):
     # ---------------------------------------------------------------------------------------
     def _blocks(self, p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
         """The 28 features of one tensor, as blocks of shape ``p.shape + (k,)``."""
-        g = jnp.asarray(g, jnp.float32)
-        p = jnp.asarray(p, jnp.float32)
-        r = jax.lax.rsqrt(rms + 1e-6)
-        blocks = [g[..., None], p[..., None], m, rms, m * r, r, fac_g]
-        return blocks + common.second_moment_features(
-            m, v_row, v_col, v_full, p.shape, lambda v: (v + 1e-6) ** -0.5
-        )
+        return _feature_blocks(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
+                               m, rms, fac_g, v_row, v_col, v_full)
 
     def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
+        p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
         if not orig_shape:  # scalars are processed as shape [1], as in the released code
             p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
                                            for x in (p, g, m, rms, fac_g, v_full))
-        blocks = self._blocks(p, g, m, rms, fac_g, v_row, v_col, v_full)
-        mlp = mlp_concat if self.compute == "concat" else mlp_elementwise
-        d, mag = mlp(nn, blocks, time)
+        leaf = (_leaf_elementwise if self.compute == "elementwise"
+                and p.size >= common.ELEMENTWISE_MIN_SIZE else _leaf_concat)
+        d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
         step = d * jnp.exp(mag * self.exp_mult) * self.step_mult
         return jnp.reshape(-step, orig_shape).astype(orig_dtype)
 

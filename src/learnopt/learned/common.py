@@ -332,3 +332,102 @@ def check_same_structure(grads: PyTree, params: PyTree, who: str) -> None:
     if gs != ps:
         raise ValueError(f"{who}: gradients and parameters have different tree structures: "
                          f"{gs} vs {ps}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fused per-parameter MLPs: features, normalisation and MLP without materialised feature stacks.
+#
+# A channel is ``(x, axis)``: ``x`` is one feature of a tensor of shape ``S``, either full-shape
+# (``axis is None``) or constant along ``axis`` and stored without it (the AdaFactor row and
+# column statistics). The per-parameter MLPs of small_fc_lopt and VeLO normalise each channel
+# by a per-tensor scalar and apply small dense layers; as sums of arrays times scalars XLA:CPU
+# fuses that into a few loops over the tensor, where a concatenated ``S + (F,)`` feature array
+# and thin matmuls are memory-bound (docs/derivations.md §3.1).
+
+Channel = tuple[jax.Array, int | None]
+
+#: Tensors smaller than this take the matmul path (concatenated features) even where the
+#: elementwise path is chosen: on a small tensor the elementwise path's ~30 per-channel
+#: reductions and ~100 scalar ops cost more in per-op overhead than its fusion saves.
+ELEMENTWISE_MIN_SIZE = 4096
+
+
+def channel_mean_squares(chans: Sequence[Channel]) -> jax.Array:
+    """``mean(x^2)`` of each channel over the full tensor, shape ``(len(chans),)``.
+
+    A low-rank channel's mean over the tensor equals the mean over its stored entries. One
+    reduction per channel: XLA:CPU reduces a full array to a scalar faster than an
+    ``S + (k,)`` block to ``(k,)``.
+    """
+    return jnp.stack([jnp.mean(jnp.square(x)) for x, _ in chans])
+
+
+def channel_mlp(nn: dict[str, jax.Array], chans: Sequence[Channel], scales: jax.Array,
+                bias: jax.Array | None = None) -> list[jax.Array]:
+    """``apply_mlp(nn, stack(x_v * scales[v]))`` with the channels broadcast to the tensor's
+    shape; returns the outputs as a list of full-shape arrays (one per output unit).
+
+    ``nn["w0"]`` may have more rows than channels (inputs that are the same for every
+    parameter, e.g. time features): pass their contribution as ``bias`` (it replaces
+    ``nn["b0"]``). The normalisers are folded into the first layer's weights in one small op;
+    low-rank channels are summed on their small arrays and broadcast once per hidden unit.
+    """
+    nf = len(chans)
+    w0 = nn["w0"]
+    w_in = scales[:, None] * w0[:nf]
+    b0 = nn["b0"] if bias is None else bias
+    hidden: list[jax.Array] = []
+    for o in range(w0.shape[1]):
+        acc = None
+        low: dict[int, jax.Array] = {}
+        for v, (x, axis) in enumerate(chans):
+            term = x * w_in[v, o]
+            if axis is None:
+                acc = term if acc is None else acc + term
+            else:
+                low[axis] = term if axis not in low else low[axis] + term
+        for axis, term in low.items():
+            term = jnp.expand_dims(term, axis)
+            acc = term if acc is None else acc + term
+        hidden.append(acc + b0[o])
+    for i in range(1, mlp_num_layers(nn)):
+        hidden = [jax.nn.relu(h) for h in hidden]
+        w, b = nn[f"w{i}"], nn[f"b{i}"]
+        nxt = []
+        for o in range(w.shape[1]):
+            acc = hidden[0] * w[0, o]
+            for v in range(1, len(hidden)):
+                acc = acc + hidden[v] * w[v, o]
+            nxt.append(acc + b[o])
+        hidden = nxt
+    return hidden
+
+
+def second_moment_channels(
+    m: jax.Array,
+    v_row: jax.Array,
+    v_col: jax.Array,
+    v_full: jax.Array,
+    shape: Sequence[int],
+    full_rsqrt: Callable[[jax.Array], jax.Array],
+) -> list[Channel]:
+    """The channels of :func:`second_moment_features` (same order, same values), with the
+    row / column statistics of a factored tensor kept low-rank."""
+    dims = factored_dims(shape)
+
+    def split(x, axis=None):
+        return [(x[..., k], axis) for k in range(x.shape[-1])]
+
+    if dims is None:
+        rsqrt = jax.lax.rsqrt(v_full + 1e-8)
+        return (split(v_full) + split(v_full) + split(rsqrt) + split(rsqrt)
+                + split(m * full_rsqrt(v_full)))
+    d1, d0 = dims
+    row_f, col_f = factored_preconditioners(v_row, v_col, shape)
+    return (split(v_row, d0) + split(v_col, d1) + split(jax.lax.rsqrt(v_row + 1e-8), d0)
+            + split(jax.lax.rsqrt(v_col + 1e-8), d1) + split(m * row_f * col_f))
+
+
+def block_channels(blocks: Sequence[jax.Array]) -> list[Channel]:
+    """Full-shape channels of ``shape + (k,)`` feature blocks, in order."""
+    return [(b[..., k], None) for b in blocks for k in range(b.shape[-1])]

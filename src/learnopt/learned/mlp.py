@@ -27,6 +27,38 @@ from learnopt.learned.base import LearnedOptimizer, MetaParams
 FC_LOPT_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 
 
+def _mlp_concat(theta, chans, time):
+    """The released computation: stack, normalise over the tensor, append time, MLP."""
+    x = jnp.stack(chans, axis=-1)
+    x = common.second_moment_normalize(x, axis=tuple(range(chans[0].ndim)))
+    x = jnp.concatenate([x, jnp.broadcast_to(time, chans[0].shape + time.shape)], axis=-1)
+    return common.apply_mlp(theta, x)
+
+
+@jax.custom_jvp
+def _mlp_on_features(theta, chans, time):
+    """``apply_mlp(theta, [normalise(stack(chans)), time])`` without materialising the inputs.
+
+    The same function as :func:`_mlp_concat`: each channel's normaliser (a per-tensor scalar)
+    is folded into its row of the first-layer weights, and the time features (the same for
+    every parameter) into the first-layer bias, so the first layer is one matmul of the raw
+    ``(..., 8)`` channels. Under autodiff it evaluates as :func:`_mlp_concat`.
+    """
+    axes = tuple(range(chans[0].ndim))
+    nf = len(chans)
+    scales = jax.lax.rsqrt(common.NORMALIZER_EPS + jnp.stack(
+        [jnp.mean(jnp.square(c), axis=axes) for c in chans]))
+    w0 = theta["w0"]
+    first = {"w0": scales[:, None] * w0[:nf],
+             "b0": theta["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST)}
+    return common.apply_mlp({**theta, **first}, jnp.stack(chans, axis=-1))
+
+
+@_mlp_on_features.defjvp
+def _mlp_on_features_jvp(primals, tangents):
+    return jax.jvp(_mlp_concat, primals, tangents)
+
+
 class FcLOptState(NamedTuple):
     """Optimizer state of ``fc_lopt`` (the parameters are not part of it)."""
 
@@ -88,10 +120,7 @@ class FcLOpt(LearnedOptimizer):
         p = jnp.asarray(p, jnp.float32).reshape(orig_shape or (1,))
         g = jnp.asarray(g, jnp.float32).reshape(p.shape)
         m = jnp.reshape(m, p.shape + m.shape[-1:])
-        x = jnp.concatenate([g[..., None], p[..., None], m], axis=-1)
-        x = common.second_moment_normalize(x, axis=tuple(range(p.ndim)))
-        x = jnp.concatenate([x, jnp.broadcast_to(time, p.shape + time.shape)], axis=-1)
-        out = common.apply_mlp(theta, x)
+        out = _mlp_on_features(theta, [g, p] + [m[..., k] for k in range(m.shape[-1])], time)
         step = out[..., 0] * jnp.exp(out[..., 1] * self.exp_mult) * self.step_mult
         return jnp.reshape(-step, orig_shape).astype(orig_dtype)
 

@@ -166,14 +166,20 @@ def tensor_statistics(p: jax.Array, m: jax.Array, rms: jax.Array,
     """
     p = jnp.asarray(p, jnp.float32)
     scale = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(jnp.square(p))))
-    m, rms = m * scale, rms * scale
-    axes = tuple(range(p.ndim))
-    mean_m = jnp.mean(m, axis=axes, keepdims=True)
-    var_m = jnp.mean(jnp.square(m - mean_m), axis=axes)
-    mean_rms = jnp.mean(rms, axis=axes, keepdims=True)
-    centre = mean_m if var_rms == "code" else mean_rms
-    var_r = jnp.mean(jnp.square(rms - centre), axis=axes)
-    return jnp.concatenate([clip_log_abs(jnp.reshape(mean_rms, (-1,))), rank_feature(p.shape),
+    # One reduction per decay channel (XLA:CPU reduces a full array to a scalar faster than a
+    # ``shape + (k,)`` block to ``(k,)``); the same values as reducing the blocks.
+    ms = [m[..., k] * scale for k in range(m.shape[-1])]
+    rs = [rms[..., k] * scale for k in range(rms.shape[-1])]
+    mean_m = [jnp.mean(x) for x in ms]
+    var_m = jnp.stack([jnp.mean(jnp.square(x - mu)) for x, mu in zip(ms, mean_m, strict=True)])
+    mean_rms = [jnp.mean(x) for x in rs]
+    if var_rms == "code":  # rms' centred on each momentum mean (broadcast over the decays)
+        var_r = jnp.stack([jnp.mean(jnp.square(rs[k % len(rs)] - mu))
+                           for k, mu in enumerate(mean_m)])
+    else:
+        var_r = jnp.stack([jnp.mean(jnp.square(x - mu)) for x, mu in zip(rs, mean_rms,
+                                                                        strict=True)])
+    return jnp.concatenate([clip_log_abs(jnp.stack(mean_rms)), rank_feature(p.shape),
                             clip_log_abs(var_m), clip_log_abs(var_r)])
 
 
@@ -203,6 +209,32 @@ def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
     if normalize:
         x = common.second_moment_normalize(x, axis=tuple(range(len(shape))))
     return x
+
+
+def _per_parameter_mlp_concat(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
+    out = common.apply_mlp(mlp, parameter_features(p, g, m, rms, fac_g, v_row, v_col, v_full))
+    return out[..., 0], out[..., 1]
+
+
+@jax.custom_jvp
+def _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
+    """``(d, m)`` of one tensor: the MLP on :func:`parameter_features`, without materialising
+    the ``p.shape + (30,)`` feature array (:func:`common.channel_mlp`; the 12 row / column
+    channels of a factored tensor stay low-rank). The same function as
+    ``apply_mlp(mlp, parameter_features(...))``, which it evaluates as under autodiff."""
+    r = jax.lax.rsqrt(rms + 1e-6)
+    gx = g[..., None]
+    chans = common.block_channels([gx, jnp.clip(gx, -0.1, 0.1), p[..., None], m, rms, m * r, r,
+                                   fac_g, gx * r])
+    chans += common.second_moment_channels(m, v_row, v_col, v_full, p.shape, common.safe_rsqrt)
+    scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
+    out = common.channel_mlp(mlp, chans, scales)
+    return out[0], out[1]
+
+
+@_per_parameter_mlp.defjvp
+def _per_parameter_mlp_jvp(primals, tangents):
+    return jax.jvp(_per_parameter_mlp_concat, primals, tangents)
 
 
 def feature_selector_mlp(sizes: Sequence[int], feature: int) -> dict[str, jax.Array]:
@@ -449,9 +481,8 @@ class Velo(LearnedOptimizer):
         if not shape:  # scalars are processed as shape [1], as in the released code
             p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
                                            for x in (p, g, m, rms, fac_g, v_full))
-        feats = parameter_features(p, g, m, rms, fac_g, v_row, v_col, v_full)
-        out = common.apply_mlp(mlp, feats)
-        direction, magnitude = out[..., 0], out[..., 1]
+        direction, magnitude = _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col,
+                                                  v_full)
         param_scale = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
         step = (c_lr * direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
                 * param_scale)
