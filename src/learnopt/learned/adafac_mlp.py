@@ -132,9 +132,7 @@ class SmallFcLOpt(LearnedOptimizer):
       initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: decays at
         ``theta = init``; momentum and AdaFactor need the same count (they are paired in
         ``fac_mom``) and there is exactly one rms decay.
-      compute: ``"elementwise"`` (default) or ``"concat"``; see the module docstring. With
-        ``"elementwise"``, tensors under ``common.ELEMENTWISE_MIN_SIZE`` (4096) elements still
-        take the matmul path (fewer ops; the same function).
+      compute: ``"elementwise"`` (default) or ``"concat"``; see the module docstring.
     """
 
     name = "small_fc_lopt"
@@ -230,8 +228,10 @@ class SmallFcLOpt(LearnedOptimizer):
         if not orig_shape:  # scalars are processed as shape [1], as in the released code
             p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
                                            for x in (p, g, m, rms, fac_g, v_full))
-        leaf = (_leaf_elementwise if self.compute == "elementwise"
-                and p.size >= common.ELEMENTWISE_MIN_SIZE else _leaf_concat)
+        # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
+        # tasks and perturbations) a small tensor is a large batched one, and the matmul path
+        # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).
+        leaf = _leaf_elementwise if self.compute == "elementwise" else _leaf_concat
         d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
         step = d * jnp.exp(mag * self.exp_mult) * self.step_mult
         return jnp.reshape(-step, orig_shape).astype(orig_dtype)

@@ -346,12 +346,6 @@ def check_same_structure(grads: PyTree, params: PyTree, who: str) -> None:
 
 Channel = tuple[jax.Array, int | None]
 
-#: Tensors smaller than this take the matmul path (concatenated features) even where the
-#: elementwise path is chosen: on a small tensor the elementwise path's ~30 per-channel
-#: reductions and ~100 scalar ops cost more in per-op overhead than its fusion saves.
-ELEMENTWISE_MIN_SIZE = 4096
-
-
 def channel_mean_squares(chans: Sequence[Channel]) -> jax.Array:
     """``mean(x^2)`` of each channel over the full tensor, shape ``(len(chans),)``.
 
