@@ -3,7 +3,8 @@
 The PyTorch counterpart of ``benchmarks/step_cost.py`` (Metz et al. 2022, "Practical tradeoffs
 between memory, compute, and performance in learned optimizers", arXiv:2203.11860, §4.1-4.3
 measure a learned optimizer's overhead against Adam). Optimizers: ``torch.optim.Adam``
-(lr 1e-3, its default foreach implementation: the reference), ``small_fc_lopt`` (bare, the
+(lr 1e-3, its default implementation, on CPU a per-tensor loop of in-place operations: the
+reference), ``small_fc_lopt`` (bare, the
 shipped general theta), ``small_fc_lopt_general`` as ``learnopt.torch.pretrained`` returns it
 (behind the divergence guard), ``fc_lopt`` and ``nn_adam`` (random theta: the cost does not
 depend on its values). Tasks: the 784-128-10 ReLU MLP at batch 128 (101,770 parameters), a

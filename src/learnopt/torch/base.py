@@ -5,9 +5,12 @@ weights file or handed over from the JAX side) applied to every parameter tensor
 JAX package (Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance
 in learned optimizers", arXiv:2203.11860, §2). Subclasses implement two pure functions:
 ``_init_state(p)`` (the per-parameter state) and ``_propose(params, grads, states)`` (the
-float32 updates to add to the parameters and the new states, computed without modifying the
-old state tensors). Keeping the update functional lets the divergence guard keep the state
-of its last good point by reference instead of copying it.
+float32 updates to add to the parameters and the new states). Under the guard the update is
+functional (the old state tensors are left as they were), which lets the guard keep the state
+of its last good point by reference instead of copying it; a bare step sets ``_inplace`` and
+may update the state tensors in place, as ``torch.optim`` optimizers do. The updates may be
+views of scratch buffers that the next step overwrites. ``batched`` selects a subclass's path
+that runs all tensors of a step together (docs/torch.md, "Cost") or its per-tensor reference.
 
 The divergence guard is the JAX ``learnopt.learned.guard.guarded`` (docs/stability.md), same
 rule, same order of operations: sanitise non-finite gradient elements to 0; test the loss
@@ -103,6 +106,43 @@ def _is_float(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values, with one host sync: a finite sum means
+    no inf or NaN element (a non-finite one, possibly an overflow of finite values, is
+    checked element by element)."""
+    if not tensors:
+        return []
+    sums = torch.stack([t.sum(dtype=torch.float32).to("cpu") for t in tensors])
+    ok = torch.isfinite(sums).tolist()
+    return [o or bool(torch.isfinite(t).all()) for t, o in zip(tensors, ok, strict=True)]
+
+
+def _all_finite_views(tensors: list[torch.Tensor]) -> list[bool]:
+    """:func:`_all_finite`, testing a buffer once when the tensors tile it exactly (the state
+    views of the batched path)."""
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        base = t._base if t._base is not None else t
+        groups.setdefault(id(base), []).append(i)
+    out = [True] * len(tensors)
+    whole, single = [], []
+    for idx in groups.values():
+        t0 = tensors[idx[0]]
+        base = t0._base if t0._base is not None else t0
+        if len(idx) > 1 and sum(tensors[i].numel() for i in idx) == base.numel():
+            whole.append((base, idx))
+        else:
+            single.extend(idx)
+    flags = _all_finite([b for b, _ in whole] + [tensors[i] for i in single])
+    for (_, idx), ok in zip(whole, flags[: len(whole)], strict=True):
+        if not ok:  # then tensor by tensor
+            for i, f in zip(idx, _all_finite([tensors[i] for i in idx]), strict=True):
+                out[i] = f
+    for i, ok in zip(single, flags[len(whole):], strict=True):
+        out[i] = ok
+    return out
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """Base class: a learned optimizer with fixed ``theta``, optionally behind the guard.
 
@@ -117,6 +157,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
     name = "learned_optimizer"
     #: whether the bare optimizer reads the loss (none of the ported architectures does)
     reads_loss = False
+    #: ``True``: ``_propose`` runs all parameter tensors of a step together (flat buffers,
+    #: one MLP pass); ``False``: the per-tensor reference path (same function; for tests and
+    #: debugging). Set on an instance to switch.
+    batched = True
 
     def __init__(self, params: Iterable[Any], num_steps: int,
                  guard: bool | Mapping[str, Any] | None = None):
@@ -124,6 +168,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.guard = guard_settings(guard)
         super().__init__(params, {})
         self._device_theta: dict[Any, Any] = {}
+        self._flat_cache: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._ws: dict[str, torch.Tensor] = {}  # reused scratch buffers of the batched path
+        self._inplace = False  # whether _propose may overwrite the old state tensors
 
     # -- to implement ---------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,6 +182,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- helpers ----------------------------------------------------------------------------
+    def _buf(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A float32 scratch buffer, reused across steps (freshly allocated large tensors
+        cost a page fault per page on first touch, more than the arithmetic on them)."""
+        b = self._ws.get(name)
+        if b is None or b.shape != shape or b.device != device:
+            b = self._ws[name] = torch.empty(shape, dtype=torch.float32, device=device)
+        return b
+
     def _theta_on(self, device: torch.device) -> Any:
         """``self.theta`` (float32 CPU tensors) moved to ``device``, cached."""
         if device not in self._device_theta:
@@ -152,7 +207,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params, grads = [], []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:  # nothing to update
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self.name} does not support sparse gradients")
@@ -196,9 +251,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.guard is None:
             if params:
                 states = [self._inner(self.state[p]) for p in params]
-                updates, new_states = self._propose(params, grads, states)
-                for p, u, s in zip(params, updates, new_states, strict=True):
-                    p.add_(u.to(p.dtype))
+                self._inplace = True  # nothing keeps the old state: update it in place
+                try:
+                    updates, new_states = self._propose(params, grads, states)
+                finally:
+                    self._inplace = False
+                torch._foreach_add_(params, [u.to(p.dtype) for u, p in
+                                             zip(updates, params, strict=True)])
+                for p, s in zip(params, new_states, strict=True):
                     self._set_inner(p, s)
         else:
             self._guarded_step(params, grads, loss)
@@ -240,11 +300,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if loss_ok:  # these parameters passed: they and their state become the snapshot
             for p in snapped:
                 state = self.state[p]
-                state[_SNAP_PARAM] = p.detach().clone()
+                snap = state[_SNAP_PARAM]
+                if (isinstance(snap, torch.Tensor) and snap.shape == p.shape
+                        and snap.dtype == p.dtype and snap.device == p.device):
+                    snap.copy_(p.detach())  # reuse the snapshot's memory
+                else:
+                    state[_SNAP_PARAM] = p.detach().clone()
                 state[_SNAP_STATE] = self._inner(state)  # references: updates are functional
 
-        clean = torch.stack([torch.isfinite(g).all().to("cpu") for g in grads]).tolist() \
-            if grads else []
+        clean = _all_finite(grads)
         num_bad = 0
         if not all(clean):
             counts = [0 if c else int(_nonfinite(g)) for g, c in zip(grads, clean, strict=True)]
@@ -256,19 +320,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
         usable = True
         if params:
             updates, new_states = self._propose(params, grads, old)
-            scale = torch.tensor(gs["scale"], dtype=torch.float32)
-            updates = [(u * scale.to(u.device)).to(p.dtype)
-                       for u, p in zip(updates, params, strict=True)]
-            # One all-finite test per tensor and one host sync; only a new state tensor that
-            # holds a non-finite value is compared with the old one (an optimizer may keep a
-            # deliberate inf: only values that become non-finite count).
-            finite = [torch.isfinite(p + u).all() for p, u in zip(params, updates, strict=True)]
+            if gs["scale"] != 1.0:  # (x * 1.0 is x)
+                scale = torch.tensor(gs["scale"], dtype=torch.float32)
+                updates = [u * scale.to(u.device) for u in updates]
+            updates = [u.to(p.dtype) for u, p in zip(updates, params, strict=True)]
+            # An all-finite test per tensor; only a new state tensor that holds a non-finite
+            # value is compared with the old one (an optimizer may keep a deliberate inf:
+            # only values that become non-finite count).
+            usable = all(_all_finite([self._sum_buf(p, u) for p, u in
+                                      zip(params, updates, strict=True)]))
             pairs = [(o.get(k), b) for o, n in zip(old, new_states, strict=True)
                      for k, b in n.items() if _is_float(b)]
-            finite += [torch.isfinite(b).all() for _, b in pairs]
-            flags = torch.stack([f.to("cpu") for f in finite]).tolist()
-            usable = all(flags[: len(params)])
-            for (a, b), ok_b in zip(pairs, flags[len(params):], strict=True):
+            for (a, b), ok_b in zip(pairs, _all_finite_views([b for _, b in pairs]),
+                                    strict=True):
                 if usable and not ok_b:
                     if _is_float(a) and a.shape == b.shape:
                         usable = not bool((~torch.isfinite(b) & torch.isfinite(a)).any())
@@ -294,6 +358,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         num_bad = min(num_bad, _INT32_MAX - 255)
         total = gs["num_sanitized"]
         gs["num_sanitized"] = _INT32_MAX if num_bad > _INT32_MAX - total else total + num_bad
+
+    def _sum_buf(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``p + u`` in a reused scratch buffer (float32 parameters), else a new tensor."""
+        if p.dtype != torch.float32:
+            return p + u
+        b = self._ws.get("guard_sum")
+        if b is None or b.numel() < p.numel() or b.device != p.device:
+            b = self._ws["guard_sum"] = torch.empty(max(p.numel(), 1), dtype=torch.float32,
+                                                    device=p.device)
+        return torch.add(p, u, out=b[: p.numel()].view(p.shape))
 
     # -- bookkeeping ------------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -340,6 +414,35 @@ def mlp_tail_t(nn: Mapping[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def mlp_tail_into(nn: Mapping[str, torch.Tensor], h: torch.Tensor, out: torch.Tensor,
+                  buf: Callable[[str, tuple[int, ...]], torch.Tensor],
+                  chunk: int = 4096) -> torch.Tensor:
+    """:func:`mlp_tail_t` written into ``out`` (``(out, n)``), over column chunks of ``h``
+    (a chunk's activations stay in cache; the same values per column) with the scratch
+    buffers ``buf(name, shape)``. Modifies ``h``."""
+    layers = mlp_layers(nn)
+    n = h.shape[1]
+    if layers == 1:
+        return out.copy_(h)
+    for lo in range(0, n, chunk):
+        a = h[:, lo:lo + chunk]
+        width = a.shape[1]
+        for i in range(1, layers):
+            w = nn[f"w{i}"]
+            dst = (out[:, lo:lo + width] if i == layers - 1
+                   else buf(f"tail{i}", (w.shape[1], min(chunk, n)))[:, :width])
+            torch.addmm(nn[f"b{i}"].unsqueeze(1), w.T, a.relu_(), out=dst)
+            a = dst
+    return out
+
+
+def scaled_step_into(out: torch.Tensor, exp_mult: float, step_mult: float) -> torch.Tensor:
+    """``-(out[0] * exp(exp_mult * out[1]) * step_mult)`` in place in ``out[1]``."""
+    e = out[1]
+    e.mul_(exp_mult).exp_().mul_(out[0]).mul_(step_mult).neg_()
+    return e
+
+
 def factored_dims(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """``(d1, d0)``: the 2nd-largest and largest dims of a rank >= 2 shape (stable sort: among
     equal sizes the later axis counts as larger), else ``None``; as the JAX side."""
@@ -358,3 +461,33 @@ def decays_from_offsets(initial: Iterable[float], offset: torch.Tensor) -> torch
 
 def num_elements(shape: Iterable[int]) -> int:
     return math.prod(shape)
+
+
+# -- flat buffers for the batched path ------------------------------------------------------
+# The batched path keeps a per-element accumulator of all tensors of a step in one
+# ``(rows, total_elements)`` buffer; each parameter's state entry is a view of its columns
+# (so ``state_dict`` and the per-tensor layout stay as they were). A step reads the buffer
+# back without a copy when every state entry is still the view it handed out (identity
+# check); otherwise (first step, a loaded state_dict, a guard rollback) it concatenates.
+
+
+def gather_rows(cache: dict, key: str, tensors: list[torch.Tensor], rows: int,
+                sizes: list[int]) -> torch.Tensor:
+    """The ``(rows, sum(sizes))`` buffer whose column blocks are ``tensors`` (each
+    ``(rows,) + shape``): the cached one if ``tensors`` are its views, else a concatenation."""
+    hit = cache.get(key)
+    if hit is not None and len(hit[0]) == len(tensors) and all(
+            a is b for a, b in zip(hit[0], tensors, strict=True)):
+        return hit[1]
+    return torch.cat([t.reshape(rows, n) for t, n in zip(tensors, sizes, strict=True)], 1)
+
+
+def split_rows(cache: dict, key: str, flat: torch.Tensor, shapes: list[tuple[int, ...]],
+               sizes: list[int], lead: bool = True) -> list[torch.Tensor]:
+    """Views ``(rows,) + shape`` of ``flat``'s column blocks (``shape`` if not ``lead``, for
+    one row), remembered for :func:`gather_rows`."""
+    rows = flat.shape[0]
+    pre = (rows,) if lead else ()
+    views = [v.view(pre + s) for v, s in zip(flat.split(sizes, 1), shapes, strict=True)]
+    cache[key] = (views, flat)
+    return views

@@ -23,7 +23,11 @@ import torch
 from learnopt.torch.base import (
     LearnedOptimizer,
     check_theta,
+    gather_rows,
+    mlp_tail_into,
     mlp_tail_t,
+    scaled_step_into,
+    split_rows,
     time_features,
     to_tensor_tree,
 )
@@ -44,6 +48,8 @@ class FcLOpt(LearnedOptimizer):
     """
 
     name = "fc_lopt"
+    #: columns per MLP pass of the batched path (the activations of a chunk stay in cache)
+    CHUNK = 4096
 
     def __init__(
         self,
@@ -92,6 +98,74 @@ class FcLOpt(LearnedOptimizer):
                 "momentum": torch.zeros((len(self.momentum_decays),) + tuple(p.shape), **z)}
 
     def _propose(self, params, grads, states):
+        device = params[0].device
+        if not self.batched or any(p.device != device for p in params):
+            return self._propose_reference(params, grads, states)
+        # All tensors at once: momenta (K, N) and features (C, N) over the N elements of all
+        # tensors, each tensor a block of columns (the tensors under CHUNK elements first).
+        # The channel normalisers and the time features are per tensor, so the first layer
+        # is one addmm per tensor (with that tensor's scaled weights and bias): for the
+        # small tensors into one buffer, then the rest of the MLP over all their columns;
+        # for a large tensor chunk by chunk with the rest of the MLP, so that a chunk's
+        # activations stay in cache.
+        c = self._consts(device)
+        f32, chunk = torch.float32, self.CHUNK
+        k = len(self.momentum_decays)
+        n_all = [p.numel() for p in params]
+        small = [i for i, n in enumerate(n_all) if n < chunk]
+        order = small + [i for i, n in enumerate(n_all) if n >= chunk]
+        params = [params[i] for i in order]
+        states = [states[i] for i in order]
+        shapes = [tuple(p.shape) for p in params]
+        sizes = [n_all[i] for i in order]
+        total, n_small = sum(sizes), sum(sizes[: len(small)])
+
+        def buf(name, shape):
+            return self._buf(name, shape, device)
+
+        x = buf("x", (2 + k, total))
+        torch.cat([grads[i].detach().reshape(-1).to(f32) for i in order], out=x[0])
+        torch.cat([p.detach().reshape(-1).to(f32) for p in params], out=x[1])
+        m_old = gather_rows(self._flat_cache, "momentum", [st["momentum"] for st in states],
+                            k, sizes)
+        b = c["b"][:, None]
+        m = m_old.mul_(b) if self._inplace else torch.mul(b, m_old)
+        m.add_(torch.mul(1.0 - b, x[0], out=x[2:]))
+        x[2:] = m
+        steps = torch.stack([st["step"] for st in states])
+        time = time_features(steps[:, None], c["timescales"])  # (T, 11)
+        bias = torch.addmm(c["nn"]["b0"], time, c["w_time"])  # (T, H)
+        hidden = bias.shape[1]
+        cols = x.split(sizes, 1)
+        sq = torch.stack([torch.linalg.vector_norm(v, dim=1) for v in cols]).square()
+        scale = torch.rsqrt(1e-5 + sq / torch.tensor([max(n, 1) for n in sizes], dtype=f32,
+                                                     device=device)[:, None])  # (T, C)
+        w = (scale[:, :, None] * c["w_feat"]).transpose(1, 2)  # (T, H, C)
+        out = buf("out", (2, total))
+        ocols = out.split(sizes, 1)
+        if n_small:
+            h = buf("h", (hidden, n_small))
+            for i, hc in enumerate(h.split(sizes[: len(small)], 1)):
+                torch.addmm(bias[i][:, None], w[i], cols[i], out=hc)
+            mlp_tail_into(c["nn"], h, out[:, :n_small], buf, chunk)
+        h0 = buf("h0", (hidden, chunk))
+        for i in range(len(small), len(params)):
+            for lo in range(0, sizes[i], chunk):
+                width = min(chunk, sizes[i] - lo)
+                a = h0[:, :width]
+                torch.addmm(bias[i][:, None], w[i], cols[i][:, lo:lo + width], out=a)
+                mlp_tail_into(c["nn"], a, ocols[i][:, lo:lo + width], buf, chunk)
+        step = scaled_step_into(out, self.exp_mult, self.step_mult)
+        ups = [u.view(s) for u, s in zip(step.split(sizes), shapes, strict=True)]
+        moms = split_rows(self._flat_cache, "momentum", m, shapes, sizes)
+        new_steps = (steps + 1).unbind()
+        updates, new_states = [None] * len(params), [None] * len(params)
+        for j, i in enumerate(order):
+            updates[i] = ups[j]
+            new_states[i] = {"step": new_steps[j], "momentum": moms[j]}
+        return updates, new_states
+
+    def _propose_reference(self, params, grads, states):
         # decay-first layout: momenta (K,) + shape, features (C, n), hidden (H, n)
         updates, new_states = [], []
         for p, g, st in zip(params, grads, states, strict=True):

@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from learnopt.torch.base import LearnedOptimizer, check_theta, to_tensor_tree
+from learnopt.torch.base import (
+    LearnedOptimizer,
+    check_theta,
+    gather_rows,
+    split_rows,
+    to_tensor_tree,
+)
 
 NUM_FEATURES = 19
 X_LOW = (0.1 * math.log(1e-8), -1.0, -1.0, 0.1 * math.log(1e-11))
@@ -113,18 +119,11 @@ class NNAdam(LearnedOptimizer):
         if any(p.device != device for p in params):
             raise RuntimeError("nn_adam: all parameters must be on one device")
         c = self._consts(device)
-        gs, feats = [], []
-        one, minus = torch.ones((), device=device), -torch.ones((), device=device)
-        for p, g, st in zip(params, grads, states, strict=True):
-            n = max(p.numel(), 1)
-            g = torch.clamp(g.detach().to(torch.float32), -self.grad_clip, self.grad_clip)
-            x = p.detach().to(torch.float32)
-            gs.append(g)
-            f = (_stats(st["mu"], n) + _stats(st["nu"], n) + _stats(x, n) + _stats(g, n)
-                 + [_clip_log_abs(g.abs().sum() / n), one if p.dim() == 0 else minus,
-                    one if p.dim() == 1 else minus])
-            feats.append(torch.cat([torch.stack(f), 0.2 * torch.clamp(st["hparams"], -5.0, 5.0)]))
-        x = torch.stack(feats)
+        batched = self.batched
+        if batched:
+            x, flat = self._features_batched(params, grads, states, device)
+        else:
+            x, gs = self._features_reference(params, grads, states, device)
         h_prev = torch.stack([st["h"] for st in states])
         c_prev = torch.stack([st["c"] for st in states])
         z = torch.addmm(c["lstm"]["b"], torch.cat([x, h_prev], -1), c["lstm"]["w"])
@@ -141,6 +140,9 @@ class NNAdam(LearnedOptimizer):
         d_prev = torch.stack([st["debias"] for st in states])
         debias = torch.stack([b1 * d_prev[:, 0] + e1, b2 * d_prev[:, 1] + e2], 1)
 
+        if batched:
+            return self._adam_batched(flat, states, xh, lr, e1, e2, eps, b1, b2, debias,
+                                      hidden, cell)
         updates, new_states = [], []
         for k, (g, st) in enumerate(zip(gs, states, strict=True)):
             m = e1[k] * g + b1[k] * st["mu"]
@@ -155,3 +157,104 @@ class NNAdam(LearnedOptimizer):
             new_states.append({"step": st["step"] + 1, "mu": m, "nu": v, "hparams": xh[k],
                                "debias": debias[k], "h": hidden[k], "c": cell[k]})
         return updates, new_states
+
+    def _features_reference(self, params, grads, states, device):
+        gs, feats = [], []
+        one, minus = torch.ones((), device=device), -torch.ones((), device=device)
+        for p, g, st in zip(params, grads, states, strict=True):
+            n = max(p.numel(), 1)
+            g = torch.clamp(g.detach().to(torch.float32), -self.grad_clip, self.grad_clip)
+            x = p.detach().to(torch.float32)
+            gs.append(g)
+            f = (_stats(st["mu"], n) + _stats(st["nu"], n) + _stats(x, n) + _stats(g, n)
+                 + [_clip_log_abs(g.abs().sum() / n), one if p.dim() == 0 else minus,
+                    one if p.dim() == 1 else minus])
+            feats.append(torch.cat([torch.stack(f), 0.2 * torch.clamp(st["hparams"], -5.0, 5.0)]))
+        return torch.stack(feats), gs
+
+    def _features_batched(self, params, grads, states, device):
+        # All tensors' elements in flat (N,) buffers; per-tensor sums over column blocks.
+        f32 = torch.float32
+        shapes = [tuple(p.shape) for p in params]
+        sizes = [p.numel() for p in params]
+        total = sum(sizes)
+
+        def buf(name, shape, dtype=None):
+            return self._buf(name, shape, device)
+
+        g = buf("g", (total,))
+        torch.cat([gr.detach().reshape(-1).to(f32) for gr in grads], out=g)
+        g.clamp_(-self.grad_clip, self.grad_clip)
+        xp = buf("x", (total,))
+        torch.cat([p.detach().reshape(-1).to(f32) for p in params], out=xp)
+        mu = gather_rows(self._flat_cache, "mu", [st["mu"] for st in states], 1, sizes)[0]
+        nu = gather_rows(self._flat_cache, "nu", [st["nu"] for st in states], 1, sizes)[0]
+        key = ("segments", tuple(sizes), device)
+        if key not in self._device_theta:  # which tensor each element belongs to
+            self._device_theta = {k: v for k, v in self._device_theta.items()
+                                  if not (isinstance(k, tuple) and k[0] == "segments")}
+            self._device_theta[key] = (
+                torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                        torch.tensor(sizes, device=device)),
+                torch.tensor([max(n, 1) for n in sizes], dtype=f32, device=device))
+        seg, counts = self._device_theta[key]
+        d = buf("d", (total,))
+
+        def sums(a):
+            return torch.stack([v.sum() for v in a.split(sizes)])
+
+        def stats(a):
+            mean = sums(a) / counts
+            torch.sub(a, mean.index_select(0, seg), out=d).square_()
+            return [_clip_log_abs(mean), torch.sign(mean), _clip_log_abs(sums(d) / counts)]
+
+        ranks = [p.dim() for p in params]
+        f = (stats(mu) + stats(nu) + stats(xp) + stats(g)
+             + [_clip_log_abs(sums(torch.abs(g, out=d)) / counts),
+                torch.tensor([1.0 if r == 0 else -1.0 for r in ranks], device=device),
+                torch.tensor([1.0 if r == 1 else -1.0 for r in ranks], device=device)])
+        hp = torch.stack([st["hparams"] for st in states])
+        x = torch.cat([torch.stack(f, 1), 0.2 * torch.clamp(hp, -5.0, 5.0)], 1)
+        return x, (g, mu, nu, seg, shapes, sizes)
+
+    def _adam_batched(self, flat, states, xh, lr, e1, e2, eps, b1, b2, debias, hidden, cell):
+        g, mu, nu, seg, shapes, sizes = flat
+        total = g.shape[0]
+        device = g.device
+
+        def buf(name, shape):
+            return self._buf(name, shape, device)
+
+        if self.step_rule == "adam":
+            per = torch.stack([e1, b1, e2, b2, debias[:, 0], debias[:, 1], eps, -lr])
+        else:
+            per = torch.stack([e1, b1, e2, b2, -(lr * (1.0 + eps)), eps])
+        sc = torch.index_select(per, 1, seg, out=buf("per", (per.shape[0], total)))
+        t = buf("t", (total,))
+        m = mu.mul_(sc[1]) if self._inplace else torch.mul(sc[1], mu)
+        m.add_(torch.mul(sc[0], g, out=t))
+        v = nu.mul_(sc[3]) if self._inplace else torch.mul(sc[3], nu)
+        v.add_(torch.mul(g, g, out=t).mul_(sc[2]))
+        step = buf("step", (total,))
+        if self.step_rule == "adam":
+            q = torch.div(v, sc[5], out=t)
+            root = torch.sqrt(q, out=buf("root", (total,)))
+            mask = torch.gt(q, 0.0, out=self._mask(total, device)).logical_not_()
+            root.masked_fill_(mask, 0.0).add_(sc[6])
+            torch.div(m, sc[4], out=step).div_(root).mul_(sc[7])
+        else:
+            torch.add(v, 1e-10, out=t).sqrt_().add_(sc[5])
+            torch.mul(sc[4], m, out=step).div_(t)
+        updates = [u.view(s) for u, s in zip(step.split(sizes), shapes, strict=True)]
+        mus = split_rows(self._flat_cache, "mu", m.view(1, -1), shapes, sizes, lead=False)
+        nus = split_rows(self._flat_cache, "nu", v.view(1, -1), shapes, sizes, lead=False)
+        new_steps = (torch.stack([st["step"] for st in states]) + 1).unbind()
+        return updates, [{"step": new_steps[k], "mu": mus[k], "nu": nus[k],
+                          "hparams": xh[k], "debias": debias[k], "h": hidden[k],
+                          "c": cell[k]} for k in range(len(states))]
+
+    def _mask(self, n, device):
+        b = self._ws.get("mask")
+        if b is None or b.shape != (n,) or b.device != device:
+            b = self._ws["mask"] = torch.empty(n, dtype=torch.bool, device=device)
+        return b

@@ -38,7 +38,11 @@ from learnopt.torch.base import (
     check_theta,
     decays_from_offsets,
     factored_dims,
+    gather_rows,
+    mlp_tail_into,
     mlp_tail_t,
+    scaled_step_into,
+    split_rows,
     time_features,
     to_tensor_tree,
 )
@@ -156,6 +160,174 @@ class SmallFcLOpt(LearnedOptimizer):
                 "v_col": torch.zeros(v_col, **z), "v_full": torch.zeros(v_full, **z)}
 
     def _propose(self, params, grads, states):
+        device = params[0].device
+        if not self.batched or any(p.device != device for p in params):
+            return self._propose_reference(params, grads, states)
+        return self._propose_batched(params, grads, states, device)
+
+    def _propose_batched(self, params, grads, states, device):
+        # All tensors at once. Columns: the elements of the rank < 2 tensors first ("vector"
+        # block, N1 columns), then those of the factored (rank >= 2) tensors. The full-size
+        # accumulators (momentum (K, N), rms (1, N), v_full (K, N1)) and the 16 full-size
+        # feature channels (C, N) are flat buffers; the factored accumulators and the
+        # row / column parts of the first layer stay per tensor (they are small). The
+        # channel normalisers and time features are per tensor, so the first layer is one
+        # addmm per tensor; the rest of the MLP runs once over all columns.
+        c = self._consts(device)
+        f32, km, kf = torch.float32, self.km, self.kf
+        vec = [i for i, p in enumerate(params) if p.dim() < 2]
+        fac = [i for i, p in enumerate(params) if p.dim() >= 2]
+        order = vec + fac
+        ps = [params[i] for i in order]
+        sts = [states[i] for i in order]
+        shapes = [tuple(p.shape) for p in ps]
+        sizes = [p.numel() for p in ps]
+        total, n1 = sum(sizes), sum(sizes[: len(vec)])
+        nfull = 2 + km + 1 + km + 1 + 2 * kf  # g, p, m, rms, m*r, r, fac_g, m*pre
+
+        def buf(name, shape):
+            return self._buf(name, shape, device)
+
+        i_m, i_rms = 2, 2 + km
+        i_mr, i_r, i_fg = i_rms + 1, i_rms + 1 + km, i_rms + 2 + km
+        i_mp = i_fg + kf
+        m_old = gather_rows(self._flat_cache, "momentum", [st["momentum"] for st in sts], km,
+                            sizes)
+        rms_old = gather_rows(self._flat_cache, "rms", [st["rms"] for st in sts], 1, sizes)
+        x = buf("x", (nfull, total))
+        g = x[0]
+        torch.cat([grads[i].detach().reshape(-1).to(f32) for i in order], out=g)
+        torch.cat([p.detach().reshape(-1).to(f32) for p in ps], out=x[1])
+        bm, cr, a = c["bm"][:, None], c["cr"], c["a"][:, None]
+        gg = torch.mul(g, g, out=buf("gg", (total,)))
+        tmp = buf("tmp", (km, total))
+        # without the guard (self._inplace) the state is updated in place, as torch.optim's
+        m = m_old.mul_(bm) if self._inplace else torch.mul(bm, m_old)
+        m.add_(torch.mul(1.0 - bm, g, out=tmp))
+        rms = rms_old[0].mul_(cr) if self._inplace else torch.mul(cr, rms_old[0])
+        rms.add_(torch.mul(1.0 - cr, gg, out=tmp[0]))
+        g2 = gg.add_(1e-30)
+        x[i_m:i_rms] = m
+        x[i_rms] = rms
+        r = x[i_r]
+        torch.add(rms, 1e-6, out=r).rsqrt_()
+        torch.mul(m, r, out=x[i_mr:i_r])
+        steps = torch.stack([st["step"] for st in sts])
+        time = time_features(steps[:, None], c["timescales"])
+        bias = torch.addmm(c["nn"]["b0"], time, c["w_time"])  # (T, H)
+        hidden = bias.shape[1]
+        h = buf("h", (hidden, total))
+        counts = torch.tensor([max(n, 1) for n in sizes], dtype=f32, device=device)[:, None]
+        new_vrow, new_vcol, new_vfull = [], [], []
+
+        # the rank < 2 block: v_full stands in for the row and column accumulators
+        if vec:
+            v_old = gather_rows(self._flat_cache, "v_full",
+                                [st["v_full"] for st in sts[: len(vec)]], kf, sizes[: len(vec)])
+            v = v_old.mul_(a) if self._inplace else torch.mul(a, v_old)
+            v.add_(torch.mul(1.0 - a, g2[:n1], out=tmp[:, :n1]))
+            torch.mul(g[:n1], _safe_rsqrt(v + 1e-9), out=x[i_fg:i_mp, :n1])
+            torch.mul(m[:, :n1], torch.pow(v + 1e-6, -0.5), out=x[i_mp:, :n1])
+            xv = torch.cat([v, torch.rsqrt(v + 1e-8)], 0)  # (2K, N1)
+            new_vfull = split_rows(self._flat_cache, "v_full", v, shapes[: len(vec)],
+                                   sizes[: len(vec)])
+            new_vrow = [sts[j]["v_row"] for j in range(len(vec))]
+            new_vcol = [sts[j]["v_col"] for j in range(len(vec))]
+            vcols = xv.split(sizes[: len(vec)], 1)
+            sv = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in vcols]).square()
+            sv = torch.rsqrt(1e-5 + sv / counts[: len(vec)])  # (Tv, 2K)
+            w_rc = (sv[:, :, None] * c["w_row"]).add_(sv[:, :, None] * c["w_col"])
+
+        cols = x.split(sizes, 1)
+        hcols = h.split(sizes, 1)
+        g2s_cols = g2.split(sizes)
+        # the factored block: the row and column accumulators of all factored tensors are
+        # the column blocks (row_j, col_j, ...) of one (K, R) buffer
+        fac = range(len(vec), len(ps))
+        if len(fac):
+            pold = [t for j in fac for t in (sts[j]["v_row"], sts[j]["v_col"])]
+            pshapes = [tuple(t.shape[1:]) for t in pold]
+            psizes = [t[0].numel() for t in pold]
+            rtot = sum(psizes)
+            v_old = gather_rows(self._flat_cache, "v_fac", pold, kf, psizes)
+            means = buf("v_mean", (rtot,))
+            mcols = means.split(psizes)
+            for q, j in enumerate(fac):
+                d1, d0 = factored_dims(shapes[j])
+                g2s = g2s_cols[j].view(shapes[j])
+                torch.mean(g2s, d0, out=mcols[2 * q].view(pshapes[2 * q]))
+                torch.mean(g2s, d1, out=mcols[2 * q + 1].view(pshapes[2 * q + 1]))
+            vf = v_old.mul_(a) if self._inplace else torch.mul(a, v_old)
+            vf.add_(torch.mul(1.0 - a, means, out=buf("v_tmp", (kf, rtot))))
+            pnew = split_rows(self._flat_cache, "v_fac", vf, pshapes, psizes)
+            # row factors rsqrt(v_row / mean_d1(v_row)) and column factors rsqrt(v_col), both
+            # clamped below at 1e-9 (safe_rsqrt), in one (K, R) buffer
+            fcs = buf("v_fac_f", (kf, rtot))
+            fcs.copy_(vf)
+            fcols = fcs.split(psizes, 1)
+            for q, j in enumerate(fac):
+                d1, d0 = factored_dims(shapes[j])
+                d1r = d1 - 1 if d1 > d0 else d1
+                vr = pnew[2 * q]
+                mr = vr.mean(1 + d1r, keepdim=True).add_(1e-9)
+                torch.div(vr, mr, out=fcols[2 * q].view((kf,) + pshapes[2 * q]))
+            fcs.clamp_(min=1e-9).rsqrt_()
+            for q, j in enumerate(fac):
+                shape = shapes[j]
+                d1, d0 = factored_dims(shape)
+                row_f = fcols[2 * q].view((kf,) + pshapes[2 * q])
+                col_f = fcols[2 * q + 1].view((kf,) + pshapes[2 * q + 1])
+                pre = torch.mul(row_f.unsqueeze(1 + d0), col_f.unsqueeze(1 + d1),
+                                out=buf(f"pre{j}", (kf,) + shape))
+                xc = cols[j]
+                torch.mul(cols[j][0].view(shape), pre, out=xc[i_fg:i_mp].view((kf,) + shape))
+                torch.mul(xc[i_m:i_rms].view((km,) + shape), pre,
+                          out=xc[i_mp:].view((km,) + shape))
+                new_vrow.append(pnew[2 * q])
+                new_vcol.append(pnew[2 * q + 1])
+                new_vfull.append(sts[j]["v_full"])
+        sq_all = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in cols]).square()
+        scale = torch.rsqrt(1e-5 + sq_all / counts)  # (T, C)
+        w = (scale[:, :, None] * c["w_full"]).transpose(1, 2)  # (T, H, C)
+        for j in range(len(ps)):
+            torch.addmm(bias[j][:, None], w[j], cols[j], out=hcols[j])
+        if vec:
+            hv = h[:, :n1]
+            for j, (xvj, hj) in enumerate(zip(vcols, hv.split(sizes[: len(vec)], 1),
+                                              strict=True)):
+                hj.addmm_(w_rc[j].T, xvj)
+        if len(ps) > len(vec):
+            # the row and column terms of all factored tensors: (2K, R) over their entries
+            rsz = psizes
+            xrs = torch.cat([vf, torch.rsqrt(vf + 1e-8)], 0).split(rsz, 1)
+            sr = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in xrs]).square()
+            sr = torch.rsqrt(1e-5 + sr / torch.tensor(rsz, dtype=f32, device=device)[:, None])
+            wrc = torch.stack([c["w_row"], c["w_col"]]).repeat(len(rsz) // 2, 1, 1)
+            wrc = (sr[:, :, None] * wrc).transpose(1, 2)  # (pieces, H, 2K)
+            q = 0
+            for j in range(len(vec), len(ps)):
+                shape = shapes[j]
+                d1, d0 = factored_dims(shape)
+                hj = hcols[j].view((hidden,) + shape)
+                for vv, axis in ((new_vrow[j], d0), (new_vcol[j], d1)):
+                    part = (wrc[q] @ xrs[q]).view((-1,) + vv.shape[1:])
+                    hj.add_(part.unsqueeze(1 + axis))
+                    q += 1
+        out = mlp_tail_into(c["nn"], h, buf("out", (2, total)), buf, chunk=1 << 30)
+        step = scaled_step_into(out, self.exp_mult, self.step_mult)
+        ups = [u.view(s) for u, s in zip(step.split(sizes), shapes, strict=True)]
+        moms = split_rows(self._flat_cache, "momentum", m, shapes, sizes)
+        rmss = split_rows(self._flat_cache, "rms", rms.view(1, -1), shapes, sizes)
+        new_steps = (steps + 1).unbind()
+        updates, new_states = [None] * len(ps), [None] * len(ps)
+        for j, i in enumerate(order):
+            updates[i] = ups[j]
+            new_states[i] = {"step": new_steps[j], "momentum": moms[j], "rms": rmss[j],
+                             "v_row": new_vrow[j], "v_col": new_vcol[j],
+                             "v_full": new_vfull[j]}
+        return updates, new_states
+
+    def _propose_reference(self, params, grads, states):
         updates, new_states = [], []
         for p, g, st in zip(params, grads, states, strict=True):
             u, s = self._leaf(p, g, st)
