@@ -61,11 +61,11 @@ def _theta(name: str) -> dict:
 
 OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-    "small_fc_lopt": lambda ps: lt.SmallFcLOpt(ps, read_pretrained("small_fc_lopt_general")[1],
+    "small_fc_lopt": lambda ps: lt.TorchSmallFcLOpt(ps, read_pretrained("small_fc_lopt_general")[1],
                                                1000),
     "small_fc_lopt_general (guarded)": lambda ps: lt.pretrained("small_fc_lopt_general", ps, 1000),
-    "fc_lopt": lambda ps: lt.FcLOpt(ps, _theta("fc_lopt"), 1000),
-    "nn_adam": lambda ps: lt.NNAdam(ps, _theta("nn_adam"), 1000),
+    "fc_lopt": lambda ps: lt.TorchFcLOpt(ps, _theta("fc_lopt"), 1000),
+    "nn_adam": lambda ps: lt.TorchNNAdam(ps, _theta("nn_adam"), 1000),
 }
 
 
@@ -142,7 +142,7 @@ def _bench_task(task: str, repeats: int, inner: int) -> dict:
             ratios = [a / b for a, b in zip(times[name][kind], times["adam"][kind], strict=True)]
             row[f"{kind}_ms"] = 1e3 * statistics.median(times[name][kind])
             row[f"{kind}_ratio_to_adam"] = statistics.median(ratios)
-        if isinstance(opt, lt.LearnedOptimizer):
+        if isinstance(opt, lt.TorchLearnedOptimizer):
             nbytes = opt.state_bytes()
         else:
             nbytes = sum(v.numel() * v.element_size() for s in opt.state.values()

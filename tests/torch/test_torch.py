@@ -182,7 +182,8 @@ def test_bad_num_steps(num_steps):
     with pytest.raises(ValueError, match="num_steps"):
         lt.pretrained("small_fc_lopt_general", [torch.nn.Parameter(torch.zeros(2))], num_steps)
     with pytest.raises(ValueError, match="num_steps"):
-        lt.SmallFcLOpt([torch.nn.Parameter(torch.zeros(2))], _theta("small_fc_lopt"), num_steps)
+        lt.TorchSmallFcLOpt([torch.nn.Parameter(torch.zeros(2))], _theta("small_fc_lopt"),
+                            num_steps)
 
 
 def test_guarded_needs_closure():
@@ -216,7 +217,7 @@ def test_wrong_theta_shape():
     theta = _theta("small_fc_lopt")
     theta["nn"]["w0"] = np.zeros((38, 4), np.float32)
     with pytest.raises(ValueError, match=r"theta\['nn'\]\['w0'\] has shape \(38, 4\)"):
-        lt.SmallFcLOpt([torch.nn.Parameter(torch.zeros(2))], theta, 10)
+        lt.TorchSmallFcLOpt([torch.nn.Parameter(torch.zeros(2))], theta, 10)
 
 
 def test_bad_guard_settings():

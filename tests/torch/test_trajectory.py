@@ -137,7 +137,7 @@ def test_small_fc_lopt_random_theta():
         theta[name] = 0.1 * jax.random.normal(k[i], theta[name].shape)
     tn = _theta_np(theta)
     _compare("small_fc_lopt (init, key 3)", lopt.optimizer(theta, STEPS),
-             lambda ps: lt.SmallFcLOpt(ps, tn, STEPS, **lopt.config()))
+             lambda ps: lt.TorchSmallFcLOpt(ps, tn, STEPS, **lopt.config()))
 
 
 def test_small_fc_lopt_concat_config_same_function():
@@ -145,7 +145,7 @@ def test_small_fc_lopt_concat_config_same_function():
     theta = lopt.init(jax.random.PRNGKey(5))
     tn = _theta_np(theta)
     _compare("small_fc_lopt (concat, hidden 8)", lopt.optimizer(theta, STEPS),
-             lambda ps: lt.SmallFcLOpt(ps, tn, STEPS, **lopt.config()), seed=2)
+             lambda ps: lt.TorchSmallFcLOpt(ps, tn, STEPS, **lopt.config()), seed=2)
 
 
 def test_fc_lopt_random_theta():
@@ -153,7 +153,7 @@ def test_fc_lopt_random_theta():
     theta = lopt.init(jax.random.PRNGKey(7))
     tn = _theta_np(theta)
     _compare("fc_lopt (init, key 7)", lopt.optimizer(theta, STEPS),
-             lambda ps: lt.FcLOpt(ps, tn, STEPS, **lopt.config()))
+             lambda ps: lt.TorchFcLOpt(ps, tn, STEPS, **lopt.config()))
 
 
 @pytest.mark.parametrize("config", [{}, {"output_mode": "increment", "step_rule": "released"}])
@@ -168,7 +168,7 @@ def test_nn_adam_random_theta(config):
                     "b": b * jax.random.normal(k2, (4,))}
     tn = _theta_np(theta)
     _compare(f"nn_adam {config or '(defaults)'}", lopt.optimizer(theta, STEPS),
-             lambda ps: lt.NNAdam(ps, tn, STEPS, **lopt.config()))
+             lambda ps: lt.TorchNNAdam(ps, tn, STEPS, **lopt.config()))
 
 
 @pytest.mark.parametrize("name", jax_pretrained.available())
@@ -194,4 +194,4 @@ def test_guarded_adam_like_nn_adam_with_generic_guard():
     theta = lopt.init(jax.random.PRNGKey(1))
     tn = _theta_np(theta)
     _compare("nn_adam guarded (hostile)", guarded(lopt.optimizer(theta, STEPS)),
-             lambda ps: lt.NNAdam(ps, tn, STEPS, guard=True), guard=True, hostile=True)
+             lambda ps: lt.TorchNNAdam(ps, tn, STEPS, guard=True), guard=True, hostile=True)

@@ -30,26 +30,27 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from learnopt.torch.base import LearnedOptimizer, check_num_steps
-from learnopt.torch.fc_lopt import FcLOpt
-from learnopt.torch.nn_adam import NNAdam
-from learnopt.torch.small_fc_lopt import SmallFcLOpt
+from learnopt.torch.base import TorchLearnedOptimizer, check_num_steps
+from learnopt.torch.fc_lopt import TorchFcLOpt
+from learnopt.torch.nn_adam import TorchNNAdam
+from learnopt.torch.small_fc_lopt import TorchSmallFcLOpt
 from learnopt.torch.weights import WeightsFileError, available, read_pretrained
 
 #: The ported architectures by their learnopt registry name.
-ARCHITECTURES: dict[str, type[LearnedOptimizer]] = {
-    "small_fc_lopt": SmallFcLOpt,
-    "fc_lopt": FcLOpt,
-    "nn_adam": NNAdam,
+ARCHITECTURES: dict[str, type[TorchLearnedOptimizer]] = {
+    "small_fc_lopt": TorchSmallFcLOpt,
+    "fc_lopt": TorchFcLOpt,
+    "nn_adam": TorchNNAdam,
 }
 
-__all__ = ["ARCHITECTURES", "FcLOpt", "LearnedOptimizer", "NNAdam", "SmallFcLOpt",
-           "WeightsFileError", "available", "from_theta", "pretrained", "read_pretrained"]
+__all__ = ["ARCHITECTURES", "TorchFcLOpt", "TorchLearnedOptimizer", "TorchNNAdam",
+           "TorchSmallFcLOpt", "WeightsFileError", "available", "from_theta", "pretrained",
+           "read_pretrained"]
 
 
 def from_theta(architecture: str, params: Iterable[Any], theta: Mapping[str, Any],
                num_steps: int, config: Mapping[str, Any] | None = None,
-               guard: bool | Mapping[str, Any] | None = None) -> LearnedOptimizer:
+               guard: bool | Mapping[str, Any] | None = None) -> TorchLearnedOptimizer:
     """A ported architecture (registry name) with meta-parameters ``theta`` (nested dicts of
     numpy / JAX / torch arrays, e.g. a JAX ``lopt.init(key)`` or a meta-trained theta) and its
     constructor ``config`` (``lopt.config()`` on the JAX side)."""
@@ -60,7 +61,7 @@ def from_theta(architecture: str, params: Iterable[Any], theta: Mapping[str, Any
 
 
 def pretrained(name: str | os.PathLike, params: Iterable[Any], num_steps: int,
-               guard: bool | Mapping[str, Any] | None = None) -> LearnedOptimizer:
+               guard: bool | Mapping[str, Any] | None = None) -> TorchLearnedOptimizer:
     """A shipped pretrained optimizer (see :func:`available`) or a weights file, for ``params``.
 
     The PyTorch counterpart of ``learnopt.pretrained.optimizer(name, num_steps)``: a file

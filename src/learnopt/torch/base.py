@@ -143,7 +143,7 @@ def _all_finite_views(tensors: list[torch.Tensor]) -> list[bool]:
     return out
 
 
-class LearnedOptimizer(torch.optim.Optimizer):
+class TorchLearnedOptimizer(torch.optim.Optimizer):
     """Base class: a learned optimizer with fixed ``theta``, optionally behind the guard.
 
     ``step(closure=None, *, loss=None)``: a closure (``torch.optim`` convention: it zeroes the

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from learnopt.torch.base import (
-    LearnedOptimizer,
+    TorchLearnedOptimizer,
     check_theta,
     gather_rows,
     mlp_tail_into,
@@ -36,12 +36,12 @@ from learnopt.torch.small_fc_lopt import TIME_SCALES
 FC_LOPT_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 
 
-class FcLOpt(LearnedOptimizer):
+class TorchFcLOpt(TorchLearnedOptimizer):
     """``fc_lopt`` (1,762 meta-parameters) as a ``torch.optim.Optimizer``.
 
     Args:
       params: the parameters (or parameter groups).
-      theta: the MLP weights ``{w0, b0, w1, b1, w2, b2}`` as the JAX ``FcLOpt.init`` returns.
+      theta: the MLP weights ``{w0, b0, w1, b1, w2, b2}`` as the JAX ``TorchFcLOpt.init`` returns.
       num_steps: the training horizon (stored; must be >= 1).
       guard: ``None``/``False`` (bare), ``True`` or a dict of guard settings.
       hidden_size, hidden_layers, exp_mult, step_mult, decays: as the JAX class's.

@@ -1,7 +1,7 @@
 """``nn_adam`` in PyTorch: a per-tensor LSTM that sets Adam's hyperparameters.
 
 Metz et al. 2022, "Practical tradeoffs between memory, compute, and performance in learned
-optimizers", arXiv:2203.11860, §2.2 ("Hyperparameter controllers") and App. C (``NNAdam`` of
+optimizers", arXiv:2203.11860, §2.2 ("Hyperparameter controllers") and App. C (``TorchNNAdam`` of
 the released learned_optimization code); the port of ``learnopt.learned.nn_adam.NNAdam``.
 
 Each step, 19 statistics of every parameter tensor (computed from the gradient clipped to
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from learnopt.torch.base import (
-    LearnedOptimizer,
+    TorchLearnedOptimizer,
     check_theta,
     gather_rows,
     split_rows,
@@ -45,13 +45,13 @@ def _stats(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [_clip_log_abs(mean), torch.sign(mean), _clip_log_abs((x - mean).square().sum() / n)]
 
 
-class NNAdam(LearnedOptimizer):
+class TorchNNAdam(TorchLearnedOptimizer):
     """``nn_adam`` (6,856 meta-parameters with the defaults) as a ``torch.optim.Optimizer``.
 
     Args:
       params: the parameters (or parameter groups).
       theta: ``{"lstm": {w, b}, "out": {w, b}, "initial_hparams", "initial_state": {h, c}}``
-        as the JAX ``NNAdam.init`` returns.
+        as the JAX ``TorchNNAdam.init`` returns.
       num_steps: the training horizon (stored; must be >= 1).
       guard: ``None``/``False`` (bare), ``True`` or a dict of guard settings.
       lstm_size, output_scale, output_mode, step_rule, grad_clip: as the JAX class's; the

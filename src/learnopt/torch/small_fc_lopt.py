@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from learnopt.torch.base import (
-    LearnedOptimizer,
+    TorchLearnedOptimizer,
     check_theta,
     decays_from_offsets,
     factored_dims,
@@ -54,12 +54,12 @@ def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
-class SmallFcLOpt(LearnedOptimizer):
+class TorchSmallFcLOpt(TorchLearnedOptimizer):
     """The 197-parameter ``small_fc_lopt`` as a ``torch.optim.Optimizer``.
 
     Args:
       params: the parameters (or parameter groups) to optimise.
-      theta: the meta-parameters, nested dicts of arrays as the JAX ``SmallFcLOpt.init``
+      theta: the meta-parameters, nested dicts of arrays as the JAX ``TorchSmallFcLOpt.init``
         returns them (``momentum_decays``, ``rms_decays``, ``adafactor_decays``,
         ``nn: {w0, b0, ...}``); numpy, JAX or torch arrays.
       num_steps: the training horizon (stored, as in JAX; must be >= 1).
