@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from learnopt.io import dumps_json, finite_json
+from learnopt.meta.config_checks import check_positive_int, check_seconds, check_seed
 from learnopt.meta.train import MetaTrainConfig
 
 OUTERS = ("learned", "adam")
@@ -102,15 +103,10 @@ class PBTConfig:
         if self.outer not in OUTERS:
             raise ValueError(f"outer must be one of {', '.join(OUTERS)}, got {self.outer!r}")
 
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
         for name in ("population", "outer_num_steps", "num_tasks", "task_slots", "horizon",
                      "exploit_every", "eval_tasks", "eval_steps", "eval_seeds", "outer_steps",
                      "checkpoint_every", "keep_theta_every"):
-            positive_int(name)
+            check_positive_int(name, getattr(self, name))
         if self.population < 2:
             raise ValueError(f"population must be >= 2 (exploit compares two members), got "
                              f"{self.population}")
@@ -133,14 +129,8 @@ class PBTConfig:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0 \
                 or not math.isfinite(scale):
             raise ValueError(f"trunc_scale must be a finite number > 0, got {scale!r}")
-        if self.max_seconds is not None and (
-            isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float)
-            or not math.isfinite(self.max_seconds) or self.max_seconds <= 0
-        ):
-            raise ValueError(f"max_seconds must be a finite number > 0 or None, got "
-                             f"{self.max_seconds!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_seconds("max_seconds", self.max_seconds)
+        check_seed(self.seed)
         # The members' meta-gradients: MetaTrainConfig checks (and completes) these fields.
         meta = self.member_meta_config(0, self.truncations()[0])
         object.__setattr__(self, "lopt_config", dict(meta.lopt_config))

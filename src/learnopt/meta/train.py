@@ -78,6 +78,7 @@ from learnopt.io import (
     save_checkpoint,
 )
 from learnopt.learned.registry import get_learned_optimizer
+from learnopt.meta.config_checks import check_positive_int, check_seconds, check_seed
 from learnopt.meta.estimators.registry import estimator_options
 from learnopt.meta.learner import Learner, LearnerConfig
 from learnopt.meta.multitask import MultiTaskEstimator
@@ -148,17 +149,9 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if value is None and name in ("keep_theta_every", "max_nonfinite_steps"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                hint = " (nothing to train)" if name == "outer_steps" else ""
-                raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}")
-        if self.max_seconds is not None and (
-            isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float)
-            or not math.isfinite(self.max_seconds) or self.max_seconds <= 0
-        ):
-            raise ValueError(f"max_seconds must be a finite number > 0 or None, got "
-                             f"{self.max_seconds!r} (nothing to train)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            check_positive_int(name, value, " (nothing to train)" if name == "outer_steps" else "")
+        check_seconds("max_seconds", self.max_seconds, " (nothing to train)")
+        check_seed(self.seed)
         for name in ("horizon_schedule", "trunc_schedule"):
             value = getattr(self, name)
             if value is not None:
