@@ -31,6 +31,19 @@ from learnopt.distributed.worker import MetaGradientWorker, WorkerResult, as_con
 from learnopt.meta.train import MetaTrainConfig
 
 
+def start_ray(address: str | None, num_cpus: int) -> bool:
+    """Join the cluster at ``address``, or start an embedded local Ray with ``num_cpus``,
+    unless Ray is already up; returns whether this call started it (and so should shut it
+    down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
 class WorkerFailures(RuntimeError):
     """More workers died than ``max_failures`` allows."""
 
@@ -62,17 +75,9 @@ class RayMetaGradients:
         self.config = as_config(config).to_dict()
         self.num_workers = num_workers
         self.max_failures = max_failures
-        self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            if address is not None:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(
-                    num_cpus=num_cpus or max(1, int(num_workers * cpus_per_worker + 0.999)),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                )
+        self.owns_ray = start_ray(
+            address, num_cpus or max(1, int(num_workers * cpus_per_worker + 0.999))
+        )
         options: dict[str, Any] = {"num_cpus": cpus_per_worker, "max_restarts": 0}
         if worker_env:
             options["runtime_env"] = {"env_vars": dict(worker_env)}

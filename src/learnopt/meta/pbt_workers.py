@@ -173,17 +173,13 @@ class RayHosts:
     def __init__(self, config: PBTConfig, workers: int, address: str | None = None):
         import ray
 
+        from learnopt.distributed.ray_backend import start_ray
+
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         workers = min(workers, config.population)
         self.ray = ray
-        self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            if address is not None:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        self.owns_ray = start_ray(address, workers)
         actor = ray.remote(MemberHost).options(num_cpus=1, max_restarts=0)
         self.split = _split(config.population, workers)
         self.hosts = [actor.remote(config.to_dict(), ms) for ms in self.split]
