@@ -5,7 +5,13 @@
   of each antithetic pair count, so one outer step is ``tasks x 2 x 20`` task-steps (the
   definition behind learned_optimization's published PES figure).
 * **First outer step**: seconds of the first estimate (compile and run), after building the
-  estimator (set-up seconds, reported apart).
+  estimator (set-up seconds, reported apart), with an empty persistent compilation cache
+  (``cold``), and again in the same process after ``jax.clear_caches()`` with a new estimator
+  that finds its programs in that cache (``warm``: a resume, a second Ray worker, a
+  population member; :mod:`learnopt.compilation`).
+* **Compile options**: the same estimate compiled at XLA's default CPU optimisation level (3)
+  and at learnopt's (2, :func:`learnopt.compilation.jit_program`), called alternately in one
+  process: compile seconds and the median per-step ratio.
 * **Floor ratio**: the seconds of one outer step over the seconds of the same number of plain
   inner steps (``tasks x 2`` vmapped runs of optax.adam, 20 steps, forward + backward +
   update, one jitted scan): what the learned optimizer, the perturbations and the PES
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learnopt.compilation import enable_persistent_cache, jit_program, program_options
 from learnopt.io import atomic_write_json, machine_info
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.estimators.registry import build_estimator
@@ -54,7 +62,9 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def pes_single(task, lopt, theta, num_tasks: int, repeats: int) -> dict:
+def pes_single(task, lopt, theta, num_tasks: int, repeats: int, warm: bool = False) -> dict:
+    if warm:
+        jax.clear_caches()  # the in-memory caches; the persistent one stays
     start = time.perf_counter()
     unroll = TruncatedUnroll(task, lopt, num_tasks=num_tasks, horizon=HORIZON, trunc_length=TRUNC)
     est = build_estimator("pes", unroll)
@@ -70,6 +80,8 @@ def pes_single(task, lopt, theta, num_tasks: int, repeats: int) -> dict:
         float(out.meta_loss)
 
     first = timed(one, 1)[0]
+    if warm:
+        return {"setup_seconds": round(setup, 3), "first_step_seconds": round(first, 3)}
     steps = timed(one, repeats)
     per_step = statistics.median(steps)
     return {
@@ -93,10 +105,39 @@ def adam_floor(task, num_runs: int, repeats: int) -> float:
 
         return jax.lax.scan(body, state, jax.random.split(key, TRUNC))[1]
 
-    fn = jax.jit(jax.vmap(run))
+    fn = jit_program(jax.vmap(run))  # the estimators' compile options
     keys = jax.random.split(jax.random.PRNGKey(0), num_runs)
     jax.block_until_ready(fn(keys))
     return statistics.median(timed(lambda: jax.block_until_ready(fn(keys)), repeats))
+
+
+def compile_levels(task, lopt, theta, num_tasks: int, repeats: int) -> dict:
+    """The PES estimate compiled at XLA's default level and at learnopt's, alternating."""
+    unroll = TruncatedUnroll(task, lopt, num_tasks=num_tasks, horizon=HORIZON, trunc_length=TRUNC)
+    est = build_estimator("pes", unroll, jit=False)
+    state = jax.jit(est.init_state)(theta, jax.random.PRNGKey(1))
+    fns, compile_s = {}, {}
+    for name, jit in (("default", jax.jit), ("learnopt", jit_program)):
+        fn = jit(est.estimate)
+        start = time.perf_counter()
+        fns[name] = fn.lower(theta, state, jax.random.PRNGKey(2)).compile()
+        compile_s[name] = round(time.perf_counter() - start, 3)
+    states = {name: state for name in fns}
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = fn(theta, states[name], jax.random.PRNGKey(3 + i))
+            float(out.meta_loss)
+            seconds[name].append(time.perf_counter() - start)
+            states[name] = out.state
+    ratios = [a / b for a, b in zip(seconds["learnopt"], seconds["default"], strict=True)]
+    return {
+        "learnopt_options": program_options(),
+        "compile_seconds": compile_s,
+        "seconds_per_outer_step": {k: statistics.median(v) for k, v in seconds.items()},
+        "median_step_ratio_learnopt_over_default": statistics.median(ratios),
+    }
 
 
 def mixture(lopt, theta, num_tasks: int, repeats: int) -> dict:
@@ -161,8 +202,12 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load],
         "single": {},
     }
+    enable_persistent_cache(tempfile.mkdtemp(prefix="learnopt-xla-"))  # empty: cold starts
+    results["compile_levels"] = compile_levels(task, lopt, theta, args.tasks[0], args.repeats)
+    print("compile levels", json.dumps(results["compile_levels"]), flush=True)
     for n in args.tasks:
         single = pes_single(task, lopt, theta, n, args.repeats)
+        single["warm_start"] = pes_single(task, lopt, theta, n, args.repeats, warm=True)
         floor = adam_floor(task, 2 * n, args.repeats)
         single["adam_floor_seconds"] = floor
         single["ratio_to_adam_floor"] = single["seconds_per_outer_step"] / floor

@@ -882,7 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     in any of these cases; docs/errors.md lists every bad input tried."""
     import warnings
 
+    from learnopt.compilation import enable_persistent_cache
+
     args = build_parser().parse_args(argv)
+    enable_persistent_cache()
     show = warnings.showwarning
 
     def one_line(message, category, filename, lineno, file=None, line=None):

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from learnopt.compilation import enable_persistent_cache
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.train import MetaTrainConfig, build_estimator_over_tasks, initial_keys
 from learnopt.meta.train import initial_theta as run_initial_theta
@@ -65,6 +66,7 @@ class MetaGradientWorker:
     build it in another process (``ray.remote(MetaGradientWorker)``)."""
 
     def __init__(self, config: MetaTrainConfig | Mapping[str, Any], serial: int = 0):
+        enable_persistent_cache()  # workers of one machine compile the same programs
         base = as_config(config)
         self.serial = serial
         self.config = dataclasses.replace(base, seed=worker_seed(base.seed, serial))

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from learnopt.compilation import enable_persistent_cache
 from learnopt.io import restore_state
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.pbt_config import PBTConfig
@@ -68,6 +69,7 @@ class MemberHost:
     Only picklable arguments, so Ray can build it in another process."""
 
     def __init__(self, config: PBTConfig | Mapping[str, Any], members: Sequence[int]):
+        enable_persistent_cache()  # hosts of one machine compile the same programs
         self.config = config if isinstance(config, PBTConfig) else PBTConfig.from_dict(config)
         self.members = [int(m) for m in members]
         self.lopt = get_learned_optimizer(self.config.lopt, self.config.lopt_config)

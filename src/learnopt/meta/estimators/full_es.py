@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from learnopt.compilation import jit_program
 from learnopt.learned.base import MetaParams
 from learnopt.meta.estimators.base import (
     Estimate,
@@ -88,7 +89,7 @@ class FullES(GradientEstimator):
         run.trunc_length = unroll.horizon
         run.random_offset = False
         self._run = run
-        self._estimate = jax.jit(self._estimate_impl) if jit else self._estimate_impl
+        self._estimate = jit_program(self._estimate_impl) if jit else self._estimate_impl
 
     def config(self) -> dict[str, Any]:
         """The options of ``meta.estimators.registry.build_estimator("full_es", ...)``."""

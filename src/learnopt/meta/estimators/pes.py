@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from learnopt.compilation import jit_program
 from learnopt.learned.base import MetaParams
 from learnopt.meta.estimators.base import (
     Estimate,
@@ -116,8 +117,8 @@ class PES(GradientEstimator):
         self.num_pairs = num_pairs
         self.accumulate = bool(accumulate)
         self.name = "pes" if self.accumulate else "truncated_es"
-        self._init = jax.jit(self._init_state) if jit else self._init_state
-        self._estimate = jax.jit(self._estimate_impl) if jit else self._estimate_impl
+        self._init = jit_program(self._init_state) if jit else self._init_state
+        self._estimate = jit_program(self._estimate_impl) if jit else self._estimate_impl
 
     def config(self) -> dict[str, Any]:
         """The options of ``meta.estimators.registry.build_estimator(self.name, ...)``."""

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from learnopt.compilation import jit_program
 from learnopt.learned.base import MetaParams
 from learnopt.meta.estimators.base import Estimate, GradientEstimator
 from learnopt.meta.unroll import TruncatedUnroll, UnrollState, meta_loss
@@ -46,8 +47,8 @@ class TruncatedBPTT(GradientEstimator):
 
     def __init__(self, unroll: TruncatedUnroll, jit: bool = True):
         self.unroll = unroll
-        self._init = jax.jit(self._init_state) if jit else self._init_state
-        self._estimate = jax.jit(self._estimate_impl) if jit else self._estimate_impl
+        self._init = jit_program(self._init_state) if jit else self._init_state
+        self._estimate = jit_program(self._estimate_impl) if jit else self._estimate_impl
 
     def init_state(self, theta: MetaParams, key: jax.Array) -> TBPTTState:
         return self._init(theta, key)
