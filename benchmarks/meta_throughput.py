@@ -16,10 +16,12 @@
   inner steps (``tasks x 2`` vmapped runs of optax.adam, 20 steps, forward + backward +
   update, one jitted scan): what the learned optimizer, the perturbations and the PES
   bookkeeping cost on top of training itself.
-* **Mixture**: the multi-task engine with 4 task slots drawn from 4 VeLO families (CPU size),
-  the same inner runs and truncation per slot: the seconds of the first outer step (4
-  compiles), and once compiled the seconds of an outer step over the sum of the 4 slots'
-  estimates called alone (the engine's overhead; the tasks' own sizes set the rest).
+* **Mixtures**: the multi-task engine with 4 task slots and the same inner runs and truncation
+  per slot, (a) over 4 named tasks of the benchmark task's size (4 compiled configs; their
+  task-steps per second against the single config's) and (b) over 4 VeLO families at CPU size
+  (sizes differ, so the largest task sets the pace). For each: the seconds of the first outer
+  step (4 compiles) and, once compiled, an outer step's seconds over the sum of the 4 slots'
+  estimates called alone (the engine's own overhead).
 
 Usage: ``python benchmarks/meta_throughput.py [--tasks 8] [--steps 20] [--out PATH]``;
 writes ``benchmarks/results/meta_throughput.json``.
@@ -140,13 +142,20 @@ def compile_levels(task, lopt, theta, num_tasks: int, repeats: int) -> dict:
     }
 
 
-def mixture(lopt, theta, num_tasks: int, repeats: int) -> dict:
-    """The multi-task engine over 4 slots of 4 VeLO families, against the same 4 estimators
-    called one after the other outside the engine (the engine's own overhead)."""
-    families = ("velo_mlp", "velo_conv", "velo_mlp_ae", "velo_transformer_lm")
-    source = TaskSource(TaskMixture(tuple(
-        MixtureEntry(family=f, options={"size": "cpu"}) for f in families
-    )), seed=0)
+#: Four VeLO families at CPU size: task sizes differ, so the slowest slot sets the pace.
+VELO_FAMILIES = tuple(MixtureEntry(family=f, options={"size": "cpu"})
+                      for f in ("velo_mlp", "velo_conv", "velo_mlp_ae", "velo_transformer_lm"))
+#: Four named tasks of the benchmark task's size (~2-9k parameters, 64 inputs): four compiled
+#: configs whose throughput is comparable with the single config's.
+SMALL_CONFIGS = tuple(MixtureEntry(task=t) for t in (
+    "fmnist_mlp_8x8", "digits_mlp_8x8", "ImageMLP_Digits8_Tanh64x64_bs32",
+    "ImageMLPAE_Digits8_32x8x32_bs32"))
+
+
+def mixture(lopt, theta, num_tasks: int, repeats: int, entries) -> dict:
+    """The multi-task engine over 4 slots (one per entry, drawn in order), against the same 4
+    estimators called one after the other outside the engine (the engine's own overhead)."""
+    source = TaskSource(TaskMixture(tuple(entries)), seed=0)
     engine = MultiTaskEstimator(source, lopt, num_slots=4, num_tasks=num_tasks, horizon=HORIZON,
                                 trunc_length=TRUNC, lifetime=10**9)
     start = time.perf_counter()
@@ -187,6 +196,8 @@ def main() -> None:
     p.add_argument("--tasks", type=int, nargs="*", default=[8, 32])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results/meta_throughput.json")
+    p.add_argument("--skip-velo-mixture", action="store_true",
+                   help="leave out the 4-family VeLO mixture (several minutes of compiles)")
     args = p.parse_args()
     task = get_task("fmnist_mlp_8x8")
     lopt = get_learned_optimizer("small_fc_lopt")
@@ -203,8 +214,6 @@ def main() -> None:
         "single": {},
     }
     enable_persistent_cache(tempfile.mkdtemp(prefix="learnopt-xla-"))  # empty: cold starts
-    results["compile_levels"] = compile_levels(task, lopt, theta, args.tasks[0], args.repeats)
-    print("compile levels", json.dumps(results["compile_levels"]), flush=True)
     for n in args.tasks:
         single = pes_single(task, lopt, theta, n, args.repeats)
         single["warm_start"] = pes_single(task, lopt, theta, n, args.repeats, warm=True)
@@ -214,10 +223,20 @@ def main() -> None:
         results["single"][str(n)] = single
         print(n, json.dumps(single), flush=True)
         atomic_write_json(Path(args.out), results)
-    mix = mixture(lopt, theta, args.tasks[0], max(3, args.repeats // 4))
-    results["mixture"] = mix
+    results["compile_levels"] = compile_levels(task, lopt, theta, args.tasks[0], args.repeats)
+    print("compile levels", json.dumps(results["compile_levels"]), flush=True)
+    n = args.tasks[0]
+    small = mixture(lopt, theta, n, args.repeats, SMALL_CONFIGS)
+    small["throughput_ratio_single_over_mixture"] = (
+        results["single"][str(n)]["task_steps_per_second"] / small["task_steps_per_second"])
+    results["mixture_small_configs"] = small
+    print("mixture of small configs", json.dumps(small), flush=True)
+    atomic_write_json(Path(args.out), results)
+    if not args.skip_velo_mixture:
+        mix = mixture(lopt, theta, n, max(3, args.repeats // 4), VELO_FAMILIES)
+        results["mixture"] = mix
+        print("mixture", json.dumps(mix), flush=True)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    print("mixture", json.dumps(mix), flush=True)
     atomic_write_json(Path(args.out), results)
 
 

@@ -54,6 +54,23 @@ def test_hung_step_is_reported_near_its_limit_and_names_the_task():
     assert dog.run(_sleep, 0.0, "next", task="other") == "next"
 
 
+def test_calls_share_one_thread_until_a_hang_abandons_it():
+    import threading
+
+    dog = StepWatchdog(factor=10.0, floor_s=0.1, first_s=5.0, warmup=0, block=False)
+    first = [dog.run(threading.current_thread) for _ in range(3)]
+    assert len(set(first)) == 1 and first[0] is not threading.current_thread()
+    with pytest.raises(StepHangError):
+        dog.run(_sleep, 0.5, task="slow")
+    after = dog.run(threading.current_thread)
+    assert after is not first[0]  # a fresh thread; the hung one is left to finish
+    first[0].join(timeout=5.0)
+    assert not first[0].is_alive() and dog.abandoned_alive == 0  # it exits after the call
+    dog.close()
+    after.join(timeout=5.0)
+    assert not after.is_alive()
+
+
 def test_expected_time_and_floor():
     dog = StepWatchdog(factor=4.0, floor_s=0.1, first_s=60.0, block=False)
     assert dog.limit_s(expected_s=0.05) == (pytest.approx(0.2), "4 x expected 0.05 s")
