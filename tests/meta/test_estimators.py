@@ -402,3 +402,19 @@ def test_truncated_estimators_respect_the_random_offset():
                 assert steps.min() >= 0 and steps.max() < H and len(np.unique(steps)) >= 10
             else:
                 assert np.all(steps == 0)
+
+
+def test_pes_drops_rematerialisation_and_gives_the_same_numbers():
+    # ES never differentiates through its unroll: PES runs it without jax.checkpoint (cheaper
+    # to trace), and the estimate is bit-equal to one through the rematerialised scan body.
+    unroll = TruncatedUnroll(TASK, SGD, num_tasks=3, horizon=H, trunc_length=5)
+    assert unroll.checkpoint
+    est = PES(unroll, std=STD, jit=False)
+    assert not est.unroll.checkpoint and unroll.checkpoint  # a copy; the caller's is kept
+    state = jax.jit(est.init_state)(THETA, jax.random.PRNGKey(3))
+    plain = jax.jit(est.estimate)(THETA, state, jax.random.PRNGKey(4))
+    est.unroll.checkpoint = True
+    remat = jax.jit(est.estimate)(THETA, state, jax.random.PRNGKey(4))
+    assert float(plain.grad["log_lr"]) != 0.0
+    assert float(plain.grad["log_lr"]) == float(remat.grad["log_lr"])
+    assert float(plain.meta_loss) == float(remat.meta_loss)

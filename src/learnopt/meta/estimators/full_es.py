@@ -40,6 +40,7 @@ from learnopt.meta.estimators.base import (
     batched_theta,
     check_es_options,
     pair_perturbations,
+    without_remat,
 )
 from learnopt.meta.unroll import TruncatedUnroll, meta_loss_per_task
 
@@ -85,7 +86,7 @@ class FullES(GradientEstimator):
         self.num_pairs = num_pairs
         self.objective = objective
         # One truncation of the whole horizon from step 0; a copy keeps every other setting.
-        run = copy.copy(unroll)
+        run = copy.copy(without_remat(unroll))
         run.trunc_length = unroll.horizon
         run.random_offset = False
         self._run = run

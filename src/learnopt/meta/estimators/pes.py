@@ -38,6 +38,7 @@ from learnopt.meta.estimators.base import (
     batched_theta,
     check_es_options,
     pair_perturbations,
+    without_remat,
 )
 from learnopt.meta.unroll import (
     TruncatedUnroll,
@@ -112,7 +113,7 @@ class PES(GradientEstimator):
         jit: bool = True,
     ):
         check_es_options(std, num_pairs)
-        self.unroll = unroll
+        self.unroll = without_remat(unroll)
         self.std = float(std)
         self.num_pairs = num_pairs
         self.accumulate = bool(accumulate)
