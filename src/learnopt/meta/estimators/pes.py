@@ -164,8 +164,16 @@ class PES(GradientEstimator):
             # Every member gets the same key: identical batches, losses keys and resets.
             return self.unroll.unroll(theta_batch, inner, k_unroll, theta_batched=True)
 
-        # vmap over the sign (2), then over the pairs (P); the unroll maps over the runs (N).
-        new_inner, outs = jax.vmap(jax.vmap(run))(thetas, _stack(state.pos, state.neg))
+        # One vmap over the 2P members (sign-major), the unroll maps over the runs (N): one
+        # batching pass of the unroll instead of two, which is cheaper to trace.
+        def merge(x):
+            return x.reshape((2 * p, *x.shape[2:]))
+
+        def split(x):
+            return x.reshape((2, p, *x.shape[1:]))
+
+        members = jax.tree_util.tree_map(merge, (thetas, _stack(state.pos, state.neg)))
+        new_inner, outs = jax.tree_util.tree_map(split, jax.vmap(run)(*members))
         pos_state, neg_state = _unstack(new_inner)
         pos_out, neg_out = _unstack(outs)  # fields [P, T, N]
 
