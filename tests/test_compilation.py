@@ -80,3 +80,20 @@ def test_perturbations_are_one_draw_cut_into_leaves():
 @pytest.mark.parametrize("bad", [{"LEARNOPT_COMPILE_CACHE": "  "}])
 def test_blank_cache_setting_means_the_default(bad):
     assert compilation.cache_dir(bad) == compilation.cache_dir({})
+
+
+def test_before_jax_is_imported_the_cache_goes_through_the_environment(tmp_path):
+    # learnopt commands enable the cache before anything imports jax: the folder is handed
+    # over through JAX_COMPILATION_CACHE_DIR, which jax reads on import (and Ray workers
+    # inherit), so a command that never compiles does not import jax for it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from learnopt.compilation import enable_persistent_cache as e; "
+        f"folder = e({str(tmp_path)!r}); assert 'jax' not in sys.modules; "
+        "import jax; print(jax.config.jax_compilation_cache_dir)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == str(tmp_path)

@@ -14,19 +14,19 @@ starts: on a resume after a kill, in every Ray worker of a machine, in each popu
 (``$LEARNOPT_COMPILE_CACHE``, default ``~/.cache/learnopt/xla``; ``LEARNOPT_COMPILE_CACHE=0``
 turns it off), so only the first start of a program pays for its compile. jax keys each entry
 on the program, the compile options, the jax and XLA versions and the backend, so a stale entry
-is never used; programs that compile in under a second are not stored. ``learnopt`` commands
-enable it when they start; library users call it themselves (or set jax's
-``jax_compilation_cache_dir``).
+is never used; programs that compile in under a second are not stored. ``learnopt`` commands,
+the Ray meta-gradient workers and the population hosts enable it when they start; library
+users call it themselves (or set jax's ``jax_compilation_cache_dir``). This module imports jax
+only when it is used, so a command that never compiles does not pay for importing it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import jax
 
 #: XLA options for the meta-training programs on the CPU (module docstring).
 CPU_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 2}
@@ -35,12 +35,17 @@ CACHE_ENV = "LEARNOPT_COMPILE_CACHE"
 
 def program_options(backend: str | None = None) -> dict[str, Any]:
     """The compiler options of :func:`jit_program` on ``backend`` (default: jax's)."""
-    backend = jax.default_backend() if backend is None else backend
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
     return dict(CPU_PROGRAM_OPTIONS) if backend == "cpu" else {}
 
 
 def jit_program(fn: Callable, **jit_kwargs: Any) -> Callable:
     """``jax.jit(fn)`` with :func:`program_options`: for meta-training estimates."""
+    import jax
+
     return jax.jit(fn, compiler_options=program_options(), **jit_kwargs)
 
 
@@ -68,5 +73,10 @@ def enable_persistent_cache(path: str | Path | None = None) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+    else:  # read when jax is imported; inherited by child processes (Ray workers)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
     return folder

@@ -241,8 +241,7 @@ class StepWatchdog:
         runner.submit(target, f"learnopt-step[{task}]")
         if not done.wait(limit):
             err = StepHangError(task, time.perf_counter() - start, limit, how)
-            runner.stop()  # it exits once the hung call returns, if ever
-            self._runner = None
+            self.close()  # the thread exits once the hung call returns, if ever
             self._abandoned.append(runner.thread)
             self.hangs.append(err)
             logger.error("%s", err)
@@ -288,4 +287,7 @@ def run_with_timeout(
 ) -> Any:
     """One call of ``fn(*args, **kwargs)`` with a fixed limit; :class:`StepHangError` past it."""
     wd = StepWatchdog(factor=1.0, floor_s=0.0, first_s=timeout_s, warmup=1, block=block)
-    return wd.run(fn, *args, task=task, **kwargs)
+    try:
+        return wd.run(fn, *args, task=task, **kwargs)
+    finally:
+        wd.close()  # a one-off watchdog leaves no idle thread behind

@@ -58,22 +58,22 @@ _fold_in = jax.jit(jax.random.fold_in)
 
 @functools.partial(jax.jit, static_argnums=1)
 def _combine(grads: list[Any], normalize: bool) -> tuple[Any, jax.Array]:
-    finite = jnp.stack([tree_all_finite(g) for g in grads])
-    count = jnp.sum(finite)
-    weights = finite / jnp.maximum(count, 1).astype(jnp.float32)
+    finite = [tree_all_finite(g) for g in grads]
+    # Non-finite gradients are zeroed (and weighted 0), so no NaN reaches the sum.
+    clean = [jax.tree_util.tree_map(lambda x, ok=ok: jnp.where(ok, x, 0.0), g)
+             for g, ok in zip(grads, finite, strict=True)]
+    count = jnp.sum(jnp.stack(finite))
+    weights = [ok / jnp.maximum(count, 1).astype(jnp.float32) for ok in finite]
     if normalize:
-        norms = jnp.stack([
-            tree_norm(jax.tree_util.tree_map(lambda x, i=i: jnp.where(finite[i], x, 0.0), g))
-            for i, g in enumerate(grads)
-        ])
-        weights = weights / jnp.maximum(norms, 1e-30)
-    weights = jnp.where(count > 0, weights, jnp.nan)  # nothing finite: NaNs
+        weights = [w / jnp.maximum(tree_norm(g), 1e-30)
+                   for w, g in zip(weights, clean, strict=True)]
+    weights = [jnp.where(count > 0, w, jnp.nan) for w in weights]  # nothing finite: NaNs
 
     def mean(*xs):
-        terms = [jnp.where(finite[i], x, 0.0) * weights[i] for i, x in enumerate(xs)]
+        terms = [x * w for x, w in zip(xs, weights, strict=True)]
         return sum(terms[1:], terms[0]).astype(xs[0].dtype)
 
-    return jax.tree_util.tree_map(mean, *grads), len(grads) - count
+    return jax.tree_util.tree_map(mean, *clean), len(grads) - count
 
 
 class MultiTaskEstimator:
