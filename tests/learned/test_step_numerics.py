@@ -139,7 +139,9 @@ def _check(name: str, updates) -> None:
         for k in LEAVES:
             want = np.asarray(EXPECTED[name][t][k])
             scale = np.max(np.abs(want[:3])) + np.abs(want[3]) / max(np.asarray(u[k]).size, 1)
-            np.testing.assert_allclose(_summary(u[k]), want, rtol=2e-5, atol=2e-6 * scale,
+            # atol: float reassociation differs between CPUs (AVX2 / AVX-512 FMA contraction);
+            # an entry far below the tensor's scale moved by 7e-6 of that scale on one machine.
+            np.testing.assert_allclose(_summary(u[k]), want, rtol=2e-5, atol=1e-5 * scale,
                                        err_msg=f"{name}, step {t}, tensor {k}")
 
 

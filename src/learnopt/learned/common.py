@@ -356,6 +356,21 @@ def channel_mean_squares(chans: Sequence[Channel]) -> jax.Array:
     return jnp.stack([jnp.mean(jnp.square(x)) for x, _ in chans])
 
 
+def _entries(w: jax.Array) -> list:
+    """The entries of a 1-D or 2-D array as shape-``(1,)`` arrays (nested lists for 2-D), cut
+    by one ``split``: indexing entry by entry made tracing the elementwise MLPs slow."""
+    flat = jax.lax.split(jnp.reshape(w, (-1,)), (1,) * w.size)
+    if w.ndim == 1:
+        return list(flat)
+    cols = w.shape[1]
+    return [list(flat[r * cols:(r + 1) * cols]) for r in range(w.shape[0])]
+
+
+def _times(x: jax.Array, s: jax.Array) -> jax.Array:
+    """``x * s`` for a shape-``(1,)`` ``s`` (two primitives, no jnp dispatch)."""
+    return jax.lax.mul(x, jax.lax.broadcast_in_dim(s, x.shape, (x.ndim - 1,)))
+
+
 def channel_mlp(nn: dict[str, jax.Array], chans: Sequence[Channel], scales: jax.Array,
                 bias: jax.Array | None = None) -> list[jax.Array]:
     """``apply_mlp(nn, stack(x_v * scales[v]))`` with the channels broadcast to the tensor's
@@ -368,30 +383,30 @@ def channel_mlp(nn: dict[str, jax.Array], chans: Sequence[Channel], scales: jax.
     """
     nf = len(chans)
     w0 = nn["w0"]
-    w_in = scales[:, None] * w0[:nf]
-    b0 = nn["b0"] if bias is None else bias
+    w_in = _entries(scales[:, None] * w0[:nf])
+    b0 = _entries(nn["b0"] if bias is None else bias)
     hidden: list[jax.Array] = []
     for o in range(w0.shape[1]):
         acc = None
         low: dict[int, jax.Array] = {}
         for v, (x, axis) in enumerate(chans):
-            term = x * w_in[v, o]
+            term = _times(x, w_in[v][o])
             if axis is None:
-                acc = term if acc is None else acc + term
+                acc = term if acc is None else jax.lax.add(acc, term)
             else:
-                low[axis] = term if axis not in low else low[axis] + term
+                low[axis] = term if axis not in low else jax.lax.add(low[axis], term)
         for axis, term in low.items():
             term = jnp.expand_dims(term, axis)
             acc = term if acc is None else acc + term
         hidden.append(acc + b0[o])
     for i in range(1, mlp_num_layers(nn)):
-        hidden = [jax.nn.relu(h) for h in hidden]
-        w, b = nn[f"w{i}"], nn[f"b{i}"]
+        hidden = [jnp.maximum(h, 0.0) for h in hidden]  # ReLU
+        w, b = _entries(nn[f"w{i}"]), _entries(nn[f"b{i}"])
         nxt = []
-        for o in range(w.shape[1]):
-            acc = hidden[0] * w[0, o]
+        for o in range(len(b)):
+            acc = _times(hidden[0], w[0][o])
             for v in range(1, len(hidden)):
-                acc = acc + hidden[v] * w[v, o]
+                acc = jax.lax.add(acc, _times(hidden[v], w[v][o]))
             nxt.append(acc + b[o])
         hidden = nxt
     return hidden
