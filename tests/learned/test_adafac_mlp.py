@@ -217,10 +217,10 @@ def test_state_shapes_and_jit():
     opt = ELEMENTWISE.optimizer(INIT(jax.random.PRNGKey(0)), num_steps=7)
     state = jax.jit(opt.init)(PARAMS)
     assert isinstance(state, SmallFcLOptState)
-    assert state.momentum.m["k"].shape == (5, 2, 3, 4, 3)
+    assert state.momentum.m["k"].shape == (3, 5, 2, 3, 4)  # decays first
     assert state.rms.rms["s"].shape == (1,)
-    assert state.factored.v_row["k"].shape == (2, 3, 4, 3)  # largest dim (axis 0) removed
-    assert state.factored.v_col["k"].shape == (5, 2, 3, 3)  # 2nd largest (axis 3) removed
+    assert state.factored.v_row["k"].shape == (3, 2, 3, 4)  # largest dim (axis 0) removed
+    assert state.factored.v_col["k"].shape == (3, 5, 2, 3)  # 2nd largest (axis 3) removed
     assert state.factored.v_full["b"].shape == (3, 3)
     assert int(state.num_steps) == 7 and int(state.iteration) == 0
     _, state2 = RUN["elementwise"](INIT(jax.random.PRNGKey(0)), PARAMS, G1, G2)

@@ -31,10 +31,11 @@ DECAYS = np.array([0.5, 0.9])
 
 
 def two_step_ema(x1: np.ndarray, x2: np.ndarray, decays: np.ndarray) -> np.ndarray:
-    """EMA from zero after observing x1 then x2, one column per decay: shape x.shape + (K,)."""
-    out = np.zeros(x1.shape + decays.shape)
+    """EMA from zero after observing x1 then x2, one row per decay: shape (K,) + x.shape."""
+    out = np.zeros(decays.shape + x1.shape)
+    d = decays.reshape(decays.shape + (1,) * x1.ndim)
     for x in (x1, x2):
-        out = decays * out + (1 - decays) * x[..., None]
+        out = d * out + (1 - d) * x[None]
     return out
 
 
@@ -62,9 +63,9 @@ def test_rms_two_updates(g1, g2):
 def test_rms_and_factored_decays_clipped_momentum_not():
     g = jnp.ones((3,))
     rms = rms_update(common.rms_init(g, 2), g, jnp.array([1.5, -0.5]))
-    np.testing.assert_allclose(rms.rms, np.array([[0.0, 1.0]] * 3))  # clipped to 1 and 0
+    np.testing.assert_allclose(rms.rms, np.array([[0.0] * 3, [1.0] * 3]))  # clipped to 1 and 0
     fac, _ = factored_update(common.factored_init(g, 1), g, jnp.array([-0.5]))
-    np.testing.assert_allclose(fac.v_full[:, 0], 1.0)  # decay clipped to 0: v = g^2
+    np.testing.assert_allclose(fac.v_full[0], 1.0)  # decay clipped to 0: v = g^2
     mom = momentum_update(common.momentum_init(g, 1), g, jnp.array([-0.5]))
     np.testing.assert_allclose(mom.m, 1.5)  # (1 - (-0.5)) * 1: the code does not clip momentum
 
@@ -75,14 +76,14 @@ def test_factored_2x3_by_hand():
     for g in (G1_MAT, G2_MAT):
         state, fac_g = factored_update(state, {"w": jnp.asarray(g)}, jnp.asarray(DECAYS))
     # 2x3: the largest dim is axis 1 (columns, d0) and the 2nd largest axis 0 (rows, d1).
-    v_row = two_step_ema((G1_MAT**2).mean(axis=1), (G2_MAT**2).mean(axis=1), DECAYS)  # (2, K)
-    v_col = two_step_ema((G1_MAT**2).mean(axis=0), (G2_MAT**2).mean(axis=0), DECAYS)  # (3, K)
+    v_row = two_step_ema((G1_MAT**2).mean(axis=1), (G2_MAT**2).mean(axis=1), DECAYS)  # (K, 2)
+    v_col = two_step_ema((G1_MAT**2).mean(axis=0), (G2_MAT**2).mean(axis=0), DECAYS)  # (K, 3)
     np.testing.assert_allclose(state.v_row["w"], v_row, rtol=RTOL)
     np.testing.assert_allclose(state.v_col["w"], v_col, rtol=RTOL)
-    assert state.v_full["w"].shape == (0, 2)
+    assert state.v_full["w"].shape == (2, 0)
     # AdaFactor's rank-1 estimate of E[g^2]: v_row_i * v_col_j / mean_i(v_row_i).
-    v_hat = v_row[:, None, :] * v_col[None, :, :] / v_row.mean(axis=0)
-    np.testing.assert_allclose(fac_g["w"], G2_MAT[..., None] / np.sqrt(v_hat), rtol=1e-5)
+    v_hat = v_row[:, :, None] * v_col[:, None, :] / v_row.mean(axis=1)[:, None, None]
+    np.testing.assert_allclose(fac_g["w"], G2_MAT[None] / np.sqrt(v_hat), rtol=1e-5)
 
 
 def test_factored_vector_keeps_full_v():
@@ -91,20 +92,20 @@ def test_factored_vector_keeps_full_v():
         state, fac_g = factored_update(state, [jnp.asarray(g)], jnp.asarray(DECAYS))
     v = two_step_ema(G1_VEC**2, G2_VEC**2, DECAYS)
     np.testing.assert_allclose(state.v_full[0], v, rtol=RTOL)
-    np.testing.assert_allclose(fac_g[0], G2_VEC[:, None] / np.sqrt(v + 1e-9), rtol=1e-5)
-    assert state.v_row[0].shape == state.v_col[0].shape == (0, 2)
+    np.testing.assert_allclose(fac_g[0], G2_VEC[None] / np.sqrt(v + 1e-9), rtol=1e-5)
+    assert state.v_row[0].shape == state.v_col[0].shape == (2, 0)
 
 
 @pytest.mark.parametrize(
     "shape,dims,row,col,full",
     [
-        ((), None, (0, 3), (0, 3), (3,)),
-        ((5,), None, (0, 3), (0, 3), (5, 3)),
-        ((4, 6), (0, 1), (4, 3), (6, 3), (0, 3)),
-        ((6, 4), (1, 0), (4, 3), (6, 3), (0, 3)),
-        ((4, 4), (0, 1), (4, 3), (4, 3), (0, 3)),  # tie: the later axis counts as larger
-        ((3, 3, 8, 16), (2, 3), (3, 3, 8, 3), (3, 3, 16, 3), (0, 3)),  # HWIO conv kernel
-        ((16, 3, 3, 8), (3, 0), (3, 3, 8, 3), (16, 3, 3, 3), (0, 3)),  # OHWI conv kernel
+        ((), None, (3, 0), (3, 0), (3,)),
+        ((5,), None, (3, 0), (3, 0), (3, 5)),
+        ((4, 6), (0, 1), (3, 4), (3, 6), (3, 0)),
+        ((6, 4), (1, 0), (3, 4), (3, 6), (3, 0)),
+        ((4, 4), (0, 1), (3, 4), (3, 4), (3, 0)),  # tie: the later axis counts as larger
+        ((3, 3, 8, 16), (2, 3), (3, 3, 3, 8), (3, 3, 3, 16), (3, 0)),  # HWIO conv kernel
+        ((16, 3, 3, 8), (3, 0), (3, 3, 3, 8), (3, 16, 3, 3), (3, 0)),  # OHWI conv kernel
     ],
 )
 def test_factored_shapes(shape, dims, row, col, full):
@@ -114,7 +115,7 @@ def test_factored_shapes(shape, dims, row, col, full):
         row, col, full)
     new, fac_g = factored_update(state, {"x": jnp.ones(shape)}, jnp.full((3,), 0.9))
     assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, state)
-    assert fac_g["x"].shape == shape + (3,)
+    assert fac_g["x"].shape == (3,) + shape
 
 
 def _numpy_factored(g_seq, decay, d1, d0):
@@ -139,22 +140,23 @@ def test_factored_conv_kernel_against_numpy(shape):
     for g in gs:
         state, fac_g = factored_update(state, jnp.asarray(g), jnp.array([0.9]))
     d1, d0 = common.factored_dims(shape)
-    np.testing.assert_allclose(fac_g[..., 0], _numpy_factored(gs, 0.9, d1, d0), rtol=1e-4)
+    np.testing.assert_allclose(fac_g[0], _numpy_factored(gs, 0.9, d1, d0), rtol=1e-4)
     row, col = common.factored_preconditioners(state.v_row, state.v_col, shape)
-    assert row.shape[d0] == 1 and row.shape[d1] == shape[d1]
-    assert col.shape[d1] == 1 and col.shape[d0] == shape[d0]
+    # a leading decay axis, then the tensor's axes
+    assert row.shape[1 + d0] == 1 and row.shape[1 + d1] == shape[d1]
+    assert col.shape[1 + d1] == 1 and col.shape[1 + d0] == shape[d0]
     assert float(jnp.std(row)) > 0.1  # the row factors did not collapse to 1
-    np.testing.assert_allclose(jnp.mean(jnp.square(row) ** -1, axis=d1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(jnp.mean(jnp.square(row) ** -1, axis=1 + d1), 1.0, rtol=1e-5)
 
 
 def test_factored_tiles_conv():
     shape = (3, 3, 8, 16)
-    v_row = jnp.arange(3 * 3 * 8, dtype=jnp.float32).reshape(3, 3, 8, 1)
-    v_col = jnp.arange(3 * 3 * 16, dtype=jnp.float32).reshape(3, 3, 16, 1)
+    v_row = jnp.arange(3 * 3 * 8, dtype=jnp.float32).reshape(1, 3, 3, 8)
+    v_col = jnp.arange(3 * 3 * 16, dtype=jnp.float32).reshape(1, 3, 3, 16)
     row, col = common.factored_tiles(v_row, v_col, shape)
-    assert row.shape == col.shape == shape + (1,)
-    assert row[1, 2, 5, 11, 0] == v_row[1, 2, 5, 0]
-    assert col[1, 2, 5, 11, 0] == v_col[1, 2, 11, 0]
+    assert row.shape == col.shape == (1,) + shape
+    assert row[0, 1, 2, 5, 11] == v_row[0, 1, 2, 5]
+    assert col[0, 1, 2, 5, 11] == v_col[0, 1, 2, 11]
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (4, 6), (3, 3, 8, 16)])

@@ -97,7 +97,7 @@ def test_every_feature_by_hand():
 def test_state_jit_and_vmap():
     state = jax.jit(LOPT.optimizer(INIT(jax.random.PRNGKey(0)), 5).init)(PARAMS)
     assert isinstance(state, FcLOptState)
-    assert state.momentum.m["k"].shape == (3, 3, 2, 4, 6) and state.momentum.m["s"].shape == (6,)
+    assert state.momentum.m["k"].shape == (6, 3, 3, 2, 4) and state.momentum.m["s"].shape == (6,)
     assert int(state.num_steps) == 5
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     thetas = [INIT(k) for k in keys]

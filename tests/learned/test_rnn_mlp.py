@@ -156,6 +156,11 @@ def _np_clip_log_abs(x):
     return np.clip(np.log(1e-8 + np.abs(x)), -5, 5)
 
 
+def _lead(x):
+    """A reference accumulator, written ``shape + (K,)``, in the optimizer's ``(K,) + shape``."""
+    return jnp.moveaxis(jnp.asarray(x), -1, 0)
+
+
 def _np_tensor_features(p, g, m, r):
     p, g, m, r = (np.asarray(a, np.float64) for a in (p, g, m, r))
     out = []
@@ -186,7 +191,7 @@ def test_features_by_hand_vector_and_2x3():
     g = jnp.asarray([0.0, 3.0, -4.0])
     m = jnp.asarray([[0.1, 0.2, 0.0, 0.0, 0.0]] * 3)
     r = jnp.full((3, 5), 0.04)
-    got = np.asarray(tensor_features(p, g, m, r))
+    got = np.asarray(tensor_features(p, g, _lead(m), _lead(r)))
     # written out: mean p = 1, var p = (4 + 4 + 0) / 3; ||p|| = sqrt(11); ||g|| = 5;
     # mean m = 0.3 * 3 / 15 = 0.06; rms constant 0.04 -> var 0 -> clip(log(1e-8)) = -5
     np.testing.assert_allclose(got[6:11], [0.0, 1.0, math.log(8 / 3), math.log(math.sqrt(11)),
@@ -197,7 +202,7 @@ def test_features_by_hand_vector_and_2x3():
     np.testing.assert_allclose(got, _np_tensor_features(p, g, m, r), rtol=1e-5, atol=1e-6)
 
     ff = jnp.arange(17.0) / 17
-    feats = np.asarray(parameter_features(p, g, m, r, jnp.asarray(7), 4, ff))
+    feats = np.asarray(parameter_features(p, g, _lead(m), _lead(r), jnp.asarray(7), 4, ff))
     assert feats.shape == (3, 54)
     # the normalised g: (0, 3, -4) / sqrt(1e-5 + 25 / 3)
     np.testing.assert_allclose(feats[:, 0], np.array([0, 3, -4]) / math.sqrt(1e-5 + 25 / 3),
@@ -214,13 +219,14 @@ def test_features_by_hand_vector_and_2x3():
     p, g = (jnp.asarray(rng.normal(size=(2, 3)), jnp.float32) for _ in range(2))
     m = jnp.asarray(rng.normal(size=(2, 3, 5)) * 0.1, jnp.float32)
     r = jnp.asarray(rng.uniform(size=(2, 3, 5)) * 0.01, jnp.float32)
-    np.testing.assert_allclose(tensor_features(p, g, m, r), _np_tensor_features(p, g, m, r),
-                               rtol=1e-5, atol=1e-6)
-    feats = np.asarray(parameter_features(p, g, m, r, jnp.asarray(123), 4, ff))
+    np.testing.assert_allclose(tensor_features(p, g, _lead(m), _lead(r)),
+                               _np_tensor_features(p, g, m, r), rtol=1e-5, atol=1e-6)
+    feats = np.asarray(parameter_features(p, g, _lead(m), _lead(r), jnp.asarray(123), 4, ff))
     np.testing.assert_allclose(feats, _np_parameter_features(p, g, m, r, 123, 4, ff), rtol=1e-4,
                                atol=1e-5)
     assert feats.shape == (2, 3, 54)
-    feats = np.asarray(parameter_features(p, g, m, r, jnp.asarray(0), 4, ff, feature_clip=0.5))
+    feats = np.asarray(parameter_features(p, g, _lead(m), _lead(r), jnp.asarray(0), 4, ff,
+                                          feature_clip=0.5))
     assert np.abs(feats[..., :23]).max() == 0.5
 
 
@@ -231,7 +237,7 @@ def test_rank_0_and_4_features_and_shapes():
                                                        np.full(5, 0.25)), rtol=1e-5, atol=1e-6)
     assert f0[11] == 1.0 and np.all(f0[12:] == -1.0)  # scalar; shape (1, 1, 1, 1)
     k = jnp.ones((3, 2, 2, 4))
-    f4 = np.asarray(tensor_features(k, k, k[..., None], k[..., None]))
+    f4 = np.asarray(tensor_features(k, k, k[None], k[None]))
     np.testing.assert_allclose(f4[11:], [-1, math.log(3) - 1, math.log(2) - 1, math.log(2) - 1,
                                          math.log(4) - 1], rtol=1e-6)
     np.testing.assert_allclose(rnn_mlp.shape_features((2, 3, 5, 7, 11)),
@@ -241,7 +247,7 @@ def test_rank_0_and_4_features_and_shapes():
     opt = LOPT.optimizer(INIT(jax.random.PRNGKey(0)), 9)
     state = jax.jit(opt.init)(PARAMS)
     assert isinstance(state, RnnFcLOptState)
-    assert state.momentum.m["k"].shape == (3, 2, 2, 4, 5) and state.rms.rms["s"].shape == (5,)
+    assert state.momentum.m["k"].shape == (5, 3, 2, 2, 4) and state.rms.rms["s"].shape == (5,)
     assert state.lstm.h.shape == (4, 64) and state.from_mlp.shape == (4, 16)
     assert state.from_lstm.shape == (18,) and int(state.num_steps) == 9
 

@@ -251,8 +251,8 @@ def test_lstm_features_by_hand():
 def test_var_rms_code_quirk_and_rank_feature():
     rng = np.random.default_rng(5)
     p, m, rms = rng.normal(size=(2, 3)), rng.normal(size=(2, 3, 3)), rng.random((2, 3, 1))
-    got = np.asarray(velo.tensor_statistics(jnp.asarray(p), jnp.asarray(m), jnp.asarray(rms),
-                                            var_rms="code"))
+    got = np.asarray(velo.tensor_statistics(jnp.asarray(p), jnp.moveaxis(m, -1, 0),
+                                            jnp.moveaxis(rms, -1, 0), var_rms="code"))
     s = 1 / np.sqrt(np.mean(p**2))
     want = _clip_log_abs(np.mean((rms * s - np.mean(m * s, axis=(0, 1))) ** 2, axis=(0, 1)))
     assert got.shape == (1 + 5 + 3 + 3,)
@@ -346,9 +346,9 @@ def test_state_jit_and_vmap_over_param_sets():
     state = jax.jit(opt.init)(PARAMS)
     assert isinstance(state, VeloState)
     assert state.lstm_hidden.shape == (4, H) and state.lstm_cell.shape == (4, H)
-    assert state.momentum.m["k"].shape == (5, 2, 3, 4, 3)
-    assert state.factored.v_row["k"].shape == (2, 3, 4, 3)  # largest dim (axis 0) removed
-    assert state.factored.v_col["k"].shape == (5, 2, 3, 3)  # 2nd largest (axis 3) removed
+    assert state.momentum.m["k"].shape == (3, 5, 2, 3, 4)  # decays first
+    assert state.factored.v_row["k"].shape == (3, 2, 3, 4)  # largest dim (axis 0) removed
+    assert state.factored.v_col["k"].shape == (3, 5, 2, 3)  # 2nd largest (axis 3) removed
     assert state.factored.v_full["s"].shape == (3,)
     assert state.loss_buffer.means.shape == (10,) and int(state.num_steps) == T
     # vmap over two parameter sets (and their grads and losses) with one shared theta

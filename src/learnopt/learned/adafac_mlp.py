@@ -31,14 +31,15 @@ _PATHS = ("concat", "elementwise")
 
 
 # -------------------------------------------------------------------------------------------
-# The two compute paths: per-tensor feature blocks (each ``shape + (k,)``) -> (d, m).
+# The two compute paths: per-tensor feature blocks (each ``(k,) + shape``, the accumulators'
+# decay-major layout) -> (d, m).
 
 
 def mlp_concat(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
                time: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Matmul path: concatenate, normalise, append tiled time features, MLP."""
-    shape = blocks[0].shape[:-1]
-    x = jnp.concatenate(blocks, axis=-1)
+    """Matmul path: concatenate (features last), normalise, append tiled time features, MLP."""
+    shape = blocks[0].shape[1:]
+    x = common.decay_last(jnp.concatenate(blocks, axis=0))
     x = common.second_moment_normalize(x, axis=tuple(range(len(shape))))
     x = jnp.concatenate([x, jnp.broadcast_to(time, shape + time.shape)], axis=-1)
     out = common.apply_mlp(nn, x)
@@ -86,7 +87,7 @@ def _leaf_elementwise(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
     hidden unit (:func:`common.channel_mlp`).
     """
     r = jax.lax.rsqrt(rms + 1e-6)
-    chans = common.block_channels([g[..., None], p[..., None], m, rms, m * r, r, fac_g])
+    chans = common.block_channels([g[None], p[None], m, rms, m * r, r, fac_g])
     chans += common.second_moment_channels(m, v_row, v_col, v_full, p.shape,
                                            lambda v: (v + 1e-6) ** -0.5)
     scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
@@ -104,9 +105,9 @@ def _leaf_elementwise_jvp(primals, tangents):
 
 
 def _feature_blocks(p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
-    """The 28 features of one tensor (rank >= 1), as blocks of shape ``p.shape + (k,)``."""
+    """The 28 features of one tensor (rank >= 1), as blocks of shape ``(k,) + p.shape``."""
     r = jax.lax.rsqrt(rms + 1e-6)
-    blocks = [g[..., None], p[..., None], m, rms, m * r, r, fac_g]
+    blocks = [g[None], p[None], m, rms, m * r, r, fac_g]
     return blocks + common.second_moment_features(
         m, v_row, v_col, v_full, p.shape, lambda v: (v + 1e-6) ** -0.5
     )
@@ -218,7 +219,7 @@ class SmallFcLOpt(LearnedOptimizer):
 
     # ---------------------------------------------------------------------------------------
     def _blocks(self, p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
-        """The 28 features of one tensor, as blocks of shape ``p.shape + (k,)``."""
+        """The 28 features of one tensor, as blocks of shape ``(k,) + p.shape``."""
         return _feature_blocks(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
                                m, rms, fac_g, v_row, v_col, v_full)
 
@@ -226,8 +227,8 @@ class SmallFcLOpt(LearnedOptimizer):
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
         p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
         if not orig_shape:  # scalars are processed as shape [1], as in the released code
-            p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
-                                           for x in (p, g, m, rms, fac_g, v_full))
+            p, g = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
+            m, rms, fac_g, v_full = (x[:, None] for x in (m, rms, fac_g, v_full))
         # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
         # tasks and perturbations) a small tensor is a large batched one, and the matmul path
         # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).

@@ -6,8 +6,10 @@ optimizers", arXiv:2203.11860: §2.1 (accumulators, AdaFactor-style factored sta
 released code of learned_optimization (github.com/google/learned_optimization).
 
 Pure functions over pytrees. Accumulators for ``K`` decays live in one array per tensor with a
-trailing decay axis (momentum of a tensor of shape ``S`` has shape ``S + (K,)``); the decays are
-traced arrays, so they can be meta-learned. No bias correction. Factored statistics use the two
+leading decay axis (momentum of a tensor of shape ``S`` has shape ``(K,) + S``), so each decay's
+accumulator is contiguous: XLA:CPU vectorises the per-parameter MLPs over it, where a trailing
+decay axis made every channel a strided slice (the small_fc_lopt update of a 784x128 tensor
+took 1.5x as long). The decays are traced arrays, so they can be meta-learned. No bias correction. Factored statistics use the two
 largest dims (stable tie-break) and work on tensors of any rank, conv kernels included. Time
 features are the released code's ``tanh(t / x - 1)``. The equations are in docs/derivations.md
 (§2), the departures from the paper and code in docs/departures.md.
@@ -66,19 +68,29 @@ def _check_decays(decays: jax.Array, what: str) -> jax.Array:
 
 
 class MomentumState(NamedTuple):
-    """Momenta at ``K`` decays: each leaf has the parameter's shape plus a trailing ``K``."""
+    """Momenta at ``K`` decays: each leaf has shape ``(K,) + `` the parameter's shape."""
 
     m: PyTree
 
 
 class RMSState(NamedTuple):
-    """Second moments (EMA of g^2) at ``K`` decays, leaves shaped like the parameter plus ``K``."""
+    """Second moments (EMA of g^2) at ``K`` decays: leaves of shape ``(K,) + `` the parameter's."""
 
     rms: PyTree
 
 
 def _zeros_with_decay_axis(params: PyTree, num_decays: int) -> PyTree:
-    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), jnp.float32), params)
+    return jax.tree.map(lambda p: jnp.zeros((num_decays,) + jnp.shape(p), jnp.float32), params)
+
+
+def decay_column(decays: jax.Array, ndim: int) -> jax.Array:
+    """``decays`` shaped ``(K,) + (1,) * ndim``: broadcastable against ``(K,) + S``."""
+    return jnp.reshape(decays, decays.shape + (1,) * ndim)
+
+
+def decay_last(x: jax.Array) -> jax.Array:
+    """A ``(K,) + S`` accumulator as ``S + (K,)`` (the feature layout of the matmul paths)."""
+    return jnp.moveaxis(x, 0, -1)
 
 
 def momentum_init(params: PyTree, num_decays: int) -> MomentumState:
@@ -89,9 +101,12 @@ def momentum_init(params: PyTree, num_decays: int) -> MomentumState:
 def momentum_update(state: MomentumState, grads: PyTree, decays: jax.Array) -> MomentumState:
     """``m_k <- b_k m_k + (1 - b_k) g`` for every decay ``b_k`` (not clipped, as in the code)."""
     b = _check_decays(decays, "momentum")
-    m = jax.tree.map(lambda m, g: b * m + (1.0 - b) * jnp.asarray(g, jnp.float32)[..., None],
-                     state.m, grads)
-    return MomentumState(m=m)
+
+    def one(m, g):
+        bk = decay_column(b, jnp.ndim(g))
+        return bk * m + (1.0 - bk) * jnp.asarray(g, jnp.float32)[None]
+
+    return MomentumState(m=jax.tree.map(one, state.m, grads))
 
 
 def rms_init(params: PyTree, num_decays: int) -> RMSState:
@@ -104,8 +119,9 @@ def rms_update(state: RMSState, grads: PyTree, decays: jax.Array) -> RMSState:
     c = jnp.clip(_check_decays(decays, "rms"), 0.0, 1.0)
 
     def one(v, g):
-        g = jnp.asarray(g, jnp.float32)[..., None]
-        return c * v + (1.0 - c) * (g * g)
+        ck = decay_column(c, jnp.ndim(g))
+        g = jnp.asarray(g, jnp.float32)[None]
+        return ck * v + (1.0 - ck) * (g * g)
 
     return RMSState(rms=jax.tree.map(one, state.rms, grads))
 
@@ -135,9 +151,9 @@ class FactoredState(NamedTuple):
     """AdaFactor accumulators at ``K`` decays; each field has the parameters' tree structure.
 
     For a rank >= 2 tensor of shape ``S`` with ``(d1, d0) = factored_dims(S)``: ``v_row`` has
-    shape ``S`` without axis ``d0`` plus ``(K,)``, ``v_col`` has ``S`` without ``d1`` plus
-    ``(K,)``, and ``v_full`` is an empty ``(0, K)`` placeholder. For rank < 2, ``v_full`` has
-    shape ``S + (K,)`` and ``v_row`` / ``v_col`` are the placeholders.
+    shape ``(K,)`` plus ``S`` without axis ``d0``, ``v_col`` has ``(K,)`` plus ``S`` without
+    ``d1``, and ``v_full`` is an empty ``(K, 0)`` placeholder. For rank < 2, ``v_full`` has
+    shape ``(K,) + S`` and ``v_row`` / ``v_col`` are the placeholders.
     """
 
     v_row: PyTree
@@ -153,11 +169,11 @@ def factored_state_shapes(
     k = (num_decays,)
     dims = factored_dims(shape)
     if dims is None:
-        return (0,) + k, (0,) + k, shape + k
+        return k + (0,), k + (0,), k + shape
     d1, d0 = dims
     row = tuple(s for i, s in enumerate(shape) if i != d0)
     col = tuple(s for i, s in enumerate(shape) if i != d1)
-    return row + k, col + k, (0,) + k
+    return k + row, k + col, k + (0,)
 
 
 def factored_init(params: PyTree, num_decays: int) -> FactoredState:
@@ -175,7 +191,7 @@ def factored_init(params: PyTree, num_decays: int) -> FactoredState:
 def factored_preconditioners(
     v_row: jax.Array, v_col: jax.Array, shape: Sequence[int]
 ) -> tuple[jax.Array, jax.Array]:
-    """Row and column factors of a rank >= 2 tensor, broadcastable to ``shape + (K,)``.
+    """Row and column factors of a rank >= 2 tensor, broadcastable to ``(K,) + shape``.
 
     ``row = rsqrt(v_row / mean(v_row over the d1 axis))`` expanded at ``d0``, and
     ``col = rsqrt(v_col)`` expanded at ``d1``, so ``row * col ~ rsqrt(E[g^2])`` elementwise.
@@ -184,25 +200,25 @@ def factored_preconditioners(
     if dims is None:
         raise ValueError(f"tensor of shape {tuple(shape)} is not factored (rank < 2)")
     d1, d0 = dims
-    # v_row lacks axis d0, so d1 moves down by one when it came after d0.
-    d1_in_row = d1 - 1 if d1 > d0 else d1
+    # v_row lacks axis d0, so d1 moves down by one when it came after d0; +1: the decay axis.
+    d1_in_row = (d1 - 1 if d1 > d0 else d1) + 1
     row_mean = jnp.mean(v_row, axis=d1_in_row, keepdims=True)
     row = safe_rsqrt(v_row / (row_mean + SAFE_RSQRT_FLOOR))
     col = safe_rsqrt(v_col)
-    return jnp.expand_dims(row, d0), jnp.expand_dims(col, d1)
+    return jnp.expand_dims(row, d0 + 1), jnp.expand_dims(col, d1 + 1)
 
 
 def factored_tiles(
     v_row: jax.Array, v_col: jax.Array, shape: Sequence[int]
 ) -> tuple[jax.Array, jax.Array]:
-    """``v_row`` and ``v_col`` broadcast back to the full ``shape + (K,)``."""
+    """``v_row`` and ``v_col`` broadcast back to the full ``(K,) + shape``."""
     dims = factored_dims(shape)
     if dims is None:
         raise ValueError(f"tensor of shape {tuple(shape)} is not factored (rank < 2)")
     d1, d0 = dims
-    full = tuple(shape) + v_row.shape[-1:]
-    return (jnp.broadcast_to(jnp.expand_dims(v_row, d0), full),
-            jnp.broadcast_to(jnp.expand_dims(v_col, d1), full))
+    full = v_row.shape[:1] + tuple(shape)
+    return (jnp.broadcast_to(jnp.expand_dims(v_row, d0 + 1), full),
+            jnp.broadcast_to(jnp.expand_dims(v_col, d1 + 1), full))
 
 
 def second_moment_features(
@@ -213,7 +229,7 @@ def second_moment_features(
     shape: Sequence[int],
     full_rsqrt: Callable[[jax.Array], jax.Array],
 ) -> list[jax.Array]:
-    """The five Adafactor features of one tensor, each broadcast to ``shape + (K,)``: the row
+    """The five Adafactor features of one tensor, each broadcast to ``(K,) + shape``: the row
     and column second moments, their inverse square roots, and the momentum ``m`` times the
     factored preconditioner. A tensor of rank < 2 has no factors: its full second moment
     ``v_full`` stands in for both, and ``full_rsqrt(v_full)`` preconditions its momentum
@@ -232,20 +248,22 @@ def factored_update_leaf(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One tensor's factored update: ``(v_row, v_col, v_full, fac_g)``.
 
-    ``fac_g`` is the AdaFactor-preconditioned gradient, shape ``g.shape + (K,)``.
+    ``fac_g`` is the AdaFactor-preconditioned gradient, shape ``(K,) + g.shape``.
     """
     a = jnp.clip(_check_decays(decays, "adafactor"), 0.0, 1.0)
     g = jnp.asarray(g, jnp.float32)
     g2 = g * g + GRAD_SQ_EPS
     dims = factored_dims(g.shape)
     if dims is None:
-        v_full = a * v_full + (1.0 - a) * g2[..., None]
-        return v_row, v_col, v_full, g[..., None] * safe_rsqrt(v_full + SAFE_RSQRT_FLOOR)
+        ak = decay_column(a, g.ndim)
+        v_full = ak * v_full + (1.0 - ak) * g2[None]
+        return v_row, v_col, v_full, g[None] * safe_rsqrt(v_full + SAFE_RSQRT_FLOOR)
     d1, d0 = dims
-    v_row = a * v_row + (1.0 - a) * jnp.mean(g2, axis=d0)[..., None]
-    v_col = a * v_col + (1.0 - a) * jnp.mean(g2, axis=d1)[..., None]
+    ak = decay_column(a, g.ndim - 1)
+    v_row = ak * v_row + (1.0 - ak) * jnp.mean(g2, axis=d0)[None]
+    v_col = ak * v_col + (1.0 - ak) * jnp.mean(g2, axis=d1)[None]
     row, col = factored_preconditioners(v_row, v_col, g.shape)
-    return v_row, v_col, v_full, g[..., None] * row * col
+    return v_row, v_col, v_full, g[None] * row * col
 
 
 def factored_update(
@@ -425,7 +443,7 @@ def second_moment_channels(
     dims = factored_dims(shape)
 
     def split(x, axis=None):
-        return [(x[..., k], axis) for k in range(x.shape[-1])]
+        return [(x[k], axis) for k in range(x.shape[0])]
 
     if dims is None:
         rsqrt = jax.lax.rsqrt(v_full + 1e-8)
@@ -438,5 +456,5 @@ def second_moment_channels(
 
 
 def block_channels(blocks: Sequence[jax.Array]) -> list[Channel]:
-    """Full-shape channels of ``shape + (k,)`` feature blocks, in order."""
-    return [(b[..., k], None) for b in blocks for k in range(b.shape[-1])]
+    """Full-shape channels of ``(k,) + shape`` feature blocks, in order."""
+    return [(b[k], None) for b in blocks for k in range(b.shape[0])]

@@ -119,8 +119,8 @@ class FcLOpt(LearnedOptimizer):
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
         p = jnp.asarray(p, jnp.float32).reshape(orig_shape or (1,))
         g = jnp.asarray(g, jnp.float32).reshape(p.shape)
-        m = jnp.reshape(m, p.shape + m.shape[-1:])
-        out = _mlp_on_features(theta, [g, p] + [m[..., k] for k in range(m.shape[-1])], time)
+        m = jnp.reshape(m, m.shape[:1] + p.shape)
+        out = _mlp_on_features(theta, [g, p] + [m[k] for k in range(m.shape[0])], time)
         step = out[..., 0] * jnp.exp(out[..., 1] * self.exp_mult) * self.step_mult
         return jnp.reshape(-step, orig_shape).astype(orig_dtype)
 

@@ -150,7 +150,7 @@ def shape_features(shape: Sequence[int]) -> np.ndarray:
 def tensor_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array) -> jax.Array:
     """The 16 per-tensor statistics (docs/derivations.md §3.3), shape ``(16,)``.
 
-    ``g`` is the clipped gradient; ``m`` / ``rms`` the updated accumulators ``p.shape + (K,)``.
+    ``g`` is the clipped gradient; ``m`` / ``rms`` the updated accumulators ``(K,) + p.shape``.
     """
     p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
 
@@ -180,7 +180,7 @@ def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
     shape = jnp.shape(p)
     r = jax.lax.rsqrt(rms + 1e-6)
     raw = jnp.concatenate([g[..., None], p[..., None], jnp.log(jnp.abs(p) + 1e-8)[..., None],
-                           m, rms, r, m * r], axis=-1)
+                           *map(common.decay_last, (m, rms, r, m * r))], axis=-1)
     x = common.second_moment_normalize(raw, axis=tuple(range(len(shape))))
     if feature_clip is not None:
         x = jnp.clip(x, -feature_clip, feature_clip)

@@ -160,16 +160,16 @@ def tensor_statistics(p: jax.Array, m: jax.Array, rms: jax.Array,
                       var_rms: VarRms = "paper") -> jax.Array:
     """``[L(mean rms'), rank one-hot, L(var m'_k), L(var rms')]`` of one tensor.
 
-    ``m`` / ``rms`` have the parameter's shape plus a trailing decay axis; both are divided by
+    ``m`` / ``rms`` have a leading decay axis before the parameter's shape; both are divided by
     ``sqrt(max(1e-9, mean(p^2)))`` first. ``var_rms="code"`` centres rms' on the *momentum*
     means, giving one entry per momentum decay (the released code's broadcast).
     """
     p = jnp.asarray(p, jnp.float32)
     scale = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(jnp.square(p))))
     # One reduction per decay channel (XLA:CPU reduces a full array to a scalar faster than a
-    # ``shape + (k,)`` block to ``(k,)``); the same values as reducing the blocks.
-    ms = [m[..., k] * scale for k in range(m.shape[-1])]
-    rs = [rms[..., k] * scale for k in range(rms.shape[-1])]
+    # ``(k,) + shape`` block to ``(k,)``); the same values as reducing the blocks.
+    ms = [m[k] * scale for k in range(m.shape[0])]
+    rs = [rms[k] * scale for k in range(rms.shape[0])]
     mean_m = [jnp.mean(x) for x in ms]
     var_m = jnp.stack([jnp.mean(jnp.square(x - mu)) for x, mu in zip(ms, mean_m, strict=True)])
     mean_rms = [jnp.mean(x) for x in rs]
@@ -202,10 +202,10 @@ def parameter_features(p: jax.Array, g: jax.Array, m: jax.Array, rms: jax.Array,
         raise ValueError("parameter_features takes tensors of rank >= 1 (reshape scalars to "
                          "[1] first)")
     r = jax.lax.rsqrt(rms + 1e-6)
-    gx = g[..., None]
-    blocks = [gx, jnp.clip(gx, -0.1, 0.1), p[..., None], m, rms, m * r, r, fac_g, gx * r]
+    gx = g[None]
+    blocks = [gx, jnp.clip(gx, -0.1, 0.1), p[None], m, rms, m * r, r, fac_g, gx * r]
     moments = common.second_moment_features(m, v_row, v_col, v_full, shape, common.safe_rsqrt)
-    x = jnp.concatenate(blocks + moments, axis=-1)
+    x = common.decay_last(jnp.concatenate(blocks + moments, axis=0))
     if normalize:
         x = common.second_moment_normalize(x, axis=tuple(range(len(shape))))
     return x
@@ -223,8 +223,8 @@ def _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
     channels of a factored tensor stay low-rank). The same function as
     ``apply_mlp(mlp, parameter_features(...))``, which it evaluates as under autodiff."""
     r = jax.lax.rsqrt(rms + 1e-6)
-    gx = g[..., None]
-    chans = common.block_channels([gx, jnp.clip(gx, -0.1, 0.1), p[..., None], m, rms, m * r, r,
+    gx = g[None]
+    chans = common.block_channels([gx, jnp.clip(gx, -0.1, 0.1), p[None], m, rms, m * r, r,
                                    fac_g, gx * r])
     chans += common.second_moment_channels(m, v_row, v_col, v_full, p.shape, common.safe_rsqrt)
     scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
@@ -479,8 +479,8 @@ class Velo(LearnedOptimizer):
         shape, dtype = jnp.shape(p), jnp.asarray(p).dtype
         p = jnp.asarray(p, jnp.float32)
         if not shape:  # scalars are processed as shape [1], as in the released code
-            p, g, m, rms, fac_g, v_full = (jnp.reshape(x, (1,) + jnp.shape(x))
-                                           for x in (p, g, m, rms, fac_g, v_full))
+            p, g = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
+            m, rms, fac_g, v_full = (x[:, None] for x in (m, rms, fac_g, v_full))
         direction, magnitude = _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col,
                                                   v_full)
         param_scale = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
