@@ -212,6 +212,21 @@ def test_resume_continues_identically(tmp_path, outer):
     assert sum('"exploit"' in e for e in events) == config.outer_steps // config.exploit_every
 
 
+def test_a_checkpoint_of_the_old_accumulator_layout_is_refused(tmp_path):
+    from learnopt.io import CheckpointError, checkpoint_bytes, load_checkpoint
+
+    config = toy(outer_steps=3)
+    PopulationRun(config, tmp_path / "run").run(FakeHosts(config), progress=False)
+    path = tmp_path / "run" / "checkpoint.msgpack"
+    ckpt = load_checkpoint(path)
+    assert ckpt.state["accumulator_layout"] == 1
+    old = {k: v for k, v in ckpt.state.items() if k != "accumulator_layout"}
+    path.write_bytes(checkpoint_bytes(old, ckpt.config))
+    longer = toy(outer_steps=5)
+    with pytest.raises(CheckpointError, match="accumulator layout 0.*cannot be resumed"):
+        PopulationRun(longer, tmp_path / "run").run(FakeHosts(longer), progress=False)
+
+
 def test_a_changed_config_is_refused_before_writing(tmp_path):
     config = toy(outer_steps=2)
     PopulationRun(config, tmp_path / "run").run(FakeHosts(config), progress=False)

@@ -30,6 +30,10 @@ PyTree = Any
 #: Timescales of the 11 tanh time features (Tradeoffs 2022, arXiv:2203.11860, App. A).
 TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5)
 
+#: The accumulator layout of optimizer states, recorded in checkpoints that hold them (inner
+#: runs of meta-training): 0 = ``S + (K,)`` (learnopt before 2026-12-03), 1 = ``(K,) + S``.
+ACCUMULATOR_LAYOUT = 1
+
 #: Floors and epsilons of the released code (learned_optimization).
 GRAD_SQ_EPS = 1e-30
 SAFE_RSQRT_FLOOR = 1e-9

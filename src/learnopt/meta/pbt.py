@@ -55,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from learnopt.io import (
+    CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -65,6 +66,7 @@ from learnopt.io import (
     restore_state,
     save_checkpoint,
 )
+from learnopt.learned.common import ACCUMULATOR_LAYOUT
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.learned_outer import learned_outer_optimizer
 from learnopt.meta.learner import Learner
@@ -204,11 +206,18 @@ class Population:
                    for m in range(self.config.population)]
         estimators = self.hosts.get_states()
         return {"step": self.step, "seconds": self.seconds, "events": self.num_events,
-                "members": members,
+                "accumulator_layout": ACCUMULATOR_LAYOUT, "members": members,
                 "estimators": [estimators[m] for m in range(self.config.population)]}
 
     def load_state_dict(self, raw: dict[str, Any], source: str) -> None:
         raw = dict(raw)
+        layout = raw.pop("accumulator_layout", 0)
+        if layout != ACCUMULATOR_LAYOUT:
+            raise CheckpointError(
+                f"{source}: written with accumulator layout {layout}; this learnopt uses "
+                f"{ACCUMULATOR_LAYOUT} ((K,) + shape), so its inner runs and learned outer "
+                "optimizer states cannot be resumed", "start a new run; its kept thetas can "
+                "still be evaluated (learnopt.meta.pbt_eval reads thetas only)")
         estimators = raw.pop("estimators")
         state = restore_state(self._template(), raw, source)
         self.step, self.seconds = int(state["step"]), float(state["seconds"])

@@ -77,6 +77,7 @@ from learnopt.io import (
     restore_state,
     save_checkpoint,
 )
+from learnopt.learned.common import ACCUMULATOR_LAYOUT
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.meta.config_checks import check_positive_int, check_seconds, check_seed
 from learnopt.meta.estimators.registry import estimator_options
@@ -513,7 +514,8 @@ class MetaTrainer:
     def init_state(self, with_estimator: bool = True) -> dict[str, Any]:
         _, est_key = initial_keys(self.config.seed)
         theta = initial_theta(self.config, self.lopt)
-        state = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
+        state = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0,
+                 "accumulator_layout": ACCUMULATOR_LAYOUT}
         if with_estimator:
             state["estimator"] = self.estimator.init_state(theta, est_key)
         return state
@@ -610,6 +612,14 @@ class MetaTrainer:
         template = {"learner": self.learner.init(theta), "step": 0, "seconds": 0.0}
         try:
             saved = dict(ckpt.state)
+            layout = saved.pop("accumulator_layout", 0)
+            if with_estimator and "estimator" in saved and layout != ACCUMULATOR_LAYOUT:
+                # The inner runs' optimizer states of an older accumulator layout cannot be
+                # read as this one's: they restart; theta, the learner and the step are kept.
+                warnings.warn(f"{path}: written with accumulator layout {layout} (this learnopt "
+                              f"uses {ACCUMULATOR_LAYOUT}); the inner runs restart from fresh "
+                              "tasks, theta and the outer learner resume", stacklevel=3)
+                saved.pop("estimator")
             if not with_estimator:
                 saved.pop("estimator", None)
             elif "estimator" in saved:
@@ -620,6 +630,7 @@ class MetaTrainer:
             raise CheckpointError(f"{path}: the checkpoint does not match this run's state "
                                   f"({type(e).__name__}: {e})") from e
         state = restore_state(template, saved, str(path))
+        state["accumulator_layout"] = ACCUMULATOR_LAYOUT
         if with_estimator and "estimator" not in state:  # a distributed run's checkpoint
             state["estimator"] = self.estimator.init_state(theta, initial_keys(self.config.seed)[1])
         return state
@@ -784,6 +795,7 @@ class MetaTrainer:
                         "step": step + 1,
                         "seconds": (seconds0 + time.perf_counter() - t0
                                     - estimator_compile - apply_compile),
+                        "accumulator_layout": ACCUMULATOR_LAYOUT,
                     }
                     if local:
                         new_state["estimator"] = est_state
