@@ -9,8 +9,9 @@ Pure functions over pytrees. Accumulators for ``K`` decays live in one array per
 leading decay axis (momentum of a tensor of shape ``S`` has shape ``(K,) + S``), so each decay's
 accumulator is contiguous: XLA:CPU vectorises the per-parameter MLPs over it, where a trailing
 decay axis made every channel a strided slice (the small_fc_lopt update of a 784x128 tensor
-took 1.5x as long). The decays are traced arrays, so they can be meta-learned. No bias correction. Factored statistics use the two
-largest dims (stable tie-break) and work on tensors of any rank, conv kernels included. Time
+took 1.5x as long). The decays are traced arrays, so they can be meta-learned. No bias
+correction. Factored statistics use the two largest dims (stable tie-break) and work on tensors
+of any rank, conv kernels included. Time
 features are the released code's ``tanh(t / x - 1)``. The equations are in docs/derivations.md
 (§2), the departures from the paper and code in docs/departures.md.
 """
