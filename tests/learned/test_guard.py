@@ -50,7 +50,7 @@ def test_diverging_sgd_is_rolled_back_and_converges_as_computed_by_hand():
     np.testing.assert_array_equal(np.asarray(losses[:10]), 0.5 * 4.0 ** np.arange(10))
     assert not np.isfinite(float(losses[-1]))
 
-    opt = guarded(sgd, blowup_factor=1.0, shrink=0.5)
+    opt = guarded(sgd, blowup_factor=1.0, shrink=0.5, patience=1)
     (params, state), (losses, xs, states) = run(opt, 1.0, 70)
     # Step 0: L0 = 0.5 passes (threshold 0.5 + 1 * 0.5 = 1), x -> 1 - 3 = -2.
     # Step 1: loss 2 > 1: roll back, update = 1 - (-2) = 3, scale 1 -> 0.5.
@@ -70,6 +70,38 @@ def test_diverging_sgd_is_rolled_back_and_converges_as_computed_by_hand():
     assert int(state.num_sanitized) == 0
 
 
+def test_patience_tolerates_high_losses_until_the_patience_th_in_a_row_by_hand():
+    # The same SGD (x -> -2x, loss x^2/2) with the default patience 5. L0 = 0.5, threshold 1.
+    #  0: L 0.5 passes: snapshot x = 1; x -> -2
+    #  1-4: L 2, 8, 32, 128 are high (1st-4th in a row): tolerated, x -> 4, -8, 16, -32;
+    #       the snapshot stays x = 1
+    #  5: L 512 is the 5th high loss in a row: roll back to x = 1, scale 0.5
+    #  6 on: x = 1 passes, x -> -x/2, every loss below 1
+    opt = guarded(optax.sgd(3.0))
+    (params, state), (losses, xs, states) = run(opt, 1.0, 12)
+    x_hand = [1.0, -2.0, 4.0, -8.0, 16.0, -32.0, 1.0, -0.5, 0.25]
+    np.testing.assert_array_equal(np.asarray(xs[:9]), x_hand)
+    np.testing.assert_array_equal(np.asarray(states.num_high[:8]), [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(states.num_rollbacks[:8]),
+                                  [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(states.scale[:8]), [1, 1, 1, 1, 1, .5, .5, .5])
+    np.testing.assert_array_equal(np.asarray(states.snapshot_params["x"][:9]),
+                                  [1.0] * 7 + [-0.5, 0.25])
+    assert float(params["x"]) == 0.5**6 and int(state.num_rollbacks) == 1
+
+    # A high loss between passing ones resets the count: losses given, gradients 0 (lr 1).
+    opt = guarded(optax.sgd(1.0), patience=2)
+    params, zero = {"x": jnp.asarray(1.0)}, {"x": jnp.asarray(0.0)}
+    state = opt.init(params)
+    counts = []
+    for loss in (1.0, 3.0, 1.0, 3.0, 3.0, 3.0, np.nan):
+        _, state = jax.jit(opt.update)(zero, state, params, loss=jnp.float32(loss))
+        counts.append((int(state.num_high), int(state.num_rollbacks)))
+    # high, pass (reset), high, high -> the 2nd in a row rolls back (count back to 0), high
+    # (1st of a new run), NaN: a rollback at once
+    assert counts == [(0, 0), (1, 0), (0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+
+
 def test_momentum_state_is_rolled_back_with_the_parameters():
     # Heavy ball m <- g + 0.5 m, x <- x - 5 * scale * m on x^2/2, by hand from x = 1, m = 0:
     #  0: L 0.5 passes (threshold 1); m = 1, x -> 1 - 5 = -4
@@ -79,7 +111,7 @@ def test_momentum_state_is_rolled_back_with_the_parameters():
     #  4: L 0.5 passes; m = 1, x -> 1 - 1.25 = -0.25
     #  5: L 1/32 passes; m = -0.25 + 0.5 = 0.25, x -> -0.25 - 1.25 * 0.25 = -0.5625
     #  6: L 0.158 passes; m = -0.5625 + 0.125 = -0.4375, x -> -0.5625 + 0.546875 = -1/64
-    opt = guarded(optax.sgd(5.0, momentum=0.5))
+    opt = guarded(optax.sgd(5.0, momentum=0.5), patience=1)
     (params, state), (losses, xs, states) = run(opt, 1.0, 7)
     np.testing.assert_array_equal(np.asarray(xs), [1.0, -4.0, 1.0, -1.5, 1.0, -0.25, -0.5625])
     assert float(params["x"]) == -1.0 / 64
@@ -91,7 +123,7 @@ def test_momentum_state_is_rolled_back_with_the_parameters():
 
 
 def test_blowup_rule_boundary_for_positive_negative_and_zero_first_losses():
-    opt = guarded(optax.sgd(0.0), blowup_factor=2.0, min_loss_scale=1e-3)
+    opt = guarded(optax.sgd(0.0), blowup_factor=2.0, min_loss_scale=1e-3, patience=1)
     params = {"x": jnp.asarray(1.0)}
     grads = {"x": jnp.asarray(1.0)}
 
@@ -253,7 +285,7 @@ def scan_guarded(opt, steps):
 
 
 def test_bfloat16_rollback_is_exact_under_vmap_and_empty_trees_pass():
-    opt = guarded(optax.sgd(3.0))
+    opt = guarded(optax.sgd(3.0), patience=1)
     x0 = jnp.asarray([[1.0, 0.5], [3.0, -0.25]], jnp.bfloat16)  # two runs of a 2-vector
     (params, state), (losses, xs, states) = jax.jit(
         jax.vmap(lambda x: trajectory(opt, x, 6)))(x0)
@@ -297,7 +329,7 @@ def test_guard_inside_inner_step_scan_on_quadratic_d10():
     plain_state, plain = jax.jit(jax.vmap(lambda k: inner_run(task, sgd, k, 60)))(keys)
     assert np.all(~np.isfinite(np.asarray(final_loss(plain_state))) |
                   (np.asarray(final_loss(plain_state)) > 1e6 * np.asarray(plain[:, 0])))
-    opt = guarded(sgd)
+    opt = guarded(sgd, patience=1)
     state, losses = jax.jit(jax.vmap(lambda k: inner_run(task, opt, k, 60)))(keys)
     end = np.asarray(final_loss(state))
     assert np.all(np.isfinite(np.asarray(losses))) and np.all(np.isfinite(end))
@@ -348,6 +380,7 @@ def test_missing_loss_or_params_and_bad_settings_raise():
     with pytest.raises(ValueError, match="scalar"):
         opt.update(params, state, params, loss=jnp.ones(2))
     for bad in ({"shrink": 1.0}, {"shrink": 0.0}, {"blowup_factor": 0.0},
-                {"min_loss_scale": 0.0}):
+                {"min_loss_scale": 0.0}, {"patience": 0}, {"patience": 1.5},
+                {"patience": True}):
         with pytest.raises(ValueError):
             guarded(optax.adam(0.1), **bad)

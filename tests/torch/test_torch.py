@@ -157,7 +157,7 @@ def test_guard_rolls_back_a_blow_up_and_sanitises():
     opt.step(loss=1.0)
     after_first = p.detach().clone()
     p.grad = torch.tensor([0.1, float("nan"), 0.3])
-    opt.step(loss=5.0)  # a blow-up: back to the parameters of the last good loss
+    opt.step(loss=float("nan"))  # a blow-up: back to the parameters of the last good loss
     assert torch.equal(p.detach(), torch.tensor([1.0, -2.0, 3.0]))
     gs = opt.guard_state
     assert gs["num_rollbacks"] == 1 and gs["num_sanitized"] == 1 and gs["scale"] == 0.5

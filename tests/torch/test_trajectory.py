@@ -51,8 +51,8 @@ def _grads(seed: int = 1, hostile: bool = False) -> dict[str, np.ndarray]:
 def _losses(hostile: bool = False) -> np.ndarray:
     losses = (2.0 * np.exp(-np.arange(STEPS) / 150.0) + 0.1).astype(np.float32)
     if hostile:
-        losses[30] = 10.0  # a blow-up: rolled back
-        losses[31] = 7.0
+        losses[30] = 10.0  # high, tolerated (the guard's patience is 5)
+        losses[35:41] = 7.0  # a sustained blow-up: its 5th high loss in a row is rolled back
         losses[60] = np.nan
         losses[100] = np.inf
     return losses

@@ -10,9 +10,14 @@ meta-training distribution). :func:`guarded` wraps an optimizer so that a run ca
    optimizer sees them, so one NaN or inf cannot poison its accumulators (momenta, rms,
    factored second moments, LSTM states); they are counted.
 2. **Blow-up test** on the loss at the current parameters (the ``loss=`` extra argument, which
-   :func:`learnopt.step.inner_step` always passes). With ``L0`` the first finite loss seen::
+   :func:`learnopt.step.inner_step` always passes). With ``L0`` the first finite loss seen, a
+   loss is *high* if ``L > L0 + blowup_factor * max(|L0|, min_loss_scale)``, and::
 
-       blow-up  <=>  not isfinite(L)  or  L > L0 + blowup_factor * max(|L0|, min_loss_scale)
+       blow-up  <=>  not isfinite(L)  or  the last ``patience`` losses were all high
+
+   A single high loss is not a blow-up: on a task whose minibatch losses spread over an order
+   of magnitude (a VAE at initialisation), rolling back at every high batch froze the optimizer
+   (docs/stability.md). Parameters whose own loss is high never become the snapshot.
 
    A step whose proposal is unusable is treated as a blow-up too: the scaled update or the
    parameters it leads to contain a non-finite value, or the wrapped optimizer's new state
@@ -57,6 +62,7 @@ class GuardState(NamedTuple):
     has_initial_loss: jax.Array  # bool: L0 has been recorded
     scale: jax.Array  # float32 step scale: 1, times ``shrink`` per rollback
     num_rollbacks: jax.Array  # int32: steps rejected (blow-up or unusable proposal)
+    num_high: jax.Array  # int32: consecutive high losses up to this step
     num_sanitized: jax.Array  # int32, saturating: non-finite gradient elements set to 0
 
 
@@ -133,6 +139,7 @@ def guarded(
     blowup_factor: float = 1.0,
     shrink: float = 0.5,
     min_loss_scale: float = 1e-6,
+    patience: int = 5,
 ) -> ExtraArgsTransformation:
     """``opt`` behind a divergence guard (module docstring; docs/stability.md).
 
@@ -144,6 +151,8 @@ def guarded(
       shrink: the step scale is multiplied by this at each rollback, in (0, 1).
       min_loss_scale: the smallest loss scale the margin uses, so that a first loss near 0
         (a task started at its optimum) does not make the margin 0.
+      patience: a finite loss above the margin is a blow-up when it is the ``patience``-th
+        such loss in a row (1: every one is); non-finite losses are blow-ups at once.
 
     Returns:
       An optax ``GradientTransformationExtraArgs`` with :class:`GuardState` state whose
@@ -159,6 +168,9 @@ def guarded(
         raise ValueError(f"shrink must lie in (0, 1); got {shrink}")
     if not min_loss_scale > 0:
         raise ValueError(f"min_loss_scale must be > 0; got {min_loss_scale}")
+    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1; got {patience}")
+    patience = int(patience)
     reads = tuple(dict.fromkeys(("loss", *reads_extra_args(opt))))
     inner = optax.with_extra_args_support(opt)
 
@@ -176,6 +188,7 @@ def guarded(
             scale=jnp.ones((), jnp.float32),
             num_rollbacks=jnp.zeros((), jnp.int32),
             num_sanitized=jnp.zeros((), jnp.int32),
+            num_high=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates: Any, state: GuardState, params: Any = None, *,
@@ -200,6 +213,9 @@ def guarded(
         has_l0 = state.has_initial_loss | first
         threshold = l0 + blowup_factor * jnp.maximum(jnp.abs(l0), min_loss_scale)
         loss_ok = has_l0 & finite_loss & (loss32 <= threshold)
+        # consecutive high (finite, above the margin) losses, this one included
+        num_high = jnp.where(has_l0 & finite_loss & ~loss_ok, state.num_high + 1, 0)
+        loss_tolerated = has_l0 & finite_loss & (num_high < patience)
 
         # These parameters passed: they and the state that goes with them become the snapshot.
         snap_params = _select(loss_ok, params, state.snapshot_params)
@@ -217,7 +233,7 @@ def guarded(
         proposed = jax.lax.optimization_barrier(jax.tree.map(scaled, proposed))
         usable = (_proposal_nonfinite(params, proposed)
                   + _state_gains_nonfinite(state.inner, new_inner)) == 0
-        ok = loss_ok & usable
+        ok = loss_tolerated & usable
 
         def out(u, q, p):
             # ``q - p`` in at least float32, so that bf16 parameters come back exactly.
@@ -240,6 +256,7 @@ def guarded(
             scale=jnp.where(ok, scale, scale * jnp.float32(shrink)),
             num_rollbacks=state.num_rollbacks + (~ok).astype(jnp.int32),
             num_sanitized=num_sanitized.astype(jnp.int32),
+            num_high=jnp.where(ok, num_high, 0),
         )
         return new_updates, new_state
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 _INT32_MAX = 2**31 - 1
-_GUARD_DEFAULTS = {"blowup_factor": 1.0, "shrink": 0.5, "min_loss_scale": 1e-6}
+_GUARD_DEFAULTS = {"blowup_factor": 1.0, "shrink": 0.5, "min_loss_scale": 1e-6, "patience": 5}
 _GUARD_KEY = "guard"  # the optimizer-level entry of self.state (saved by state_dict)
 _SNAP_PARAM, _SNAP_STATE = "guard_param", "guard_state"
 
@@ -50,7 +50,8 @@ def check_num_steps(num_steps: Any) -> int:
 
 def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, float] | None:
     """``None`` / ``False``: no guard; ``True``: default settings; a mapping: those settings
-    (keys of :func:`learnopt.learned.guard.guarded`: blowup_factor, shrink, min_loss_scale)."""
+    (keys of :func:`learnopt.learned.guard.guarded`: blowup_factor, shrink, min_loss_scale,
+    patience)."""
     if guard is None or guard is False:
         return None
     settings = dict(_GUARD_DEFAULTS)
@@ -68,6 +69,10 @@ def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, float] |
         raise ValueError(f"shrink must lie in (0, 1); got {settings['shrink']}")
     if not settings["min_loss_scale"] > 0:
         raise ValueError(f"min_loss_scale must be > 0; got {settings['min_loss_scale']}")
+    patience = settings["patience"]
+    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1; got {patience}")
+    settings["patience"] = int(patience)
     return settings
 
 
@@ -268,12 +273,13 @@ class TorchLearnedOptimizer(torch.optim.Optimizer):
     @property
     def guard_state(self) -> dict[str, Any] | None:
         """The guard's counters: ``initial_loss``, ``has_initial_loss``, ``scale``,
-        ``num_rollbacks``, ``num_sanitized`` (``None`` without a guard)."""
+        ``num_rollbacks``, ``num_sanitized``, ``num_high`` (``None`` without a guard)."""
         if self.guard is None:
             return None
         if _GUARD_KEY not in self.state:
             self.state[_GUARD_KEY] = {"initial_loss": 0.0, "has_initial_loss": False,
                                       "scale": 1.0, "num_rollbacks": 0, "num_sanitized": 0}
+        self.state[_GUARD_KEY].setdefault("num_high", 0)  # absent from older state_dicts
         return self.state[_GUARD_KEY]
 
     def _guarded_step(self, params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -289,6 +295,9 @@ class TorchLearnedOptimizer(torch.optim.Optimizer):
         threshold = f32(l0 + f32(cfg["blowup_factor"])
                         * max(abs(l0), f32(cfg["min_loss_scale"])))
         loss_ok = has_l0 and finite and bool(loss32 <= threshold)
+        # consecutive high (finite, above the margin) losses, this one included
+        num_high = gs["num_high"] + 1 if has_l0 and finite and not loss_ok else 0
+        loss_tolerated = has_l0 and finite and num_high < cfg["patience"]
 
         for p in params:  # a parameter seen for the first time: its snapshot is where it is
             state = self.state[p]
@@ -338,7 +347,7 @@ class TorchLearnedOptimizer(torch.optim.Optimizer):
                         usable = not bool((~torch.isfinite(b) & torch.isfinite(a)).any())
                     else:
                         usable = False
-        ok = loss_ok and usable
+        ok = loss_tolerated and usable
 
         if ok:
             for p, u, s in zip(params, updates, new_states, strict=True):
@@ -352,6 +361,7 @@ class TorchLearnedOptimizer(torch.optim.Optimizer):
 
         gs["initial_loss"] = float(l0)
         gs["has_initial_loss"] = has_l0
+        gs["num_high"] = num_high if ok else 0
         if not ok:
             gs["scale"] = float(f32(gs["scale"]) * f32(cfg["shrink"]))
             gs["num_rollbacks"] += 1
