@@ -62,8 +62,8 @@ class GuardState(NamedTuple):
     has_initial_loss: jax.Array  # bool: L0 has been recorded
     scale: jax.Array  # float32 step scale: 1, times ``shrink`` per rollback
     num_rollbacks: jax.Array  # int32: steps rejected (blow-up or unusable proposal)
-    num_high: jax.Array  # int32: consecutive high losses up to this step
     num_sanitized: jax.Array  # int32, saturating: non-finite gradient elements set to 0
+    num_high: jax.Array  # int32: consecutive high losses up to this step
 
 
 def _is_float(x: Any) -> bool:
