@@ -227,6 +227,10 @@ def test_bad_guard_settings():
     with pytest.raises(ValueError, match="shrink"):
         lt.pretrained("small_fc_lopt_general", [torch.nn.Parameter(torch.zeros(2))], 10,
                       guard={"shrink": 1.5})
+    for bad in (0, 1.5, True, "5"):  # as the JAX guard: an integer >= 1, nothing else
+        with pytest.raises(ValueError, match="patience must be an integer >= 1"):
+            lt.pretrained("small_fc_lopt_general", [torch.nn.Parameter(torch.zeros(2))], 10,
+                          guard={"patience": bad})
 
 
 def test_params_without_grad_are_left_alone():

@@ -35,6 +35,7 @@ optimizer's state) and what the guard does not promise: docs/stability.md.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -168,8 +169,8 @@ def guarded(
         raise ValueError(f"shrink must lie in (0, 1); got {shrink}")
     if not min_loss_scale > 0:
         raise ValueError(f"min_loss_scale must be > 0; got {min_loss_scale}")
-    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-        raise ValueError(f"patience must be an integer >= 1; got {patience}")
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1; got {patience!r}")
     patience = int(patience)
     reads = tuple(dict.fromkeys(("loss", *reads_extra_args(opt))))
     inner = optax.with_extra_args_support(opt)

@@ -48,7 +48,7 @@ def check_num_steps(num_steps: Any) -> int:
     return int(num_steps)
 
 
-def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, float] | None:
+def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
     """``None`` / ``False``: no guard; ``True``: default settings; a mapping: those settings
     (keys of :func:`learnopt.learned.guard.guarded`: blowup_factor, shrink, min_loss_scale,
     patience)."""
@@ -62,7 +62,7 @@ def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, float] |
         if unknown:
             raise ValueError(f"unknown guard settings {unknown}; accepted: "
                              f"{', '.join(_GUARD_DEFAULTS)}")
-        settings.update({k: float(v) for k, v in guard.items()})
+        settings.update({k: v if k == "patience" else float(v) for k, v in guard.items()})
     if not settings["blowup_factor"] > 0:
         raise ValueError(f"blowup_factor must be > 0; got {settings['blowup_factor']}")
     if not 0.0 < settings["shrink"] < 1.0:
@@ -70,8 +70,8 @@ def guard_settings(guard: bool | Mapping[str, Any] | None) -> dict[str, float] |
     if not settings["min_loss_scale"] > 0:
         raise ValueError(f"min_loss_scale must be > 0; got {settings['min_loss_scale']}")
     patience = settings["patience"]
-    if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-        raise ValueError(f"patience must be an integer >= 1; got {patience}")
+    if isinstance(patience, bool) or not isinstance(patience, int | np.integer) or patience < 1:
+        raise ValueError(f"patience must be an integer >= 1; got {patience!r}")
     settings["patience"] = int(patience)
     return settings
 
