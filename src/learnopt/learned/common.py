@@ -11,9 +11,9 @@ accumulator is contiguous: XLA:CPU vectorises the per-parameter MLPs over it, wh
 decay axis made every channel a strided slice (the small_fc_lopt update of a 784x128 tensor
 took 1.5x as long). The decays are traced arrays, so they can be meta-learned. No bias
 correction. Factored statistics use the two largest dims (stable tie-break) and work on tensors
-of any rank, conv kernels included. Time
-features are the released code's ``tanh(t / x - 1)``. The equations are in docs/derivations.md
-(§2), the departures from the paper and code in docs/departures.md.
+of any rank, conv kernels included. Time features are the released code's ``tanh(t / x - 1)``.
+The equations are in docs/derivations.md (§2), the departures from the paper and code in
+docs/departures.md.
 """
 
 from __future__ import annotations
