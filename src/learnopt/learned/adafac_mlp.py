@@ -16,6 +16,8 @@ paper and the released code: docs/departures.md.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learnopt.learned import common
+from learnopt.learned import common, native
 from learnopt.learned.base import LearnedOptimizer, MetaParams
 
 ComputePath = Literal["concat", "elementwise"]
@@ -102,6 +104,95 @@ def _leaf_elementwise_jvp(primals, tangents):
     # Differentiated, the leaf evaluates as the matmul path (the same function), as
     # mlp_elementwise does: XLA compiles the meta-gradient of the smaller graph much faster.
     return jax.jvp(_leaf_concat, primals, tangents)
+
+
+def _arrange(x: jax.Array, lacking: int, a: int, c: int, ndim: int) -> jax.Array:
+    """``(lead,) + shape`` without axis ``lacking`` (``a`` or ``c``), or the full shape when
+    ``lacking`` is None, as ``(lead, -1)`` in the native kernel's order: the later factored
+    axis ``c`` moved last (``native`` module docstring)."""
+    c_here = c if lacking is None else (c - 1 if lacking == a else None)
+    if c_here is not None and c_here != ndim - 1 - (lacking is not None):
+        x = jnp.moveaxis(x, c_here + 1, -1)
+    return jnp.reshape(x, (x.shape[0], -1))
+
+
+def _native_inputs(nn, time, p, g, m, rms, v_row, v_col, hidden_layers, consts):
+    """The native kernel's arrays for one factored tensor, without the batch axis."""
+    k = m.shape[0]
+    d1, d0 = common.factored_dims(p.shape)
+    a, c = min(d0, d1), max(d0, d1)
+    ndim = p.ndim
+
+    def arrange(x, lacking=None):
+        return _arrange(x, lacking, a, c, ndim)
+
+    row_f, col_f = common.factored_preconditioners(v_row, v_col, p.shape)
+    fac = {d0: jnp.squeeze(row_f, d0 + 1), d1: jnp.squeeze(col_f, d1 + 1)}
+    # The 12 row / column channels (13 ... 24): normalised, times their first-layer weights.
+    w0 = nn["w0"]
+    first = 4 + 3 * k
+    contrib = {a: 0.0, c: 0.0}
+    for j, (x, lacking) in enumerate([(v_row, d0), (v_col, d1),
+                                      (jax.lax.rsqrt(v_row + 1e-8), d0),
+                                      (jax.lax.rsqrt(v_col + 1e-8), d1)]):
+        x = arrange(x, lacking)
+        scales = jax.lax.rsqrt(common.NORMALIZER_EPS + jnp.mean(jnp.square(x), axis=1))
+        w = w0[first + j * k:first + (j + 1) * k] * scales[:, None]
+        contrib[lacking] = contrib[lacking] + jnp.einsum(
+            "vo,vn->on", w, x, precision=jax.lax.Precision.HIGHEST)
+    nf = 4 + 8 * k
+    full_rows = jnp.concatenate([w0[:first], w0[first + 4 * k:nf]], axis=0)
+    hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
+    h = w0.shape[1]
+    return {
+        "p": arrange(p[None])[0], "g": arrange(g[None])[0], "m": arrange(m),
+        "rms": arrange(rms), "fa": arrange(fac[a], a), "fc": arrange(fac[c], c),
+        "ca": contrib[a], "cc": contrib[c], "wf": full_rows,
+        "b0": nn["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST),
+        "wh": jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32),
+        "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
+               else jnp.zeros((0, h), jnp.float32)),
+        "wo": nn[f"w{hidden_layers}"], "bo": nn[f"b{hidden_layers}"],
+        "consts": jnp.asarray(consts, jnp.float32),
+    }
+
+
+def _native_dims(shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(P, N1, M, N2)`` of a factored tensor and the shape it has with axis ``c`` last."""
+    d1, d0 = common.factored_dims(shape)
+    a, c = min(d0, d1), max(d0, d1)
+    prod = math.prod
+    dims = (prod(shape[:a]), shape[a], prod(shape[a + 1:c]) * prod(shape[c + 1:]), shape[c])
+    moved = tuple(s for i, s in enumerate(shape) if i != c) + (shape[c],)
+    return dims, moved
+
+
+@functools.cache
+def _native_leaf(k: int, h: int, hidden_layers: int, exp_mult: float, step_mult: float):
+    """``update(nn, time, p, g, m, rms, v_row, v_col)`` of one factored tensor by the native
+    kernel (:mod:`learnopt.learned.native`); differentiated, it evaluates as the matmul path."""
+
+    def reference(nn, time, p, g, m, rms, v_row, v_col):
+        row_f, col_f = common.factored_preconditioners(v_row, v_col, p.shape)
+        fac_g = g[None] * row_f * col_f
+        d, mag = _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, None)
+        return -(d * jnp.exp(mag * exp_mult) * step_mult)
+
+    @jax.custom_jvp
+    def leaf(nn, time, p, g, m, rms, v_row, v_col):
+        arrays = _native_inputs(nn, time, p, g, m, rms, v_row, v_col, hidden_layers,
+                                (exp_mult, step_mult, common.NORMALIZER_EPS))
+        dims, moved = _native_dims(p.shape)
+        out = native.xla_update(k, h, hidden_layers, dims,
+                                **{n: x[None] for n, x in arrays.items()})
+        d1, d0 = common.factored_dims(p.shape)
+        return jnp.moveaxis(jnp.reshape(out[0], moved), -1, max(d0, d1))
+
+    @leaf.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(reference, primals, tangents)
+
+    return leaf
 
 
 def _feature_blocks(p, g, m, rms, fac_g, v_row, v_col, v_full) -> list[jax.Array]:
@@ -223,6 +314,13 @@ class SmallFcLOpt(LearnedOptimizer):
         return _feature_blocks(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
                                m, rms, fac_g, v_row, v_col, v_full)
 
+    def _native(self, shape) -> bool:
+        """Whether a tensor of ``shape`` is updated by the native CPU kernel: the elementwise
+        path, a factored tensor (rank >= 2), at least one hidden layer, numba available and
+        a CPU backend (elsewhere XLA fuses the elementwise path well)."""
+        return (self.compute == "elementwise" and len(shape) >= 2 and self.hidden_layers >= 1
+                and native.available() and jax.default_backend() == "cpu")
+
     def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
         p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
@@ -232,6 +330,10 @@ class SmallFcLOpt(LearnedOptimizer):
         # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
         # tasks and perturbations) a small tensor is a large batched one, and the matmul path
         # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).
+        if self._native(p.shape):
+            leaf = _native_leaf(m.shape[0], self.hidden_size, self.hidden_layers,
+                                self.exp_mult, self.step_mult)
+            return leaf(nn, time, p, g, m, rms, v_row, v_col).astype(orig_dtype)
         leaf = _leaf_elementwise if self.compute == "elementwise" else _leaf_concat
         d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
         step = d * jnp.exp(mag * self.exp_mult) * self.step_mult

@@ -1,0 +1,151 @@
+"""The native CPU kernel of small_fc_lopt's update against the XLA elementwise path."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from learnopt.learned import native
+from learnopt.learned.adafac_mlp import SmallFcLOpt
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed")
+
+
+@contextlib.contextmanager
+def kernel(enabled: bool):
+    old = native.set_enabled(enabled)
+    try:
+        yield
+    finally:
+        native.set_enabled(old)
+
+
+def _theta(lopt: SmallFcLOpt, seed: int, scale: float = 0.3):
+    theta = lopt.init(jax.random.PRNGKey(seed))
+    leaves, treedef = jax.tree.flatten(theta)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    return treedef.unflatten([x + scale * jax.random.normal(k, x.shape)
+                              for x, k in zip(leaves, keys, strict=True)])
+
+
+def _params(shape, seed=1):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"w": jax.random.normal(k1, shape), "b": jax.random.normal(k2, (3,))}
+
+
+def _three_steps(lopt: SmallFcLOpt):
+    """Updates of the third step and the final params, jitted (the kernel is traced per call)."""
+
+    def run(theta, params):
+        opt = lopt.optimizer(theta, 100)
+        state = opt.init(params)
+        for i in range(3):
+            grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
+            updates, state = opt.update(grads, state, params)
+            params = jax.tree.map(jnp.add, params, updates)
+        return updates, params
+
+    return jax.jit(run)
+
+
+def _assert_close(native_tree, xla_tree, rtol):
+    for a, b in zip(jax.tree.leaves(native_tree), jax.tree.leaves(xla_tree), strict=True):
+        scale = float(np.max(np.abs(b)))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rtol * scale)
+
+
+# (4, 3, 2): the two factored axes are 0 and 1, so the later one is moved last for the kernel
+SHAPES = [(9, 5), (5, 9), (3, 4, 5), (4, 3, 2), (3, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_xla_path(shape):
+    lopt = SmallFcLOpt()
+    theta, params = _theta(lopt, 0), _params(shape)
+    with kernel(True):
+        got = _three_steps(lopt)(theta, params)
+    with kernel(False):
+        want = _three_steps(lopt)(theta, params)
+    _assert_close(got, want, 2e-5)
+
+
+@pytest.mark.parametrize("hidden_size,hidden_layers,decays", [(4, 1, 3), (3, 3, 2)])
+def test_kernel_other_sizes(hidden_size, hidden_layers, decays):
+    ds = (0.5, 0.9, 0.99)[:decays]
+    lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=hidden_layers,
+                       initial_momentum_decays=ds, initial_adafactor_decays=ds)
+    theta, params = _theta(lopt, 3), _params((6, 7))
+    with kernel(True):
+        got = _three_steps(lopt)(theta, params)
+    with kernel(False):
+        want = _three_steps(lopt)(theta, params)
+    _assert_close(got, want, 2e-5)
+
+
+def test_kernel_under_nested_vmap():
+    """Tasks x perturbations, as in meta-training: each member equals its own unbatched run."""
+    lopt = SmallFcLOpt()
+    thetas = [[_theta(lopt, 10 * i + j) for j in range(3)] for i in range(2)]
+    params = [_params((7, 4), seed=i) for i in range(2)]
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+    run = _three_steps(lopt)
+    with kernel(True):
+        batched = jax.jit(jax.vmap(jax.vmap(run, in_axes=(0, None)), in_axes=(0, 0)))(
+            stack([stack(t) for t in thetas]), stack(params))
+    with kernel(False):
+        for i in range(2):
+            for j in range(3):
+                want = run(thetas[i][j], params[i])
+                _assert_close(jax.tree.map(lambda x, i=i, j=j: x[i, j], batched), want, 2e-5)
+
+
+def test_meta_gradient_is_the_xla_paths():
+    """Differentiated, the kernel's leaf evaluates as the matmul path: theta-gradients agree."""
+    lopt = SmallFcLOpt()
+    params = _params((5, 6))
+
+    def loss(theta):
+        updates, final = _three_steps(lopt)(theta, params)
+        return jnp.sum(final["w"] ** 2) + jnp.sum(updates["w"])
+
+    theta = _theta(lopt, 4)
+    with kernel(True):
+        got = jax.grad(loss)(theta)
+    with kernel(False):
+        want = jax.grad(loss)(theta)
+    _assert_close(got, want, 1e-5)
+
+
+def test_nonfinite_values_propagate():
+    """NaN gradients give NaN updates; a magnitude past exp's range gives inf, as exp does."""
+    lopt = SmallFcLOpt()
+    theta = _theta(lopt, 5)
+    params = _params((6, 5))
+    opt = lopt.optimizer(theta, 10)
+    with kernel(True):
+        update = jax.jit(opt.update)
+        g = {"w": params["w"].at[2, 3].set(jnp.nan), "b": params["b"]}
+        u, _ = update(g, opt.init(params), params)
+        assert np.isnan(np.asarray(u["w"])).all()  # the per-tensor normalisers are NaN
+        huge = jax.tree.map(lambda x: x, theta)
+        huge["nn"]["b2"] = huge["nn"]["b2"].at[1].set(1e6)  # exp(0.001 * ~1e6) overflows
+        u, _ = jax.jit(lopt.optimizer(huge, 10).update)(params, opt.init(params), params)
+        assert np.isinf(np.asarray(u["w"])).all()
+
+
+def test_source_and_errors(tmp_path, monkeypatch):
+    src = native.kernel_source(3, 4, 2)
+    compile(src, "<kernel>", "exec")  # valid Python
+    assert "def kernel(" in src and "def xla_entry(" in src
+    assert native.num_full_features(3) == 16
+    with pytest.raises(ValueError, match="k, h, layers >= 1"):
+        native.kernel_source(3, 4, 0)
+    monkeypatch.setenv("LEARNOPT_KERNEL_DIR", str(tmp_path))
+    assert native.kernel_dir() == tmp_path
+    major, minor = native.ffi_api_version()
+    assert major >= 0 and minor >= 0
