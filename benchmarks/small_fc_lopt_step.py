@@ -2,7 +2,8 @@
 
 Metz et al. 2022 (Practical tradeoffs, arXiv:2203.11860) §4.1-4.3 and Fig. 3b measure the compute
 and memory overhead of learned optimizers; this is the same measurement on this project's
-machine for ``small_fc_lopt`` (both compute paths, ``learnopt.learned.adafac_mlp``), with
+machine for ``small_fc_lopt`` (both compute paths, ``learnopt.learned.adafac_mlp``; the
+elementwise one with and without the native CPU kernel, ``learnopt.learned.native``), with
 ``fc_lopt`` and SGD alongside, all as ratios to Adam measured in the same run.
 
 Task: the 784-128-10 ReLU MLP (101,770 parameters), batch 128, random data (fixed batch),
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learnopt.learned import common
+from learnopt.learned import common, native
 from learnopt.learned.adafac_mlp import SmallFcLOpt
 from learnopt.learned.mlp import FcLOpt
 
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sgd": optax.sgd(1e-2),
         "small_fc_lopt_concat": small_concat.optimizer(small_concat.init(key), 1000),
         "small_fc_lopt_elementwise": small_elem.optimizer(small_elem.init(key), 1000),
+        # the same optimizer traced with the native kernel off: XLA's elementwise loops
+        "small_fc_lopt_elementwise_xla": small_elem.optimizer(small_elem.init(key), 1000),
         "fc_lopt": fc.optimizer(fc.init(key), 1000),
     }
 
@@ -121,10 +124,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, opt in opts.items():
         state = opt.init(params)
         run = make_runner(opt, loss_fn, steps)
+        kernel_was = native.set_enabled(name != "small_fc_lopt_elementwise_xla")
         t0 = time.perf_counter()
-        out = run(params, state)
+        out = run(params, state)  # traces and compiles
         jax.block_until_ready(out)
         compile_s[name] = time.perf_counter() - t0
+        native.set_enabled(kernel_was)
         runners[name], states[name] = run, state
         print(f"compiled {name} in {compile_s[name]:.2f} s (final loss {float(out[2]):.4f})",
               flush=True)
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "faster_small_fc_lopt_path": faster,
         "default_small_fc_lopt_path": SmallFcLOpt().compute,
+        "native_kernel_available": native.available(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
