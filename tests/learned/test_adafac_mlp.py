@@ -210,7 +210,10 @@ def test_compute_paths_agree():
             diff = np.abs(np.asarray(ua[name]) - np.asarray(ub[name])) / CONCAT.step_mult
             assert diff.mean() < 1e-6 and diff.max() < 1e-5, name
         assert max(np.abs(np.asarray(u)).max() for u in jax.tree.leaves(ua)) > 1e-6
-        jax.tree.map(np.testing.assert_array_equal, sa, sb)
+        # the native kernel (elementwise path on CPU) updates the accumulators itself:
+        # equal up to float rounding (fused multiply-adds, float64 sums)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=2e-6, atol=1e-6 * float(np.max(np.abs(b), initial=0.0))), sa, sb)
 
 
 def test_state_shapes_and_jit():

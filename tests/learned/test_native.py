@@ -38,7 +38,8 @@ def _params(shape, seed=1):
 
 
 def _three_steps(lopt: SmallFcLOpt):
-    """Updates of the third step and the final params, jitted (the kernel is traced per call)."""
+    """Updates of the third step, the final params and optimizer state, jitted (the kernel is
+    traced per call)."""
 
     def run(theta, params):
         opt = lopt.optimizer(theta, 100)
@@ -47,13 +48,15 @@ def _three_steps(lopt: SmallFcLOpt):
             grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
             updates, state = opt.update(grads, state, params)
             params = jax.tree.map(jnp.add, params, updates)
-        return updates, params
+        return updates, params, state
 
     return jax.jit(run)
 
 
 def _assert_close(native_tree, xla_tree, rtol):
     for a, b in zip(jax.tree.leaves(native_tree), jax.tree.leaves(xla_tree), strict=True):
+        if np.size(b) == 0:  # placeholders of the factored state
+            continue
         scale = float(np.max(np.abs(b)))
         assert scale > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rtol * scale)
@@ -110,7 +113,7 @@ def test_meta_gradient_is_the_xla_paths():
     params = _params((5, 6))
 
     def loss(theta):
-        updates, final = _three_steps(lopt)(theta, params)
+        updates, final, _ = _three_steps(lopt)(theta, params)
         return jnp.sum(final["w"] ** 2) + jnp.sum(updates["w"])
 
     theta = _theta(lopt, 4)
@@ -139,13 +142,29 @@ def test_nonfinite_values_propagate():
 
 
 def test_source_and_errors(tmp_path, monkeypatch):
-    src = native.kernel_source(3, 4, 2)
+    src = native.kernel_source(3, 4, 2, 11)
     compile(src, "<kernel>", "exec")  # valid Python
     assert "def kernel(" in src and "def xla_entry(" in src
     assert native.num_full_features(3) == 16
-    with pytest.raises(ValueError, match="k, h, layers >= 1"):
-        native.kernel_source(3, 4, 0)
+    with pytest.raises(ValueError, match="layers >= 1"):
+        native.kernel_source(3, 4, 0, 11)
     monkeypatch.setenv("LEARNOPT_KERNEL_DIR", str(tmp_path))
     assert native.kernel_dir() == tmp_path
     major, minor = native.ffi_api_version()
     assert major >= 0 and minor >= 0
+
+
+@pytest.mark.parametrize("shape,dims,perm_full,perm_lack_a,row_lacks_a", [
+    ((9, 5), (1, 9, 1, 5), (0, 1, 2), (0, 1), True),
+    ((5, 9), (1, 5, 1, 9), (0, 1, 2), (0, 1), False),
+    # (4, 3, 2): factored axes 0 and 1; axis 1 moves last
+    ((4, 3, 2), (1, 4, 2, 3), (0, 1, 3, 2), (0, 2, 1), True),
+    ((3, 3, 4, 5), (9, 4, 1, 5), (0, 1, 2, 3, 4), (0, 1, 2, 3), False),
+])
+def test_layout(shape, dims, perm_full, perm_lack_a, row_lacks_a):
+    from learnopt.learned import common
+
+    lay = native.layout(shape, *common.factored_dims(shape))
+    assert lay.dims == dims and lay.perm_full == perm_full
+    assert lay.perm_lack_a == perm_lack_a and lay.row_lacks_a == row_lacks_a
+    assert native.inverse((0, 2, 3, 1)) == (0, 3, 1, 2)

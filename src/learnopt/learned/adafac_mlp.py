@@ -17,7 +17,6 @@ paper and the released code: docs/departures.md.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -106,87 +105,67 @@ def _leaf_elementwise_jvp(primals, tangents):
     return jax.jvp(_leaf_concat, primals, tangents)
 
 
-def _arrange(x: jax.Array, lacking: int, a: int, c: int, ndim: int) -> jax.Array:
-    """``(lead,) + shape`` without axis ``lacking`` (``a`` or ``c``), or the full shape when
-    ``lacking`` is None, as ``(lead, -1)`` in the native kernel's order: the later factored
-    axis ``c`` moved last (``native`` module docstring)."""
-    c_here = c if lacking is None else (c - 1 if lacking == a else None)
-    if c_here is not None and c_here != ndim - 1 - (lacking is not None):
-        x = jnp.moveaxis(x, c_here + 1, -1)
-    return jnp.reshape(x, (x.shape[0], -1))
+def _kernel_decays(decays: dict[str, jax.Array]) -> jax.Array:
+    """The native kernel's decays: momentum (not clipped), rms and AdaFactor (clipped)."""
+    return jnp.concatenate([decays["momentum"], jnp.clip(decays["rms"], 0.0, 1.0),
+                            jnp.clip(decays["adafactor"], 0.0, 1.0)])
 
 
-def _native_inputs(nn, time, p, g, m, rms, v_row, v_col, hidden_layers, consts):
-    """The native kernel's arrays for one factored tensor, without the batch axis."""
-    k = m.shape[0]
-    d1, d0 = common.factored_dims(p.shape)
-    a, c = min(d0, d1), max(d0, d1)
-    ndim = p.ndim
-
-    def arrange(x, lacking=None):
-        return _arrange(x, lacking, a, c, ndim)
-
-    row_f, col_f = common.factored_preconditioners(v_row, v_col, p.shape)
-    fac = {d0: jnp.squeeze(row_f, d0 + 1), d1: jnp.squeeze(col_f, d1 + 1)}
-    # The 12 row / column channels (13 ... 24): normalised, times their first-layer weights.
-    w0 = nn["w0"]
-    first = 4 + 3 * k
-    contrib = {a: 0.0, c: 0.0}
-    for j, (x, lacking) in enumerate([(v_row, d0), (v_col, d1),
-                                      (jax.lax.rsqrt(v_row + 1e-8), d0),
-                                      (jax.lax.rsqrt(v_col + 1e-8), d1)]):
-        x = arrange(x, lacking)
-        scales = jax.lax.rsqrt(common.NORMALIZER_EPS + jnp.mean(jnp.square(x), axis=1))
-        w = w0[first + j * k:first + (j + 1) * k] * scales[:, None]
-        contrib[lacking] = contrib[lacking] + jnp.einsum(
-            "vo,vn->on", w, x, precision=jax.lax.Precision.HIGHEST)
-    nf = 4 + 8 * k
-    full_rows = jnp.concatenate([w0[:first], w0[first + 4 * k:nf]], axis=0)
-    hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
-    h = w0.shape[1]
-    return {
-        "p": arrange(p[None])[0], "g": arrange(g[None])[0], "m": arrange(m),
-        "rms": arrange(rms), "fa": arrange(fac[a], a), "fc": arrange(fac[c], c),
-        "ca": contrib[a], "cc": contrib[c], "wf": full_rows,
-        "b0": nn["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST),
-        "wh": jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32),
-        "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
-               else jnp.zeros((0, h), jnp.float32)),
-        "wo": nn[f"w{hidden_layers}"], "bo": nn[f"b{hidden_layers}"],
-        "consts": jnp.asarray(consts, jnp.float32),
-    }
+def _to_kernel(x: jax.Array, perm: Sequence[int]) -> jax.Array:
+    return jnp.reshape(jnp.transpose(x, perm), (1, x.shape[0], -1))
 
 
-def _native_dims(shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(P, N1, M, N2)`` of a factored tensor and the shape it has with axis ``c`` last."""
-    d1, d0 = common.factored_dims(shape)
-    a, c = min(d0, d1), max(d0, d1)
-    prod = math.prod
-    dims = (prod(shape[:a]), shape[a], prod(shape[a + 1:c]) * prod(shape[c + 1:]), shape[c])
-    moved = tuple(s for i, s in enumerate(shape) if i != c) + (shape[c],)
-    return dims, moved
+def _from_kernel(x: jax.Array, like: jax.Array, perm: Sequence[int]) -> jax.Array:
+    moved = tuple(like.shape[i] for i in perm)
+    return jnp.transpose(jnp.reshape(x[0], moved), native.inverse(perm))
 
 
 @functools.cache
-def _native_leaf(k: int, h: int, hidden_layers: int, exp_mult: float, step_mult: float):
-    """``update(nn, time, p, g, m, rms, v_row, v_col)`` of one factored tensor by the native
-    kernel (:mod:`learnopt.learned.native`); differentiated, it evaluates as the matmul path."""
+def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
+    """``leaf(nn, time, decays, p, g, m, rms, v_row, v_col) -> (update, m, rms, v_row, v_col)``
+    of one factored tensor, by the native CPU kernel (:mod:`learnopt.learned.native`): the
+    accumulators before the step in, after it out. Differentiated, it evaluates as the XLA
+    matmul path (the same function)."""
 
-    def reference(nn, time, p, g, m, rms, v_row, v_col):
-        row_f, col_f = common.factored_preconditioners(v_row, v_col, p.shape)
-        fac_g = g[None] * row_f * col_f
+    def reference(nn, time, decays, p, g, m, rms, v_row, v_col):
+        k = m.shape[0]
+        m = decays[:k].reshape((k,) + (1,) * p.ndim) * m + (
+            1.0 - decays[:k].reshape((k,) + (1,) * p.ndim)) * g[None]
+        c = decays[k]
+        rms = c * rms + (1.0 - c) * (g * g)[None]
+        v_row, v_col, _, fac_g = common.factored_update_leaf(v_row, v_col, None, g,
+                                                             decays[k + 1:])
         d, mag = _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, None)
-        return -(d * jnp.exp(mag * exp_mult) * step_mult)
+        return -(d * jnp.exp(mag * exp_mult) * step_mult), m, rms, v_row, v_col
 
     @jax.custom_jvp
-    def leaf(nn, time, p, g, m, rms, v_row, v_col):
-        arrays = _native_inputs(nn, time, p, g, m, rms, v_row, v_col, hidden_layers,
-                                (exp_mult, step_mult, common.NORMALIZER_EPS))
-        dims, moved = _native_dims(p.shape)
-        out = native.xla_update(k, h, hidden_layers, dims,
-                                **{n: x[None] for n, x in arrays.items()})
+    def leaf(nn, time, decays, p, g, m, rms, v_row, v_col):
+        k, h = m.shape[0], nn["w0"].shape[1]
         d1, d0 = common.factored_dims(p.shape)
-        return jnp.moveaxis(jnp.reshape(out[0], moved), -1, max(d0, d1))
+        lay = native.layout(p.shape, d1, d0)
+        va, vc = (v_row, v_col) if lay.row_lacks_a else (v_col, v_row)
+        hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
+        arrays = {
+            "p": _to_kernel(p[None], lay.perm_full)[:, 0],
+            "g": _to_kernel(g[None], lay.perm_full)[:, 0],
+            "m": _to_kernel(m, lay.perm_full), "rms": _to_kernel(rms, lay.perm_full),
+            "va": _to_kernel(va, lay.perm_lack_a), "vc": jnp.reshape(vc, (1, k, -1)),
+            "decays": decays[None], "w0": nn["w0"][None], "b0": nn["b0"][None],
+            "time": time[None],
+            "wh": (jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32))[None],
+            "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
+                   else jnp.zeros((0, h), jnp.float32))[None],
+            "wo": nn[f"w{hidden_layers}"][None], "bo": nn[f"b{hidden_layers}"][None],
+            "consts": jnp.asarray([[exp_mult, step_mult, common.NORMALIZER_EPS,
+                                    float(lay.row_lacks_a)]], jnp.float32),
+        }
+        out = native.xla_call(k, h, hidden_layers, time.shape[0], lay.dims, arrays)
+        va = _from_kernel(out["va_out"], va, lay.perm_lack_a)
+        vc = jnp.reshape(out["vc_out"][0], vc.shape)
+        v_row, v_col = (va, vc) if lay.row_lacks_a else (vc, va)
+        return (_from_kernel(out["update"], p[None], lay.perm_full)[0],
+                _from_kernel(out["m_out"], m, lay.perm_full),
+                _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col)
 
     @leaf.defjvp
     def _jvp(primals, tangents):
@@ -330,10 +309,6 @@ class SmallFcLOpt(LearnedOptimizer):
         # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
         # tasks and perturbations) a small tensor is a large batched one, and the matmul path
         # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).
-        if self._native(p.shape):
-            leaf = _native_leaf(m.shape[0], self.hidden_size, self.hidden_layers,
-                                self.exp_mult, self.step_mult)
-            return leaf(nn, time, p, g, m, rms, v_row, v_col).astype(orig_dtype)
         leaf = _leaf_elementwise if self.compute == "elementwise" else _leaf_concat
         d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
         step = d * jnp.exp(mag * self.exp_mult) * self.step_mult
@@ -365,14 +340,30 @@ class SmallFcLOpt(LearnedOptimizer):
             fac, fac_g = common.factored_update(state.factored, grads, decays["adafactor"])
             time = common.tanh_time_features(state.iteration)
 
-            def leaf(p, g, m, r, fg, vr, vc, vf):
-                return self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf)
-
-            new_updates = jax.tree.map(leaf, params, grads, mom.m, rms.rms, fac_g,
-                                       fac.v_row, fac.v_col, fac.v_full)
-            new_state = SmallFcLOptState(momentum=mom, rms=rms, factored=fac,
-                                         iteration=state.iteration + 1,
-                                         num_steps=state.num_steps)
-            return new_updates, new_state
+            treedef = jax.tree.structure(grads)
+            flat = [treedef.flatten_up_to(t) for t in (
+                params, grads, mom.m, rms.rms, fac_g, fac.v_row, fac.v_col, fac.v_full)]
+            old = [treedef.flatten_up_to(t) for t in (
+                state.momentum.m, state.rms.rms, state.factored.v_row, state.factored.v_col)]
+            out = {"u": [], "m": flat[2], "rms": flat[3], "v_row": flat[5], "v_col": flat[6]}
+            for i, (p, g, m, r, fg, vr, vc, vf) in enumerate(zip(*flat, strict=True)):
+                if self._native(jnp.shape(p)):  # the kernel updates the accumulators too
+                    leaf = _native_leaf(self.hidden_layers, self.exp_mult, self.step_mult)
+                    u, *acc = leaf(nn, time, _kernel_decays(decays),
+                                   jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
+                                   *(o[i] for o in old))
+                    for name, x in zip(("m", "rms", "v_row", "v_col"), acc, strict=True):
+                        out[name] = out[name][:i] + [x] + out[name][i + 1:]
+                    out["u"].append(u.astype(jnp.asarray(p).dtype))
+                else:
+                    out["u"].append(self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf))
+            new_state = SmallFcLOptState(
+                momentum=common.MomentumState(m=treedef.unflatten(out["m"])),
+                rms=common.RMSState(rms=treedef.unflatten(out["rms"])),
+                factored=common.FactoredState(v_row=treedef.unflatten(out["v_row"]),
+                                              v_col=treedef.unflatten(out["v_col"]),
+                                              v_full=fac.v_full),
+                iteration=state.iteration + 1, num_steps=state.num_steps)
+            return treedef.unflatten(out["u"]), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

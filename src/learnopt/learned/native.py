@@ -35,17 +35,26 @@ import ctypes
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
-#: Names of the kernel's array arguments after ``dims``, in order (the custom call's operands).
-ARGS = ("p", "g", "m", "rms", "fa", "fc", "ca", "cc", "wf", "b0", "wh", "bh", "wo", "bo",
-        "consts")
+#: The kernel's inputs after ``dims`` (the custom call's operands), in order: the tensor's
+#: parameters and gradient ``(B, N)``, its accumulators before the step (momentum, rms, and the
+#: factored statistics lacking axis ``a`` / ``c``), the decays (momentum (K), rms (1, clipped),
+#: AdaFactor (K, clipped)), the MLP (``w0`` with all rows, ``b0``, hidden ``wh``/``bh``, output
+#: ``wo``/``bo``), the time features and ``(exp_mult, step_mult, eps, row_lacks_a)``.
+INPUTS = ("p", "g", "m", "rms", "va", "vc", "decays", "w0", "b0", "time", "wh", "bh", "wo",
+          "bo", "consts")
+#: The kernel's outputs: the update and the accumulators after the step.
+OUTPUTS = ("update", "m_out", "rms_out", "va_out", "vc_out")
 
 _LOCK = threading.Lock()
 
@@ -73,97 +82,217 @@ def num_full_features(k: int) -> int:
     return 4 + 4 * k
 
 
-def kernel_source(k: int, h: int, layers: int) -> str:
+class Layout(NamedTuple):
+    """How a factored tensor of ``shape`` is laid out for the kernel.
+
+    ``dims = (P, N1, M, N2)``: the tensor with its later factored axis ``c`` moved last, and
+    ``a`` its earlier one. ``perm_full`` does that move on the tensor, ``perm_lack_a`` on an
+    array of the tensor's shape without axis ``a`` (one without ``c`` needs none);
+    ``row_lacks_a``: whether ``v_row`` (the mean over the largest axis ``d0``) lacks ``a``.
+    Every permutation is of the axes after a leading one (decays or hidden units).
+    """
+
+    dims: tuple[int, int, int, int]
+    a: int
+    c: int
+    perm_full: tuple[int, ...]
+    perm_lack_a: tuple[int, ...]
+    row_lacks_a: bool
+
+
+def layout(shape: Sequence[int], d1: int, d0: int) -> Layout:
+    """The :class:`Layout` of a tensor of ``shape`` with factored axes ``(d1, d0)``."""
+    shape = tuple(int(x) for x in shape)
+    a, c = min(d0, d1), max(d0, d1)
+    n = len(shape)
+    dims = (math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:c]) * math.prod(shape[c + 1:]),
+            shape[c])
+    full = tuple(i for i in range(n) if i != c) + (c,)
+    lack_a = tuple(i for i in range(n - 1) if i != c - 1) + (c - 1,)
+    return Layout(dims, a, c, (0,) + tuple(i + 1 for i in full),
+                  (0,) + tuple(i + 1 for i in lack_a), d0 == a)
+
+
+def inverse(perm: Sequence[int]) -> tuple[int, ...]:
+    """The permutation that undoes ``perm``."""
+    return tuple(int(i) for i in np.argsort(perm))
+
+
+def kernel_source(k: int, h: int, layers: int, num_time: int) -> str:
     """Python (numba) source of the kernel for ``k`` decays, width ``h``, ``layers`` hidden
-    layers (>= 1): one function ``kernel(dims, p, g, m, rms, fa, fc, ca, cc, wf, b0, wh, bh,
-    wo, bo, consts, out)`` and the XLA entry point ``xla_entry(out, ins)``."""
-    if k < 1 or h < 1 or layers < 1:
-        raise ValueError(f"need k, h, layers >= 1; got {k}, {h}, {layers}")
+    layers (>= 1) and ``num_time`` time features: ``kernel(dims, <INPUTS>, <OUTPUTS>)`` and
+    the XLA entry point ``xla_entry(call_frame)``."""
+    if k < 1 or h < 1 or layers < 1 or num_time < 0:
+        raise ValueError(f"need k, h, layers >= 1 and num_time >= 0; got {k}, {h}, {layers}, "
+                         f"{num_time}")
     f = num_full_features(k)
+    first = 4 + 3 * k  # the 4K row / column features follow the first 4 + 3K
+    nf = 4 + 8 * k
     names = (["g", "p"] + [f"m{i}" for i in range(k)] + ["rv"] + [f"mr{i}" for i in range(k)]
              + ["r"] + [f"fg{i}" for i in range(k)] + [f"mf{i}" for i in range(k)])
-    assert len(names) == f
+    rows = list(range(first)) + list(range(first + 4 * k, nf))  # w0 row of each full feature
     out: list[str] = []
     a = out.append
-    i4, i5, i6 = " " * 8, " " * 12, " " * 16
+    i2, i3, i4 = " " * 8, " " * 12, " " * 16
+    ind, body = " " * 20, " " * 24
 
-    def features(ind: str) -> None:
-        a(f"{ind}g = gr[t]")
-        a(f"{ind}p = pr[t]")
-        a(f"{ind}rv = rr[t]")
-        a(f"{ind}r = ONE / math.sqrt(rv + E6)")
+    def features() -> None:
+        """The 16 features of element t, from the new accumulators."""
+        a(f"{body}g = gr[t]")
+        a(f"{body}p = pr[t]")
+        a(f"{body}rv = rw[t]")
+        a(f"{body}r = ONE / math.sqrt(rv + E6)")
         for i in range(k):
-            a(f"{ind}m{i} = mr_{i}[t]")
-            a(f"{ind}pc{i} = far{i}[t] * fc{i}")
-            a(f"{ind}mr{i} = m{i} * r")
-            a(f"{ind}fg{i} = g * pc{i}")
-            a(f"{ind}mf{i} = m{i} * pc{i}")
+            a(f"{body}m{i} = mw_{i}[t]")
+            a(f"{body}pc{i} = far{i}[t] * fc{i}")
+            a(f"{body}mr{i} = m{i} * r")
+            a(f"{body}fg{i} = g * pc{i}")
+            a(f"{body}mf{i} = m{i} * pc{i}")
 
-    def run_header(with_contrib: bool) -> None:
-        a(f"{i4}for pi in range(P):")
-        a(f"{i5}for i in range(N1):")
-        a(f"{i6}for mm in range(M):")
-        ind = i6 + "    "
+    def runs(with_mlp: bool) -> None:
+        a(f"{i2}for pi in range(P):")
+        a(f"{i3}for i in range(N1):")
+        a(f"{i4}for mm in range(M):")
         a(f"{ind}e = ((pi * N1 + i) * M + mm) * N2")
         a(f"{ind}ia = (pi * M + mm) * N2")
         a(f"{ind}ic = (pi * N1 + i) * M + mm")
-        a(f"{ind}gr = gb[e:e + N2]; pr = pb[e:e + N2]; rr = rb[e:e + N2]")
+        a(f"{ind}gr = gb[e:e + N2]; pr = pb[e:e + N2]; rr = rb[e:e + N2]; rw = rwb[e:e + N2]")
         for i in range(k):
-            a(f"{ind}mr_{i} = mb{i}[e:e + N2]; far{i} = fab{i}[ia:ia + N2]; fc{i} = fcb[{i}, ic]")
-        if with_contrib:
+            a(f"{ind}mr_{i} = mb[{i}, e:e + N2]; mw_{i} = mwb[{i}, e:e + N2]; "
+              f"far{i} = fa[{i}, ia:ia + N2]; fc{i} = fc[{i}, ic]")
+        if with_mlp:
             a(f"{ind}outr = ob[e:e + N2]")
             for o in range(h):
-                a(f"{ind}car{o} = cab{o}[ia:ia + N2]; base{o} = b0_{o} + ccb[{o}, ic]")
+                a(f"{ind}car{o} = ca[{o}, ia:ia + N2]; base{o} = bias{o} + cc[{o}, ic]")
 
     a('"""Generated by learnopt.learned.native.kernel_source: small_fc_lopt, '
-      f'K={k}, H={h}, L={layers}."""')
+      f'K={k}, H={h}, L={layers}, T={num_time}."""')
     a("import math\n\nimport numpy as np\nfrom numba import carray, cfunc, njit, types")
     a("from numba.core import cgutils\nfrom numba.extending import intrinsic\n")
     a("ONE = np.float32(1.0)\nZERO = np.float32(0.0)\nE6 = np.float32(1e-6)")
+    a("E8 = np.float32(1e-8)\nE9 = np.float32(1e-9)\nE30 = np.float32(1e-30)")
     a("INF = np.float32(np.inf)\nHALF = np.float32(0.5)\nLOG2E = np.float32(1.4426950408889634)")
     a("LN2_HI = np.float32(0.693359375)\nLN2_LO = np.float32(-2.12194440e-4)")
     a("XMAX = np.float32(88.72)\nXMIN = np.float32(-87.33)\nEXP_CAP = np.int32(127)")
     for i in range(2, 8):
-        a(f"C{i} = np.float32(1.0 / {float(np.prod(np.arange(1, i + 1)))})")
+        a(f"C{i} = np.float32(1.0 / {math.factorial(i)}.0)")
+    a(f"K = {k}\nH = {h}\nFIRST = {first}\nNF = {nf}\nT = {num_time}")
     a("FASTMATH = {'reassoc', 'contract', 'arcp'}  # no nnan / ninf: NaN and inf propagate\n\n")
+    # Small arrays: the factored accumulators, their factors, the 4K row / column features'
+    # first-layer contributions. Generic loops; the cost is in the two passes below.
     a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
-    a("def kernel(dims, p_, g_, m_, rms_, fa_, fc_, ca_, cc_, wf_, b0_, wh_, bh_, wo_, bo_, "
-      "consts, out_):")
+    a("def _factored(P, N1, M, N2, gb, va, vc, vao, vco, dec, w0, row_lacks_a, eps, fa, fc, "
+      "ca, cc):")
+    a("    NA = P * M * N2; NC = P * N1 * M")
+    a("    sa = np.zeros(NA, np.float64); sc = np.zeros(NC, np.float64)")
+    a("    for pi in range(P):")
+    a("        for i in range(N1):")
+    a("            for mm in range(M):")
+    a("                e = ((pi * N1 + i) * M + mm) * N2; ia = (pi * M + mm) * N2")
+    a("                gr = gb[e:e + N2]; sar = sa[ia:ia + N2]; s = 0.0")
+    a("                for t in range(N2):")
+    a("                    g2 = gr[t] * gr[t] + E30")
+    a("                    sar[t] += g2")
+    a("                    s += g2")
+    a("                sc[(pi * N1 + i) * M + mm] += s")
+    a("    for kk in range(K):")
+    a("        ak = dec[K + 1 + kk]")
+    a("        for j in range(NA):")
+    a("            vao[kk, j] = ak * va[kk, j] + (ONE - ak) * np.float32(sa[j] / N1)")
+    a("        for j in range(NC):")
+    a("            vco[kk, j] = ak * vc[kk, j] + (ONE - ak) * np.float32(sc[j] / N2)")
+    # row factor rsqrt(max(v_row / (mean over d1 + 1e-9), 1e-9)), column rsqrt(max(v_col, 1e-9))
+    a("    for kk in range(K):")
+    a("        if row_lacks_a:  # v_row = vao, (P, M, N2), d1 = the N2 axis")
+    a("            for j in range(NC):")
+    a("                fc[kk, j] = ONE / math.sqrt(max(vco[kk, j], E9))")
+    a("            for q in range(P * M):")
+    a("                vr = vao[kk, q * N2:(q + 1) * N2]; fr = fa[kk, q * N2:(q + 1) * N2]")
+    a("                mean = np.float32(0.0)")
+    a("                for t in range(N2):")
+    a("                    mean += vr[t]")
+    a("                mean = mean / N2 + E9")
+    a("                for t in range(N2):")
+    a("                    fr[t] = ONE / math.sqrt(max(vr[t] / mean, E9))")
+    a("        else:  # v_row = vco, (P, N1, M), d1 = the N1 axis")
+    a("            for j in range(NA):")
+    a("                fa[kk, j] = ONE / math.sqrt(max(vao[kk, j], E9))")
+    a("            for pi in range(P):")
+    a("                for mm in range(M):")
+    a("                    mean = np.float32(0.0)")
+    a("                    for i in range(N1):")
+    a("                        mean += vco[kk, (pi * N1 + i) * M + mm]")
+    a("                    mean = mean / N1 + E9")
+    a("                    for i in range(N1):")
+    a("                        j = (pi * N1 + i) * M + mm")
+    a("                        fc[kk, j] = ONE / math.sqrt(max(vco[kk, j] / mean, E9))")
+    # features FIRST + q * K + kk: q = 0 v_row, 1 v_col, 2 rsqrt(v_row + 1e-8), 3 rsqrt(v_col...)
+    a("    ca[:, :] = ZERO; cc[:, :] = ZERO")
+    a("    for q in range(4):")
+    a("        on_a = (q % 2 == 0) == row_lacks_a")
+    a("        src = vao if on_a else vco")
+    a("        dst = ca if on_a else cc")
+    a("        n = NA if on_a else NC")
+    a("        for kk in range(K):")
+    a("            ss = 0.0")
+    a("            for j in range(n):")
+    a("                x = src[kk, j] if q < 2 else ONE / math.sqrt(src[kk, j] + E8)")
+    a("                ss += x * x")
+    a("            scale = np.float32(1.0 / math.sqrt(eps + ss / n))")
+    a("            for o in range(H):")
+    a("                w = w0[FIRST + q * K + kk, o] * scale")
+    a("                for j in range(n):")
+    a("                    x = src[kk, j] if q < 2 else ONE / math.sqrt(src[kk, j] + E8)")
+    a("                    dst[o, j] += w * x\n\n")
+    a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
+    # p and g name the element's values in the loops: the arrays are pa and ga here
+    args = [{"p": "pa", "g": "ga"}.get(n, n) for n in INPUTS + OUTPUTS]
+    a("def kernel(dims, " + ", ".join(args) + "):")
     a("    B, P, N1, M, N2 = dims[0], dims[1], dims[2], dims[3], dims[4]")
-    a("    N = P * N1 * M * N2")
-    a("    dbuf = np.empty(N2, np.float32)")
-    a("    ibuf = np.empty(N2, np.int32)")
+    a("    N = P * N1 * M * N2; NA = P * M * N2; NC = P * N1 * M")
+    a("    fa = np.empty((K, NA), np.float32); fc = np.empty((K, NC), np.float32)")
+    a("    ca = np.empty((H, NA), np.float32); cc = np.empty((H, NC), np.float32)")
+    a("    dbuf = np.empty(N2, np.float32); ibuf = np.empty(N2, np.int32)")
     a("    sbuf = ibuf.view(np.float32)")
     a("    for b in range(B):")
     a("        exp_mult = consts[b, 0]; step_mult = consts[b, 1]; eps = consts[b, 2]")
-    a("        pb = p_[b]; gb = g_[b]; rb = rms_[b, 0]; ob = out_[b]; fcb = fc_[b]; ccb = cc_[b]")
-    for i in range(k):
-        a(f"        mb{i} = m_[b, {i}]; fab{i} = fa_[b, {i}]")
-    a("        " + "; ".join(f"ss{v} = 0.0" for v in range(f)))
-    run_header(with_contrib=False)
-    ind = i6 + "    "
+    a("        _factored(P, N1, M, N2, ga[b], va[b], vc[b], va_out[b], vc_out[b], decays[b], "
+      "w0[b], consts[b, 3] > 0.5, eps, fa, fc, ca, cc)")
+    a("        pb = pa[b]; gb = ga[b]; mb = m[b]; rb = rms[b, 0]")
+    a("        mwb = m_out[b]; rwb = rms_out[b, 0]; ob = update[b]")
+    a(i2 + "; ".join(f"bm{i} = decays[b, {i}]" for i in range(k)))
+    a(f"{i2}crms = decays[b, {k}]")
+    a(i2 + "; ".join(f"ss{v} = 0.0" for v in range(f)))
+    runs(with_mlp=False)  # pass 1: new accumulators, mean squares of the features
     a(f"{ind}" + "; ".join(f"s{v} = ZERO" for v in range(f)))
+    # the new accumulators first, in loops of their own (one store each: they vectorise)
     a(f"{ind}for t in range(N2):")
-    features(ind + "    ")
+    a(f"{body}rw[t] = crms * rr[t] + (ONE - crms) * (gr[t] * gr[t])")
+    for i in range(k):
+        a(f"{ind}for t in range(N2):")
+        a(f"{body}mw_{i}[t] = bm{i} * mr_{i}[t] + (ONE - bm{i}) * gr[t]")
+    a(f"{ind}for t in range(N2):")
+    features()
     for v, nm in enumerate(names):
-        a(f"{ind}    s{v} += {nm} * {nm}")
+        a(f"{body}s{v} += {nm} * {nm}")
     for v in range(f):
         a(f"{ind}ss{v} += s{v}")
     for v in range(f):
-        a(f"        sc = np.float32(1.0 / math.sqrt(eps + ss{v} / N))")
-        a("        " + "; ".join(f"w{v}_{o} = wf_[b, {v}, {o}] * sc" for o in range(h)))
+        a(f"{i2}sc = np.float32(1.0 / math.sqrt(eps + ss{v} / N))")
+        a(i2 + "; ".join(f"w{v}_{o} = w0[b, {rows[v]}, {o}] * sc" for o in range(h)))
     for o in range(h):
-        a(f"        b0_{o} = b0_[b, {o}]; cab{o} = ca_[b, {o}]")
+        a(f"{i2}bias{o} = b0[b, {o}]")
+        a(f"{i2}for j in range(T):")
+        a(f"{i2}    bias{o} += time[b, j] * w0[b, NF + j, {o}]")
     for li in range(layers - 1):
         for v in range(h):
-            a("        " + "; ".join(f"u{li}_{v}_{o} = wh_[b, {li}, {v}, {o}]" for o in range(h)))
-        a("        " + "; ".join(f"c{li}_{o} = bh_[b, {li}, {o}]" for o in range(h)))
-    a("        " + "; ".join(f"od{v} = wo_[b, {v}, 0]; om{v} = wo_[b, {v}, 1]" for v in range(h)))
-    a("        bd = bo_[b, 0]; bm = bo_[b, 1]")
-    run_header(with_contrib=True)
+            a(i2 + "; ".join(f"u{li}_{v}_{o} = wh[b, {li}, {v}, {o}]" for o in range(h)))
+        a(i2 + "; ".join(f"c{li}_{o} = bh[b, {li}, {o}]" for o in range(h)))
+    a(i2 + "; ".join(f"od{v} = wo[b, {v}, 0]; om{v} = wo[b, {v}, 1]" for v in range(h)))
+    a(f"{i2}bd = bo[b, 0]; bmag = bo[b, 1]")
+    runs(with_mlp=True)  # pass 2: the features again, the MLP, the step
     a(f"{ind}for t in range(N2):")
-    body = ind + "    "
-    features(body)
+    features()
     for o in range(h):
         terms = " + ".join(f"w{v}_{o} * {nm}" for v, nm in enumerate(names))
         a(f"{body}h{o} = max(base{o} + car{o}[t] + {terms}, ZERO)")
@@ -171,9 +300,9 @@ def kernel_source(k: int, h: int, layers: int) -> str:
         for o in range(h):
             terms = " + ".join(f"u{li}_{v}_{o} * h{v}" for v in range(h))
             a(f"{body}k{o} = max(c{li}_{o} + {terms}, ZERO)")
-        a(f"{body}" + "; ".join(f"h{o} = k{o}" for o in range(h)))
+        a(body + "; ".join(f"h{o} = k{o}" for o in range(h)))
     a(f"{body}d = bd + " + " + ".join(f"od{v} * h{v}" for v in range(h)))
-    a(f"{body}x = (bm + " + " + ".join(f"om{v} * h{v}" for v in range(h)) + ") * exp_mult")
+    a(f"{body}x = (bmag + " + " + ".join(f"om{v} * h{v}" for v in range(h)) + ") * exp_mult")
     # exp(x) = 2^n * exp(r), |r| <= ln2 / 2: 2^n is built from its bits in ibuf (viewed as
     # sbuf), exp(r) by its Taylor polynomial; NaN passes through (x - x), inf is selected.
     a(f"{body}xc = min(max(x, XMIN), XMAX)")
@@ -225,21 +354,32 @@ def kernel_source(k: int, h: int, layers: int) -> str:
     a("            return _null()")
     a("    if (frame[4] & 0xFFFFFFFF) != 3:")
     a("        return _null()")
-    a(f"    ins = _words(frame[9], {len(ARGS) + 1})")
+    a(f"    ins = _words(frame[9], {len(INPUTS) + 1})")
+    a(f"    outs = _words(frame[14], {len(OUTPUTS)})")
     a("    dims = carray(_as_pointer(_words(ins[0], 4)[3]), (5,), np.int32)")
     a("    B, P, N1, M, N2 = dims[0], dims[1], dims[2], dims[3], dims[4]")
     a("    N = P * N1 * M * N2; NA = P * M * N2; NC = P * N1 * M")
-    shapes = {"p": "(B, N)", "g": "(B, N)", "m": f"(B, {k}, N)", "rms": "(B, 1, N)",
-              "fa": f"(B, {k}, NA)", "fc": f"(B, {k}, NC)", "ca": f"(B, {h}, NA)",
-              "cc": f"(B, {h}, NC)", "wf": f"(B, {f}, {h})", "b0": f"(B, {h})",
-              "wh": f"(B, {layers - 1}, {h}, {h})", "bh": f"(B, {layers - 1}, {h})",
-              "wo": f"(B, {h}, 2)", "bo": "(B, 2)", "consts": "(B, 3)"}
-    for j, name in enumerate(ARGS):
+    shapes = array_shapes(k, h, layers, num_time)
+    for j, name in enumerate(INPUTS):
         a(f"    {name} = _f32(ins, {j + 1}, {shapes[name]})")
-    a("    out = _f32(_words(frame[14], 1), 0, (B, N))")
-    a("    kernel(dims, " + ", ".join(ARGS) + ", out)")
+    for j, name in enumerate(OUTPUTS):
+        a(f"    {name} = _f32(outs, {j}, {shapes[name]})")
+    a("    kernel(dims, " + ", ".join(INPUTS + OUTPUTS) + ")")
     a("    return _null()")
     return "\n".join(out) + "\n"
+
+
+def array_shapes(k: int, h: int, layers: int, num_time: int) -> dict[str, str]:
+    """Each kernel array's shape, as an expression in ``B, N, NA, NC``."""
+    nin = 4 + 8 * k + num_time
+    shapes = {"p": "(B, N)", "g": "(B, N)", "m": f"(B, {k}, N)", "rms": "(B, 1, N)",
+              "va": f"(B, {k}, NA)", "vc": f"(B, {k}, NC)", "decays": f"(B, {2 * k + 1})",
+              "w0": f"(B, {nin}, {h})", "b0": f"(B, {h})", "time": f"(B, {num_time})",
+              "wh": f"(B, {layers - 1}, {h}, {h})", "bh": f"(B, {layers - 1}, {h})",
+              "wo": f"(B, {h}, 2)", "bo": "(B, 2)", "consts": "(B, 4)"}
+    shapes.update({"update": "(B, N)", "m_out": shapes["m"], "rms_out": shapes["rms"],
+                   "va_out": shapes["va"], "vc_out": shapes["vc"]})
+    return shapes
 
 
 @functools.cache
@@ -264,11 +404,12 @@ def kernel_dir() -> Path:
 
 
 @functools.cache
-def kernel_module(k: int, h: int, layers: int) -> ModuleType:
-    """The compiled kernel module for ``(k, h, layers)`` (generated and imported once)."""
-    src = kernel_source(k, h, layers)
+def kernel_module(k: int, h: int, layers: int, num_time: int) -> ModuleType:
+    """The compiled kernel module for these sizes (generated and imported once per process,
+    compiled once per machine)."""
+    src = kernel_source(k, h, layers, num_time)
     digest = hashlib.sha256(src.encode()).hexdigest()[:12]
-    name = f"small_fc_lopt_k{k}_h{h}_l{layers}_{digest}"
+    name = f"small_fc_lopt_k{k}_h{h}_l{layers}_t{num_time}_{digest}"
     directory = kernel_dir()
     path = directory / f"{name}.py"
     with _LOCK:
@@ -285,13 +426,38 @@ def kernel_module(k: int, h: int, layers: int) -> ModuleType:
     return module
 
 
+def _out_shapes(k: int, h: int, layers: int, num_time: int, b: int, dims) -> dict:
+    """The outputs' shapes for batch ``b`` and layout ``dims``."""
+    p, n1, m, n2 = dims
+    env = {"B": b, "N": p * n1 * m * n2, "NA": p * m * n2, "NC": p * n1 * m}
+    shapes = array_shapes(k, h, layers, num_time)
+    return {name: eval(shapes[name], {}, env) for name in OUTPUTS}  # noqa: S307 (our strings)
+
+
+def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
+               out: dict | None = None) -> dict:
+    """Run the kernel on NumPy float32 arrays (C-contiguous, each with a leading batch axis);
+    ``out`` may hold output arrays to write into (an input may be its own output: the
+    accumulators are read before they are written, element by element). Returns the outputs."""
+    b = arrays["p"].shape[0]
+    shapes = _out_shapes(k, h, layers, num_time, b, dims)
+    out = dict(out or {})
+    for name, shape in shapes.items():
+        if name not in out:
+            out[name] = np.empty(shape, np.float32)
+    kernel = kernel_module(k, h, layers, num_time).kernel
+    kernel(np.asarray((b,) + tuple(dims), np.int32), *(arrays[n] for n in INPUTS),
+           *(out[n] for n in OUTPUTS))
+    return out
+
+
 @functools.cache
-def xla_target(k: int, h: int, layers: int) -> str:
-    """Register the kernel for ``(k, h, layers)`` as an XLA CPU custom call; its name."""
+def xla_target(k: int, h: int, layers: int, num_time: int) -> str:
+    """Register the kernel for these sizes as an XLA CPU custom call (typed FFI); its name."""
     import jax
 
-    entry = kernel_module(k, h, layers).xla_entry
-    name = f"learnopt_small_fc_lopt_k{k}_h{h}_l{layers}"
+    entry = kernel_module(k, h, layers, num_time).xla_entry
+    name = f"learnopt_small_fc_lopt_k{k}_h{h}_l{layers}_t{num_time}"
     new_capsule = ctypes.pythonapi.PyCapsule_New
     new_capsule.restype = ctypes.py_object
     new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
@@ -301,37 +467,39 @@ def xla_target(k: int, h: int, layers: int) -> str:
 
 
 @functools.cache
-def _batched_call(k: int, h: int, layers: int, dims: tuple[int, int, int, int]):
-    """``f(*arrays) -> update``: the custom call on arrays with one leading batch axis, closed
+def _batched_call(k: int, h: int, layers: int, num_time: int, dims: tuple[int, ...]):
+    """``f(*inputs) -> outputs``: the custom call on arrays with one leading batch axis, closed
     under ``vmap`` (a vmapped call folds the new axis into the batch axis and calls itself)."""
     import jax
     import jax.numpy as jnp
 
-    target = xla_target(k, h, layers)
-    n = int(np.prod(dims))
+    target = xla_target(k, h, layers, num_time)
 
     @jax.custom_batching.custom_vmap
-    def call(*arrays):
-        b = arrays[0].shape[0]
-        shape_arg = jnp.asarray((b,) + dims, jnp.int32)
-        out = jax.ShapeDtypeStruct((b, n), jnp.float32)
-        return jax.ffi.ffi_call(target, out)(shape_arg, *arrays)
+    def call(*inputs):
+        b = inputs[0].shape[0]
+        shapes = _out_shapes(k, h, layers, num_time, b, dims)
+        outs = [jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in OUTPUTS]
+        return tuple(jax.ffi.ffi_call(target, outs)(jnp.asarray((b,) + dims, jnp.int32),
+                                                    *inputs))
 
     @call.def_vmap
-    def _rule(axis_size, in_batched, *arrays):
+    def _rule(axis_size, in_batched, *inputs):
         flat = []
-        for x, batched in zip(arrays, in_batched, strict=True):
+        for x, batched in zip(inputs, in_batched, strict=True):
             if not batched:
                 x = jnp.broadcast_to(x, (axis_size,) + x.shape)
             flat.append(jnp.reshape(x, (axis_size * x.shape[1],) + x.shape[2:]))
-        out = call(*flat)
-        return jnp.reshape(out, (axis_size, -1, n)), True
+        outs = call(*flat)
+        return (tuple(jnp.reshape(o, (axis_size, -1) + o.shape[1:]) for o in outs),
+                (True,) * len(outs))
 
     return call
 
 
-def xla_update(k: int, h: int, layers: int, dims: tuple[int, int, int, int], **arrays):
-    """The kernel's update, shape ``(B, prod(dims))``, from the named arrays of :data:`ARGS`
-    (each with a leading batch axis ``B``), as one XLA CPU custom call."""
-    return _batched_call(k, h, layers, tuple(int(d) for d in dims))(
-        *(arrays[name] for name in ARGS))
+def xla_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict) -> dict:
+    """The kernel as one XLA CPU custom call on the named :data:`INPUTS` (each with a leading
+    batch axis); returns the named :data:`OUTPUTS`."""
+    outs = _batched_call(k, h, layers, num_time, tuple(int(d) for d in dims))(
+        *(arrays[name] for name in INPUTS))
+    return dict(zip(OUTPUTS, outs, strict=True))
