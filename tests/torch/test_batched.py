@@ -61,6 +61,28 @@ def test_batched_equals_reference(kind, guard):
         assert opt.guard_state["num_sanitized"] == 1
 
 
+@pytest.mark.parametrize("guard", [False, True])
+def test_small_fc_lopt_native_kernel_and_torch_batched_path(guard, monkeypatch):
+    """On CPU the batched small_fc_lopt step runs tensors of rank >= 2 through the native
+    kernel; with it off, through torch ops. Both equal the reference path."""
+    from learnopt.learned import native
+
+    if not native.available():
+        pytest.skip("numba is not installed")
+    calls = []
+    real = native.numpy_call
+    monkeypatch.setattr(native, "numpy_call", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, _ = _run("small_fc_lopt", False, guard)
+    assert not calls
+    with_kernel, _ = _run("small_fc_lopt", True, guard)
+    assert len(calls) == 25 * sum(len(s) >= 2 for s in SHAPES)  # every step, every tensor
+    monkeypatch.setattr(native, "_STATE", {"enabled": False})
+    calls.clear()
+    without, _ = _run("small_fc_lopt", True, guard)
+    assert not calls
+    assert _max_rel(with_kernel, ref) <= 1e-6 and _max_rel(without, ref) <= 1e-6
+
+
 @pytest.mark.parametrize("kind", ARCHS)
 def test_batched_state_dict_switch_paths(kind):
     """A state written by one path continues identically on the other, through state_dict."""

@@ -100,6 +100,7 @@ class Layout(NamedTuple):
     row_lacks_a: bool
 
 
+@functools.lru_cache(maxsize=4096)
 def layout(shape: Sequence[int], d1: int, d0: int) -> Layout:
     """The :class:`Layout` of a tensor of ``shape`` with factored axes ``(d1, d0)``."""
     shape = tuple(int(x) for x in shape)
@@ -113,9 +114,10 @@ def layout(shape: Sequence[int], d1: int, d0: int) -> Layout:
                   (0,) + tuple(i + 1 for i in lack_a), d0 == a)
 
 
-def inverse(perm: Sequence[int]) -> tuple[int, ...]:
+@functools.lru_cache(maxsize=4096)
+def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     """The permutation that undoes ``perm``."""
-    return tuple(int(i) for i in np.argsort(perm))
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
 def kernel_source(k: int, h: int, layers: int, num_time: int) -> str:
@@ -384,12 +386,15 @@ def array_shapes(k: int, h: int, layers: int, num_time: int) -> dict[str, str]:
 
 @functools.cache
 def ffi_api_version() -> tuple[int, int]:
-    """``(major, minor)`` of XLA's FFI in the installed jaxlib (its ``c_api.h``)."""
+    """``(major, minor)`` of XLA's FFI in the installed jaxlib (its ``c_api.h``, found without
+    importing jax); ``(0, 0)`` without jaxlib (the PyTorch port alone: no XLA entry is used)."""
     import re
 
-    import jax
-
-    header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return 0, 0
+    header = (Path(next(iter(spec.submodule_search_locations))) / "include" / "xla" / "ffi"
+              / "api" / "c_api.h")
     text = header.read_text()
     found = [re.search(rf"#define XLA_FFI_API_{part} (\d+)", text) for part in ("MAJOR", "MINOR")]
     if not all(found):
@@ -426,12 +431,12 @@ def kernel_module(k: int, h: int, layers: int, num_time: int) -> ModuleType:
     return module
 
 
-def _out_shapes(k: int, h: int, layers: int, num_time: int, b: int, dims) -> dict:
-    """The outputs' shapes for batch ``b`` and layout ``dims``."""
+def _out_shapes(k: int, b: int, dims) -> dict[str, tuple[int, ...]]:
+    """The outputs' shapes (:func:`array_shapes`) for batch ``b`` and layout ``dims``."""
     p, n1, m, n2 = dims
-    env = {"B": b, "N": p * n1 * m * n2, "NA": p * m * n2, "NC": p * n1 * m}
-    shapes = array_shapes(k, h, layers, num_time)
-    return {name: eval(shapes[name], {}, env) for name in OUTPUTS}  # noqa: S307 (our strings)
+    n, na, nc = p * n1 * m * n2, p * m * n2, p * n1 * m
+    return {"update": (b, n), "m_out": (b, k, n), "rms_out": (b, 1, n), "va_out": (b, k, na),
+            "vc_out": (b, k, nc)}
 
 
 def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
@@ -440,11 +445,11 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
     ``out`` may hold output arrays to write into (an input may be its own output: the
     accumulators are read before they are written, element by element). Returns the outputs."""
     b = arrays["p"].shape[0]
-    shapes = _out_shapes(k, h, layers, num_time, b, dims)
     out = dict(out or {})
-    for name, shape in shapes.items():
-        if name not in out:
-            out[name] = np.empty(shape, np.float32)
+    if len(out) < len(OUTPUTS):
+        for name, shape in _out_shapes(k, b, dims).items():
+            if name not in out:
+                out[name] = np.empty(shape, np.float32)
     kernel = kernel_module(k, h, layers, num_time).kernel
     kernel(np.asarray((b,) + tuple(dims), np.int32), *(arrays[n] for n in INPUTS),
            *(out[n] for n in OUTPUTS))
@@ -478,7 +483,7 @@ def _batched_call(k: int, h: int, layers: int, num_time: int, dims: tuple[int, .
     @jax.custom_batching.custom_vmap
     def call(*inputs):
         b = inputs[0].shape[0]
-        shapes = _out_shapes(k, h, layers, num_time, b, dims)
+        shapes = _out_shapes(k, b, dims)
         outs = [jax.ShapeDtypeStruct(shapes[n], jnp.float32) for n in OUTPUTS]
         return tuple(jax.ffi.ffi_call(target, outs)(jnp.asarray((b,) + dims, jnp.int32),
                                                     *inputs))

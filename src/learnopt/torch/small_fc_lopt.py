@@ -31,8 +31,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from learnopt.learned import native
 from learnopt.torch.base import (
     TorchLearnedOptimizer,
     check_theta,
@@ -71,6 +73,9 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
     """
 
     name = "small_fc_lopt"
+    #: tensors of rank >= 2 with at least this many entries go through the native kernel (one
+    #: call each); smaller ones join the batched path, whose cost is mostly per step
+    native_min_size = 4096
 
     def __init__(
         self,
@@ -95,6 +100,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                              f"{tuple(initial_rms_decays)}")
         if len(initial_momentum_decays) != len(initial_adafactor_decays):
             raise ValueError("momentum and AdaFactor decays must have the same count")
+        self._hidden_size, self._hidden_layers = int(hidden_size), int(hidden_layers)
         self.km = len(initial_momentum_decays)
         self.kf = len(initial_adafactor_decays)
         self.exp_mult, self.step_mult = float(exp_mult), float(step_mult)
@@ -163,7 +169,96 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         device = params[0].device
         if not self.batched or any(p.device != device for p in params):
             return self._propose_reference(params, grads, states)
+        if device.type == "cpu" and self._hidden_layers >= 1 and native.available():
+            return self._propose_native(params, grads, states)
         return self._propose_batched(params, grads, states, device)
+
+    def _propose_native(self, params, grads, states):
+        """Tensors of rank >= 2 by the native CPU kernel (``learnopt.learned.native``, the
+        one the JAX side uses), one call each; the others by the batched path."""
+        updates, new_states = [None] * len(params), [None] * len(params)
+        small = [i for i, p in enumerate(params)
+                 if p.dim() < 2 or p.numel() < self.native_min_size]
+        if small:
+            ups, sts = self._propose_batched([params[i] for i in small],
+                                             [grads[i] for i in small],
+                                             [states[i] for i in small], params[0].device)
+            for i, u, st in zip(small, ups, sts, strict=True):
+                updates[i], new_states[i] = u, st
+        for i, p in enumerate(params):
+            if updates[i] is None:
+                updates[i], new_states[i] = self._native_leaf(p, grads[i], states[i])
+        return updates, new_states
+
+    def _native_arrays(self) -> dict[str, Any]:
+        """theta as the kernel's NumPy inputs (batch axis of 1), cached."""
+        key = ("native", "cpu")
+        if key not in self._device_theta:
+            c, nn = self._consts(torch.device("cpu")), self.theta["nn"]
+            layers = self._hidden_layers
+            h = nn["w0"].shape[1]
+            hidden = [nn[f"w{i}"] for i in range(1, layers)]
+            arrays = {
+                "decays": torch.cat([c["bm"], c["cr"], c["a"]]),
+                "w0": nn["w0"], "b0": nn["b0"],
+                "wh": torch.stack(hidden) if hidden else torch.zeros((0, h, h)),
+                "bh": (torch.stack([nn[f"b{i}"] for i in range(1, layers)]) if hidden
+                       else torch.zeros((0, h))),
+                "wo": nn[f"w{layers}"], "bo": nn[f"b{layers}"],
+            }
+            self._device_theta[key] = {
+                k: v.detach().to(torch.float32).contiguous().numpy()[None]
+                for k, v in arrays.items()}
+        return self._device_theta[key]
+
+    def _native_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor]):
+        shape, k = tuple(p.shape), self.km
+        lay = native.layout(shape, *factored_dims(shape))  # cached per shape
+        va, vc = ((st["v_row"], st["v_col"]) if lay.row_lacks_a
+                  else (st["v_col"], st["v_row"]))
+
+        def to_kernel(x, perm):  # (lead,) + shape -> (1, lead, n), the kernel's order
+            x = x.detach()
+            if x.dtype != torch.float32:
+                x = x.to(torch.float32)
+            if any(i != j for i, j in enumerate(perm)):
+                x = x.permute(perm)
+            return x.reshape(1, x.shape[0], -1).contiguous()
+
+        full = lay.perm_full
+        step = st["step"]
+        time = time_features(step.reshape(1, 1), self._consts(p.device)["timescales"])
+        ins = {"p": to_kernel(p[None], full)[:, 0], "g": to_kernel(g[None], full)[:, 0],
+               "m": to_kernel(st["momentum"], full), "rms": to_kernel(st["rms"], full),
+               "va": to_kernel(va, lay.perm_lack_a), "vc": to_kernel(vc, tuple(range(vc.dim()))),
+               "time": time.contiguous()}
+        outs = {"update": torch.empty_like(ins["p"])}
+        for name, src in (("m_out", "m"), ("rms_out", "rms"), ("va_out", "va"),
+                          ("vc_out", "vc")):
+            # without the guard the state is updated in place (the kernel reads each
+            # accumulator element before it writes it), when the views share the storage
+            shares = (self._inplace and ins[src].data_ptr() == {
+                "m": st["momentum"], "rms": st["rms"], "va": va, "vc": vc}[src].data_ptr())
+            outs[name] = ins[src] if shares else torch.empty_like(ins[src])
+        arrays = {**{n: x.numpy() for n, x in ins.items()}, **self._native_arrays(),
+                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
+                                         float(lay.row_lacks_a)]], np.float32)}
+        native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], lay.dims,
+                          arrays, {n: x.numpy() for n, x in outs.items()})
+
+        def back(x, like, perm):
+            if not any(i != j for i, j in enumerate(perm)):
+                return x[0].view(like.shape)
+            moved = tuple(like.shape[i] for i in perm)
+            return x[0].view(moved).permute(native.inverse(perm))
+
+        va_new = back(outs["va_out"], va, lay.perm_lack_a)
+        vc_new = outs["vc_out"][0].view(vc.shape)
+        v_row, v_col = (va_new, vc_new) if lay.row_lacks_a else (vc_new, va_new)
+        new = {"step": step + 1, "momentum": back(outs["m_out"], st["momentum"], full),
+               "rms": back(outs["rms_out"], st["rms"], full), "v_row": v_row, "v_col": v_col,
+               "v_full": st["v_full"]}
+        return back(outs["update"][None], p[None], full)[0], new
 
     def _propose_batched(self, params, grads, states, device):
         # All tensors at once. Columns: the elements of the rank < 2 tensors first ("vector"
