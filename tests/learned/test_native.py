@@ -33,8 +33,10 @@ def _theta(lopt: SmallFcLOpt, seed: int, scale: float = 0.3):
 
 
 def _params(shape, seed=1):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    return {"w": jax.random.normal(k1, shape), "b": jax.random.normal(k2, (3,))}
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    # a vector and a scalar go through the kernel of rank < 2 (v_full)
+    return {"w": jax.random.normal(k1, shape), "b": jax.random.normal(k2, (3,)),
+            "s": jax.random.normal(k3, ())}
 
 
 def _three_steps(lopt: SmallFcLOpt):
@@ -132,7 +134,7 @@ def test_nonfinite_values_propagate():
     opt = lopt.optimizer(theta, 10)
     with kernel(True):
         update = jax.jit(opt.update)
-        g = {"w": params["w"].at[2, 3].set(jnp.nan), "b": params["b"]}
+        g = {**params, "w": params["w"].at[2, 3].set(jnp.nan)}
         u, _ = update(g, opt.init(params), params)
         assert np.isnan(np.asarray(u["w"])).all()  # the per-tensor normalisers are NaN
         huge = jax.tree.map(lambda x: x, theta)

@@ -120,52 +120,78 @@ def _from_kernel(x: jax.Array, like: jax.Array, perm: Sequence[int]) -> jax.Arra
     return jnp.transpose(jnp.reshape(x[0], moved), native.inverse(perm))
 
 
+def _theta_arrays(nn, hidden_layers: int) -> dict[str, jax.Array]:
+    """The MLP as the kernel's inputs (batch axis of 1)."""
+    h = nn["w0"].shape[1]
+    hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
+    return {
+        "w0": nn["w0"][None], "b0": nn["b0"][None],
+        "wh": (jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32))[None],
+        "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
+               else jnp.zeros((0, h), jnp.float32))[None],
+        "wo": nn[f"w{hidden_layers}"][None], "bo": nn[f"b{hidden_layers}"][None],
+    }
+
+
 @functools.cache
 def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
-    """``leaf(nn, time, decays, p, g, m, rms, v_row, v_col) -> (update, m, rms, v_row, v_col)``
-    of one factored tensor, by the native CPU kernel (:mod:`learnopt.learned.native`): the
-    accumulators before the step in, after it out. Differentiated, it evaluates as the XLA
+    """``leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full) -> (update, m, rms, v_row,
+    v_col, v_full)`` of one tensor by the native CPU kernel (:mod:`learnopt.learned.native`):
+    the accumulators before the step in, after it out. Differentiated, it evaluates as the XLA
     matmul path (the same function)."""
 
-    def reference(nn, time, decays, p, g, m, rms, v_row, v_col):
+    def reference(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
         k = m.shape[0]
-        m = decays[:k].reshape((k,) + (1,) * p.ndim) * m + (
-            1.0 - decays[:k].reshape((k,) + (1,) * p.ndim)) * g[None]
-        c = decays[k]
-        rms = c * rms + (1.0 - c) * (g * g)[None]
-        v_row, v_col, _, fac_g = common.factored_update_leaf(v_row, v_col, None, g,
-                                                             decays[k + 1:])
-        d, mag = _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, None)
-        return -(d * jnp.exp(mag * exp_mult) * step_mult), m, rms, v_row, v_col
+        shape = p.shape
+        if not shape:  # scalars are processed as shape [1], as in the released code
+            p, g, m, rms, v_full = p[None], g[None], m[:, None], rms[:, None], v_full[:, None]
+        col = (k,) + (1,) * p.ndim
+        m = decays[:k].reshape(col) * m + (1.0 - decays[:k].reshape(col)) * g[None]
+        rms = decays[k] * rms + (1.0 - decays[k]) * (g * g)[None]
+        v_row, v_col, v_full, fac_g = common.factored_update_leaf(v_row, v_col, v_full, g,
+                                                                  decays[k + 1:])
+        d, mag = _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
+        update = -(d * jnp.exp(mag * exp_mult) * step_mult)
+        if not shape:
+            update, m, rms, v_full = update[0], m[:, 0], rms[:, 0], v_full[:, 0]
+        return update, m, rms, v_row, v_col, v_full
+
+    def consts(row_lacks_a: bool) -> jax.Array:
+        return jnp.asarray([[exp_mult, step_mult, common.NORMALIZER_EPS, float(row_lacks_a)]],
+                           jnp.float32)
 
     @jax.custom_jvp
-    def leaf(nn, time, decays, p, g, m, rms, v_row, v_col):
+    def leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
         k, h = m.shape[0], nn["w0"].shape[1]
+        arrays = {**_theta_arrays(nn, hidden_layers), "decays": decays[None],
+                  "time": time[None]}
+        if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
+            n = max(p.size, 1)
+            arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
+                          m=jnp.reshape(m, (1, k, n)), rms=jnp.reshape(rms, (1, 1, n)),
+                          va=jnp.reshape(v_full, (1, k, n)),
+                          vc=jnp.zeros((1, k, 1), jnp.float32), consts=consts(False))
+            out = native.xla_call(k, h, hidden_layers, time.shape[0], (1, 1, 1, n), arrays,
+                                  factored=False)
+            return (jnp.reshape(out["update"], p.shape), jnp.reshape(out["m_out"], m.shape),
+                    jnp.reshape(out["rms_out"], rms.shape), v_row, v_col,
+                    jnp.reshape(out["va_out"], v_full.shape))
         d1, d0 = common.factored_dims(p.shape)
         lay = native.layout(p.shape, d1, d0)
         va, vc = (v_row, v_col) if lay.row_lacks_a else (v_col, v_row)
-        hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
-        arrays = {
-            "p": _to_kernel(p[None], lay.perm_full)[:, 0],
-            "g": _to_kernel(g[None], lay.perm_full)[:, 0],
-            "m": _to_kernel(m, lay.perm_full), "rms": _to_kernel(rms, lay.perm_full),
-            "va": _to_kernel(va, lay.perm_lack_a), "vc": jnp.reshape(vc, (1, k, -1)),
-            "decays": decays[None], "w0": nn["w0"][None], "b0": nn["b0"][None],
-            "time": time[None],
-            "wh": (jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32))[None],
-            "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
-                   else jnp.zeros((0, h), jnp.float32))[None],
-            "wo": nn[f"w{hidden_layers}"][None], "bo": nn[f"b{hidden_layers}"][None],
-            "consts": jnp.asarray([[exp_mult, step_mult, common.NORMALIZER_EPS,
-                                    float(lay.row_lacks_a)]], jnp.float32),
-        }
+        arrays.update(
+            p=_to_kernel(p[None], lay.perm_full)[:, 0],
+            g=_to_kernel(g[None], lay.perm_full)[:, 0],
+            m=_to_kernel(m, lay.perm_full), rms=_to_kernel(rms, lay.perm_full),
+            va=_to_kernel(va, lay.perm_lack_a), vc=jnp.reshape(vc, (1, k, -1)),
+            consts=consts(lay.row_lacks_a))
         out = native.xla_call(k, h, hidden_layers, time.shape[0], lay.dims, arrays)
         va = _from_kernel(out["va_out"], va, lay.perm_lack_a)
         vc = jnp.reshape(out["vc_out"][0], vc.shape)
         v_row, v_col = (va, vc) if lay.row_lacks_a else (vc, va)
         return (_from_kernel(out["update"], p[None], lay.perm_full)[0],
                 _from_kernel(out["m_out"], m, lay.perm_full),
-                _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col)
+                _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col, v_full)
 
     @leaf.defjvp
     def _jvp(primals, tangents):
@@ -295,9 +321,10 @@ class SmallFcLOpt(LearnedOptimizer):
 
     def _native(self, shape) -> bool:
         """Whether a tensor of ``shape`` is updated by the native CPU kernel: the elementwise
-        path, a factored tensor (rank >= 2), at least one hidden layer, numba available and
-        a CPU backend (elsewhere XLA fuses the elementwise path well)."""
-        return (self.compute == "elementwise" and len(shape) >= 2 and self.hidden_layers >= 1
+        path, at least one hidden layer, numba available and a CPU backend (elsewhere XLA
+        fuses the elementwise path well)."""
+        del shape  # every rank: scalars and vectors have a kernel of their own
+        return (self.compute == "elementwise" and self.hidden_layers >= 1
                 and native.available() and jax.default_backend() == "cpu")
 
     def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
@@ -344,15 +371,18 @@ class SmallFcLOpt(LearnedOptimizer):
             flat = [treedef.flatten_up_to(t) for t in (
                 params, grads, mom.m, rms.rms, fac_g, fac.v_row, fac.v_col, fac.v_full)]
             old = [treedef.flatten_up_to(t) for t in (
-                state.momentum.m, state.rms.rms, state.factored.v_row, state.factored.v_col)]
-            out = {"u": [], "m": flat[2], "rms": flat[3], "v_row": flat[5], "v_col": flat[6]}
+                state.momentum.m, state.rms.rms, state.factored.v_row, state.factored.v_col,
+                state.factored.v_full)]
+            out = {"u": [], "m": flat[2], "rms": flat[3], "v_row": flat[5], "v_col": flat[6],
+                   "v_full": flat[7]}
             for i, (p, g, m, r, fg, vr, vc, vf) in enumerate(zip(*flat, strict=True)):
                 if self._native(jnp.shape(p)):  # the kernel updates the accumulators too
                     leaf = _native_leaf(self.hidden_layers, self.exp_mult, self.step_mult)
                     u, *acc = leaf(nn, time, _kernel_decays(decays),
                                    jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
                                    *(o[i] for o in old))
-                    for name, x in zip(("m", "rms", "v_row", "v_col"), acc, strict=True):
+                    for name, x in zip(("m", "rms", "v_row", "v_col", "v_full"), acc,
+                                       strict=True):
                         out[name] = out[name][:i] + [x] + out[name][i + 1:]
                     out["u"].append(u.astype(jnp.asarray(p).dtype))
                 else:
@@ -362,7 +392,7 @@ class SmallFcLOpt(LearnedOptimizer):
                 rms=common.RMSState(rms=treedef.unflatten(out["rms"])),
                 factored=common.FactoredState(v_row=treedef.unflatten(out["v_row"]),
                                               v_col=treedef.unflatten(out["v_col"]),
-                                              v_full=fac.v_full),
+                                              v_full=treedef.unflatten(out["v_full"])),
                 iteration=state.iteration + 1, num_steps=state.num_steps)
             return treedef.unflatten(out["u"]), new_state
 

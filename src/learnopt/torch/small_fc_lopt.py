@@ -73,9 +73,10 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
     """
 
     name = "small_fc_lopt"
-    #: tensors of rank >= 2 with at least this many entries go through the native kernel (one
-    #: call each); smaller ones join the batched path, whose cost is mostly per step
-    native_min_size = 4096
+    #: on CPU, tensors with at least this many entries go through the native kernel (one call
+    #: each, about 0.1 ms of Python); smaller ones join the batched path, whose cost is
+    #: mostly per step (benchmarks/step_cost_torch.py)
+    native_min_size = 0
 
     def __init__(
         self,
@@ -177,8 +178,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         """Tensors of rank >= 2 by the native CPU kernel (``learnopt.learned.native``, the
         one the JAX side uses), one call each; the others by the batched path."""
         updates, new_states = [None] * len(params), [None] * len(params)
-        small = [i for i, p in enumerate(params)
-                 if p.dim() < 2 or p.numel() < self.native_min_size]
+        small = [i for i, p in enumerate(params) if p.numel() < self.native_min_size]
         if small:
             ups, sts = self._propose_batched([params[i] for i in small],
                                              [grads[i] for i in small],
@@ -213,6 +213,8 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
 
     def _native_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor]):
         shape, k = tuple(p.shape), self.km
+        if p.dim() < 2:
+            return self._native_flat_leaf(p, g, st)
         lay = native.layout(shape, *factored_dims(shape))  # cached per shape
         va, vc = ((st["v_row"], st["v_col"]) if lay.row_lacks_a
                   else (st["v_col"], st["v_row"]))
@@ -259,6 +261,38 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                "rms": back(outs["rms_out"], st["rms"], full), "v_row": v_row, "v_col": v_col,
                "v_full": st["v_full"]}
         return back(outs["update"][None], p[None], full)[0], new
+
+    def _native_flat_leaf(self, p, g, st):
+        """A tensor of rank < 2 by the kernel whose full ``v_full`` stands in for the
+        factored statistics (one run over its entries)."""
+        k, n = self.km, max(p.numel(), 1)
+
+        def flat(x, rows):
+            x = x.detach()
+            return (x if x.dtype == torch.float32 else x.to(torch.float32)).reshape(
+                1, rows, n).contiguous()
+
+        step = st["step"]
+        time = time_features(step.reshape(1, 1), self._consts(p.device)["timescales"])
+        ins = {"p": flat(p, 1)[:, 0], "g": flat(g, 1)[:, 0], "m": flat(st["momentum"], k),
+               "rms": flat(st["rms"], 1), "va": flat(st["v_full"], k),
+               "vc": torch.zeros((1, k, 1)), "time": time.contiguous()}
+        olds = {"m_out": ("m", st["momentum"]), "rms_out": ("rms", st["rms"]),
+                "va_out": ("va", st["v_full"])}
+        outs = {"update": torch.empty_like(ins["p"]), "vc_out": torch.empty_like(ins["vc"])}
+        for name, (src, old) in olds.items():  # in place without the guard, as above
+            shares = self._inplace and ins[src].data_ptr() == old.data_ptr()
+            outs[name] = ins[src] if shares else torch.empty_like(ins[src])
+        arrays = {**{n_: x.numpy() for n_, x in ins.items()}, **self._native_arrays(),
+                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5, 0.0]],
+                                       np.float32)}
+        native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1],
+                          (1, 1, 1, n), arrays, {n_: x.numpy() for n_, x in outs.items()},
+                          factored=False)
+        new = {"step": step + 1, "momentum": outs["m_out"][0].view(st["momentum"].shape),
+               "rms": outs["rms_out"][0].view(st["rms"].shape), "v_row": st["v_row"],
+               "v_col": st["v_col"], "v_full": outs["va_out"][0].view(st["v_full"].shape)}
+        return outs["update"][0].view(p.shape), new
 
     def _propose_batched(self, params, grads, states, device):
         # All tensors at once. Columns: the elements of the rank < 2 tensors first ("vector"
