@@ -67,6 +67,6 @@ if [ ! -f "$AUSTEN_DB" ]; then
   rm -rf "$tmp"
 fi
 log "compiling the native small_fc_lopt kernel (once per machine; learnopt.learned.native)"
-"$VENV/bin/python" -c "from learnopt.learned import native; native.kernel_module(3, 4, 2, 11)" \
+"$VENV/bin/python" -c "from learnopt.learned import native as n; [n.kernel_module(3, 4, 2, 11, f) for f in (True, False)]" \
   || log "WARNING: the native kernel did not compile; small_fc_lopt uses its XLA path"
 log "done; datasets: $VENV/bin/learnopt data"

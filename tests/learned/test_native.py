@@ -170,3 +170,18 @@ def test_layout(shape, dims, perm_full, perm_lack_a, row_lacks_a):
     assert lay.dims == dims and lay.perm_full == perm_full
     assert lay.perm_lack_a == perm_lack_a and lay.row_lacks_a == row_lacks_a
     assert native.inverse((0, 2, 3, 1)) == (0, 3, 1, 2)
+
+
+def test_unbuildable_kernel_falls_back_to_xla(tmp_path, monkeypatch):
+    """A kernel that cannot be built (here: its cache directory cannot be made) warns once and
+    the optimizer runs on the XLA path."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("LEARNOPT_KERNEL_DIR", str(blocker / "kernels"))
+    lopt = SmallFcLOpt(hidden_size=2, hidden_layers=1, initial_momentum_decays=(0.5,),
+                       initial_adafactor_decays=(0.5,))  # sizes no other test builds
+    with pytest.warns(UserWarning, match="kernel is unavailable"):
+        assert not native.ready(1, 2, 1, 11, True)
+        assert not lopt._native((4, 3))
+        updates, params, _ = _three_steps(lopt)(_theta(lopt, 0), _params((4, 3)))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((updates, params)))

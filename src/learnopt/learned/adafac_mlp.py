@@ -321,11 +321,14 @@ class SmallFcLOpt(LearnedOptimizer):
 
     def _native(self, shape) -> bool:
         """Whether a tensor of ``shape`` is updated by the native CPU kernel: the elementwise
-        path, at least one hidden layer, numba available and a CPU backend (elsewhere XLA
-        fuses the elementwise path well)."""
-        del shape  # every rank: scalars and vectors have a kernel of their own
-        return (self.compute == "elementwise" and self.hidden_layers >= 1
-                and native.available() and jax.default_backend() == "cpu")
+        path, at least one hidden layer, a CPU backend (elsewhere XLA fuses the elementwise
+        path well) and a kernel that builds (:func:`native.ready`); every rank has one."""
+        if self.compute != "elementwise" or self.hidden_layers < 1:
+            return False
+        if jax.default_backend() != "cpu":
+            return False
+        return native.ready(len(self.initial_momentum_decays), self.hidden_size,
+                            self.hidden_layers, len(common.TIME_SCALES), len(shape) >= 2)
 
     def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
         orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
@@ -362,31 +365,28 @@ class SmallFcLOpt(LearnedOptimizer):
             del loss, extra_args  # small_fc_lopt has no loss feature
             grads = updates
             common.check_same_structure(grads, params, self.name)
-            mom = common.momentum_update(state.momentum, grads, decays["momentum"])
-            rms = common.rms_update(state.rms, grads, decays["rms"])
-            fac, fac_g = common.factored_update(state.factored, grads, decays["adafactor"])
             time = common.tanh_time_features(state.iteration)
-
             treedef = jax.tree.structure(grads)
-            flat = [treedef.flatten_up_to(t) for t in (
-                params, grads, mom.m, rms.rms, fac_g, fac.v_row, fac.v_col, fac.v_full)]
-            old = [treedef.flatten_up_to(t) for t in (
-                state.momentum.m, state.rms.rms, state.factored.v_row, state.factored.v_col,
-                state.factored.v_full)]
-            out = {"u": [], "m": flat[2], "rms": flat[3], "v_row": flat[5], "v_col": flat[6],
-                   "v_full": flat[7]}
-            for i, (p, g, m, r, fg, vr, vc, vf) in enumerate(zip(*flat, strict=True)):
+            leaves = zip(*(treedef.flatten_up_to(t) for t in (
+                params, grads, state.momentum.m, state.rms.rms, state.factored.v_row,
+                state.factored.v_col, state.factored.v_full)), strict=True)
+            out: dict[str, list] = {n: [] for n in ("u", "m", "rms", "v_row", "v_col", "v_full")}
+            for p, g, m, r, vr, vc, vf in leaves:
                 if self._native(jnp.shape(p)):  # the kernel updates the accumulators too
                     leaf = _native_leaf(self.hidden_layers, self.exp_mult, self.step_mult)
-                    u, *acc = leaf(nn, time, _kernel_decays(decays),
-                                   jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
-                                   *(o[i] for o in old))
-                    for name, x in zip(("m", "rms", "v_row", "v_col", "v_full"), acc,
-                                       strict=True):
-                        out[name] = out[name][:i] + [x] + out[name][i + 1:]
-                    out["u"].append(u.astype(jnp.asarray(p).dtype))
+                    u, m, r, vr, vc, vf = leaf(nn, time, _kernel_decays(decays),
+                                               jnp.asarray(p, jnp.float32),
+                                               jnp.asarray(g, jnp.float32), m, r, vr, vc, vf)
+                    u = u.astype(jnp.asarray(p).dtype)
                 else:
-                    out["u"].append(self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf))
+                    m = common.momentum_update(common.MomentumState(m), g,
+                                               decays["momentum"]).m
+                    r = common.rms_update(common.RMSState(r), g, decays["rms"]).rms
+                    vr, vc, vf, fg = common.factored_update_leaf(vr, vc, vf, g,
+                                                                 decays["adafactor"])
+                    u = self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf)
+                for name, x in zip(out, (u, m, r, vr, vc, vf), strict=True):
+                    out[name].append(x)
             new_state = SmallFcLOptState(
                 momentum=common.MomentumState(m=treedef.unflatten(out["m"])),
                 rms=common.RMSState(rms=treedef.unflatten(out["rms"])),

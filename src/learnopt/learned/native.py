@@ -1,32 +1,33 @@
-"""Native CPU kernel of small_fc_lopt's per-tensor update: features, normalisation, MLP, step.
+"""Native CPU kernel of small_fc_lopt's per-tensor step: accumulators, features, MLP, update.
 
 The update of Metz et al. 2022 ("Practical tradeoffs between memory, compute, and performance
-in learned optimizers", arXiv:2203.11860, §2.2 and App. A) for one tensor of rank >= 2 is two
-passes over its entries: one for the mean square of each of the 16 full-size features (their
-per-tensor normalisers), one for the features again, the 39 -> H -> ... -> 2 MLP and the step
-``-d * exp(exp_mult * mag) * step_mult``. XLA:CPU splits that into dozens of loops with
-full-size intermediates; here each pass is one loop with every feature and hidden unit in
-registers, compiled by numba for the architecture's sizes (decays ``K``, width ``H``, ``L``
-hidden layers). On the 784x128 tensor of the step benchmark it takes about a third of the
-time of the XLA version (benchmarks/small_fc_lopt_step.py).
+in learned optimizers", arXiv:2203.11860, §2.2 and App. A) for one tensor takes its
+accumulators before the step and gives them back after it, with the update, in a few loops
+over the tensor's entries: (rank >= 2) the AdaFactor row / column statistics, their factors
+and the first-layer contributions of the 12 row / column features, which are constant along
+one axis and computed on the small arrays; the new momenta and rms and the mean squares of the
+16 full-size features (their per-tensor normalisers); the features again, the
+``39 -> H -> ... -> 2`` MLP and the step ``-d * exp(exp_mult * mag) * step_mult``. XLA:CPU
+splits that into dozens of loops with full-size intermediates; here every feature and hidden
+unit stays in registers. Tensors of rank < 2 have a kernel of their own, in which ``v_full``
+stands in for the row and column statistics. ``exp`` is evaluated in the loop by range
+reduction and a degree-7 polynomial (relative error about 1e-7) so that the loop vectorises;
+it gives inf above 88.72, 0 below -87.33 and NaN for NaN, as ``exp`` does. The derivation and
+timings are in docs/derivations.md §3.1.
 
-The 12 AdaFactor row / column features are constant along one axis of the tensor: their
-normalisers and their first-layer contributions (``ca``, ``cc``: one row per hidden unit) are
-computed by the caller on the small factored arrays. ``exp`` is evaluated in-loop by range
-reduction and a degree-7 polynomial (relative error about 1e-7), so the loop vectorises; it
-returns inf above 88.72, 0 below -87.33 and NaN for NaN, as ``exp`` does.
+Layout (:func:`layout`): a tensor of rank >= 2 is seen as ``(P, N1, M, N2)`` with its two
+factored axes ``N1`` and ``N2`` (the caller moves the later one last when it is not); ``va`` is
+its factored statistic without ``N1``, ``(P, M, N2)``, and ``vc`` the one without ``N2``,
+``(P, N1, M)``. A tensor of rank < 2 is one run ``(1, 1, 1, N)`` with ``v_full`` in ``va``.
+Every array has a leading batch axis ``B`` (vmapped tasks and perturbations).
 
-Layout: the tensor is seen as ``(P, N1, M, N2)`` with the two factored axes ``N1`` and ``N2``
-(the caller moves the later factored axis last when it is not). ``fa`` / ``ca`` are indexed
-by the entries of the tensor without ``N1``, ``(P, M, N2)``; ``fc`` / ``cc`` by those without
-``N2``, ``(P, N1, M)``. Every array has a leading batch axis ``B`` (vmapped tasks and
-perturbations).
-
-The kernel is generated as Python source for each ``(K, H, L)``, written to a cache directory
-(``LEARNOPT_KERNEL_DIR``, default ``~/.cache/learnopt/kernels``) and compiled there with
-numba's on-disk cache, so a machine compiles each kernel once (about 3 s). It is registered
-with XLA as a CPU custom call and called from NumPy arrays by the PyTorch port. numba is a
-dependency; without it (``available()`` is False) the callers use their XLA / torch paths.
+The kernel is generated as Python source for each architecture size (decays ``K``, width
+``H``, ``L`` hidden layers, ``T`` time features, factored or not), written to a cache
+directory (``LEARNOPT_KERNEL_DIR``, default ``~/.cache/learnopt/kernels``) and compiled with
+numba's on-disk cache, so a machine compiles each once (3-6 s). XLA calls it as a CPU custom
+call through its typed FFI (:func:`xla_call`); the PyTorch port calls it on NumPy views
+(:func:`numpy_call`). numba is a dependency; without it, or with ``LEARNOPT_NATIVE=0``,
+:func:`available` is False and the callers use their XLA / torch paths (the same function).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import math
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -67,6 +69,23 @@ def available() -> bool:
     in the environment or :func:`set_enabled` turns it off; the callers then use their XLA /
     torch paths, which compute the same function)."""
     return _STATE["enabled"] and importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def _builds(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
+    try:
+        kernel_module(k, h, layers, num_time, factored)
+        return True
+    except Exception as err:  # an unwritable cache directory, a numba that cannot compile
+        warnings.warn(f"learnopt: the native small_fc_lopt kernel is unavailable ({err!r}); "
+                      "using the XLA / torch path (the same function, slower)", stacklevel=3)
+        return False
+
+
+def ready(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
+    """Whether the kernel for these sizes can be used: :func:`available` and it compiles (on
+    failure a warning says why, once)."""
+    return available() and _builds(k, h, layers, num_time, factored)
 
 
 def set_enabled(enabled: bool) -> bool:

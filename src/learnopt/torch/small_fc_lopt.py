@@ -170,9 +170,15 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         device = params[0].device
         if not self.batched or any(p.device != device for p in params):
             return self._propose_reference(params, grads, states)
-        if device.type == "cpu" and self._hidden_layers >= 1 and native.available():
+        if device.type == "cpu" and self._native_ready():
             return self._propose_native(params, grads, states)
         return self._propose_batched(params, grads, states, device)
+
+    def _native_ready(self) -> bool:
+        if self._hidden_layers < 1:
+            return False
+        sizes = (self.km, self._hidden_size, self._hidden_layers, len(TIME_SCALES))
+        return native.ready(*sizes, True) and native.ready(*sizes, False)
 
     def _propose_native(self, params, grads, states):
         """Tensors of rank >= 2 by the native CPU kernel (``learnopt.learned.native``, the
