@@ -71,15 +71,21 @@ def available() -> bool:
     return _STATE["enabled"] and importlib.util.find_spec("numba") is not None
 
 
-@functools.cache
-def _builds(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
+def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
+    """Whether ``module_fn(*sizes)`` (a kernel module) builds; a warning says why not."""
     try:
-        kernel_module(k, h, layers, num_time, factored)
+        module_fn(*sizes)
         return True
     except Exception as err:  # an unwritable cache directory, a numba that cannot compile
-        warnings.warn(f"learnopt: the native small_fc_lopt kernel is unavailable ({err!r}); "
-                      "using the XLA / torch path (the same function, slower)", stacklevel=3)
+        warnings.warn(f"learnopt: the native kernel {module_fn.__module__}.{module_fn.__name__}"
+                      f"{sizes} is unavailable ({err!r}); using the XLA / torch path (the "
+                      "same function, slower)", stacklevel=3)
         return False
+
+
+@functools.cache
+def _builds(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
+    return builds(kernel_module, k, h, layers, num_time, factored)
 
 
 def ready(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
@@ -372,20 +378,20 @@ def header_lines() -> list[str]:
 
 def exp_lines(body: str) -> list[str]:
     """In a loop over ``t`` indented by ``body``: ``dbuf[t] = d * exp(r)`` and the bits of
-    ``2^n`` in ``ibuf[t]`` (read back as floats through ``sbuf``), where ``exp(x) = 2^n exp(r)``
+    ``2^e2`` in ``ibuf[t]`` (read back as floats through ``sbuf``), where ``exp(x) = 2^e2 exp(r)``
     and ``|r| <= ln2 / 2``; ``exp(r)`` by its Taylor polynomial. NaN passes through
     (``x - x``), inf and 0 are selected outside the range. Needs ``x`` and ``d``."""
     out: list[str] = []
     a = out.append
     a(f"{body}xc = min(max(x, XMIN), XMAX)")
-    a(f"{body}n = math.floor(xc * LOG2E + HALF)")
-    a(f"{body}rr_ = xc - n * LN2_HI - n * LN2_LO")
+    a(f"{body}e2 = math.floor(xc * LOG2E + HALF)")
+    a(f"{body}rr_ = xc - e2 * LN2_HI - e2 * LN2_LO")
     a(f"{body}pe = ONE + rr_ * (ONE + rr_ * (C2 + rr_ * (C3 + rr_ * (C4 + rr_ * (C5 + rr_ * "
       "(C6 + rr_ * C7))))))")
     a(f"{body}pe = pe + (x - x)")
     a(f"{body}pe = INF if x > XMAX else pe")
     a(f"{body}pe = ZERO if x < XMIN else pe")
-    a(f"{body}ibuf[t] = (min(np.int32(n), EXP_CAP) + EXP_CAP) << np.int32(23)")
+    a(f"{body}ibuf[t] = (min(np.int32(e2), EXP_CAP) + EXP_CAP) << np.int32(23)")
     a(f"{body}dbuf[t] = d * pe")
     return out
 
