@@ -12,7 +12,8 @@ import pytest
 from learnopt.learned import native
 from learnopt.learned.adafac_mlp import SmallFcLOpt
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="numba is not installed")
+pytestmark = [pytest.mark.skipif(not native.available(), reason="numba is not installed"),
+              pytest.mark.filterwarnings("error:learnopt. the native kernel")]
 
 
 @contextlib.contextmanager
@@ -68,6 +69,12 @@ def _assert_close(native_tree, xla_tree, rtol):
 SHAPES = [(9, 5), (5, 9), (3, 4, 5), (4, 3, 2), (3, 3, 4, 5)]
 
 
+def test_default_kernels_build():
+    """The kernels of the default sizes build (a failure would only warn and fall back)."""
+    assert native.ready(3, 4, 2, 11, True) and native.ready(3, 4, 2, 11, False)
+    assert SmallFcLOpt()._native((5, 6)) and SmallFcLOpt()._native(())
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_equals_xla_path(shape):
     lopt = SmallFcLOpt()
@@ -84,6 +91,7 @@ def test_kernel_other_sizes(hidden_size, hidden_layers, decays):
     ds = (0.5, 0.9, 0.99)[:decays]
     lopt = SmallFcLOpt(hidden_size=hidden_size, hidden_layers=hidden_layers,
                        initial_momentum_decays=ds, initial_adafactor_decays=ds)
+    assert native.ready(decays, hidden_size, hidden_layers, 11, True)
     theta, params = _theta(lopt, 3), _params((6, 7))
     with kernel(True):
         got = _three_steps(lopt)(theta, params)

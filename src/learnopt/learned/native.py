@@ -221,9 +221,9 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     # first-layer contributions. Generic loops; the cost is in the two passes below.
     a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
     a("def _factored(P, N1, M, N2, gb, va, vc, vao, vco, dec, w0, row_lacks_a, eps, fa, fc, "
-      "ca, cc):")
+      "ca, cc, sa, sc):")
     a("    NA = P * M * N2; NC = P * N1 * M")
-    a("    sa = np.zeros(NA, np.float64); sc = np.zeros(NC, np.float64)")
+    a("    sa[:] = 0.0; sc[:] = 0.0  # buffers of the caller: no allocation per batch member")
     a("    for pi in range(P):")
     a("        for i in range(N1):")
     a("            for mm in range(M):")
@@ -292,13 +292,14 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     if factored:
         a("    fa = np.empty((K, NA), np.float32); fc = np.empty((K, NC), np.float32)")
         a("    ca = np.empty((H, NA), np.float32); cc = np.empty((H, NC), np.float32)")
+        a("    gsum_a = np.empty(NA, np.float64); gsum_c = np.empty(NC, np.float64)")
     a("    dbuf = np.empty(N2, np.float32); ibuf = np.empty(N2, np.int32)")
     a("    sbuf = ibuf.view(np.float32)")
     a("    for b in range(B):")
     a("        exp_mult = consts[b, 0]; step_mult = consts[b, 1]; eps = consts[b, 2]")
     if factored:
         a("        _factored(P, N1, M, N2, ga[b], va[b], vc[b], va_out[b], vc_out[b], "
-          "decays[b], w0[b], consts[b, 3] > 0.5, eps, fa, fc, ca, cc)")
+          "decays[b], w0[b], consts[b, 3] > 0.5, eps, fa, fc, ca, cc, gsum_a, gsum_c)")
     else:
         a("        vab = va[b]; vaob = va_out[b]")
         a(i2 + "; ".join(f"ak{i} = decays[b, {k + 1 + i}]" for i in range(k)))
