@@ -564,19 +564,20 @@ def register(name: str, module: ModuleType) -> str:
 
 
 @functools.cache
-def batched_call(target: str, out_shapes: Callable[[int], Sequence[tuple[int, ...]]],
+def batched_call(target: str, out_shapes: tuple[tuple[int, ...], ...],
                  dims: tuple[int, ...]):
     """``f(*inputs) -> outputs``: the custom call ``target`` on arrays with one leading batch
-    axis (``dims`` after the batch size is its ``dims`` operand; ``out_shapes(b)`` the output
-    shapes), closed under ``vmap``: a vmapped call folds the new axis into the batch axis and
-    calls itself."""
+    axis (``dims`` after the batch size is its ``dims`` operand; ``out_shapes`` the output
+    shapes without the batch axis; all hashable, so that one function serves every trace),
+    closed under ``vmap``: a vmapped call folds the new axis into the batch axis and calls
+    itself."""
     import jax
     import jax.numpy as jnp
 
     @jax.custom_batching.custom_vmap
     def call(*inputs):
         b = inputs[0].shape[0]
-        outs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes(b)]
+        outs = [jax.ShapeDtypeStruct((b,) + s, jnp.float32) for s in out_shapes]
         return tuple(jax.ffi.ffi_call(target, outs)(jnp.asarray((b,) + dims, jnp.int32),
                                                     *inputs))
 
@@ -602,11 +603,7 @@ def xla_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
     target = register(f"learnopt_small_fc_lopt_{kind}_k{k}_h{h}_l{layers}_t{num_time}",
                       kernel_module(k, h, layers, num_time, factored))
     dims = tuple(int(d) for d in dims)
-    call = batched_call(target, functools.partial(_out_shape_list, k, dims), dims)
+    shapes = _out_shapes(k, 1, dims)
+    call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims)
     outs = call(*(arrays[name] for name in INPUTS))
     return dict(zip(OUTPUTS, outs, strict=True))
-
-
-def _out_shape_list(k: int, dims, b: int) -> list[tuple[int, ...]]:
-    shapes = _out_shapes(k, b, dims)
-    return [shapes[n] for n in OUTPUTS]
