@@ -120,17 +120,34 @@ def _from_kernel(x: jax.Array, like: jax.Array, perm: Sequence[int]) -> jax.Arra
     return jnp.transpose(jnp.reshape(x[0], moved), native.inverse(perm))
 
 
-def _theta_arrays(nn, hidden_layers: int) -> dict[str, jax.Array]:
-    """The MLP as the kernel's inputs (batch axis of 1)."""
-    h = nn["w0"].shape[1]
-    hidden = [nn[f"w{i}"] for i in range(1, hidden_layers)]
-    return {
-        "w0": nn["w0"][None], "b0": nn["b0"][None],
-        "wh": (jnp.stack(hidden) if hidden else jnp.zeros((0, h, h), jnp.float32))[None],
-        "bh": (jnp.stack([nn[f"b{i}"] for i in range(1, hidden_layers)]) if hidden
-               else jnp.zeros((0, h), jnp.float32))[None],
-        "wo": nn[f"w{hidden_layers}"][None], "bo": nn[f"b{hidden_layers}"][None],
-    }
+def _leaf_step(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full, *, compute: str,
+               exp_mult: float, step_mult: float) -> jax.Array:
+    """The update of one tensor from its new accumulators, by the XLA ``compute`` path."""
+    orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
+    p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
+    if not orig_shape:  # scalars are processed as shape [1], as in the released code
+        p, g = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
+        m, rms, fac_g, v_full = (x[:, None] for x in (m, rms, fac_g, v_full))
+    # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
+    # tasks and perturbations) a small tensor is a large batched one, and the matmul path
+    # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).
+    leaf = _leaf_elementwise if compute == "elementwise" else _leaf_concat
+    d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
+    step = d * jnp.exp(mag * exp_mult) * step_mult
+    return jnp.reshape(-step, orig_shape).astype(orig_dtype)
+
+
+def _xla_step(nn, time, decays, p, g, m, rms, v_row, v_col, v_full, *, compute: str,
+              exp_mult: float, step_mult: float):
+    """One tensor's ``(update, m, rms, v_row, v_col, v_full)`` from its accumulators before
+    the step, by XLA: the accumulator updates of :mod:`common`, then :func:`_leaf_step`."""
+    m = common.momentum_update(common.MomentumState(m), g, decays["momentum"]).m
+    rms = common.rms_update(common.RMSState(rms), g, decays["rms"]).rms
+    v_row, v_col, v_full, fac_g = common.factored_update_leaf(v_row, v_col, v_full, g,
+                                                              decays["adafactor"])
+    update = _leaf_step(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full, compute=compute,
+                        exp_mult=exp_mult, step_mult=step_mult)
+    return update, m, rms, v_row, v_col, v_full
 
 
 @functools.cache
@@ -139,22 +156,8 @@ def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
     v_col, v_full)`` of one tensor by the native CPU kernel (:mod:`learnopt.learned.native`):
     the accumulators before the step in, after it out. Differentiated, it evaluates as the XLA
     matmul path (the same function)."""
-
-    def reference(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
-        k = m.shape[0]
-        shape = p.shape
-        if not shape:  # scalars are processed as shape [1], as in the released code
-            p, g, m, rms, v_full = p[None], g[None], m[:, None], rms[:, None], v_full[:, None]
-        col = (k,) + (1,) * p.ndim
-        m = decays[:k].reshape(col) * m + (1.0 - decays[:k].reshape(col)) * g[None]
-        rms = decays[k] * rms + (1.0 - decays[k]) * (g * g)[None]
-        v_row, v_col, v_full, fac_g = common.factored_update_leaf(v_row, v_col, v_full, g,
-                                                                  decays[k + 1:])
-        d, mag = _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
-        update = -(d * jnp.exp(mag * exp_mult) * step_mult)
-        if not shape:
-            update, m, rms, v_full = update[0], m[:, 0], rms[:, 0], v_full[:, 0]
-        return update, m, rms, v_row, v_col, v_full
+    reference = functools.partial(_xla_step, compute="concat", exp_mult=exp_mult,
+                                  step_mult=step_mult)
 
     def consts(row_lacks_a: bool) -> jax.Array:
         return jnp.asarray([[exp_mult, step_mult, common.NORMALIZER_EPS, float(row_lacks_a)]],
@@ -163,8 +166,10 @@ def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
     @jax.custom_jvp
     def leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
         k, h = m.shape[0], nn["w0"].shape[1]
-        arrays = {**_theta_arrays(nn, hidden_layers), "decays": decays[None],
-                  "time": time[None]}
+        mlp = native.mlp_inputs(nn, hidden_layers, jnp.stack,
+                                lambda shape: jnp.zeros(shape, jnp.float32))
+        arrays = {**{n: x[None] for n, x in mlp.items()},
+                  "decays": _kernel_decays(decays)[None], "time": time[None]}
         if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
             n = max(p.size, 1)
             arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
@@ -330,20 +335,6 @@ class SmallFcLOpt(LearnedOptimizer):
         return native.ready(len(self.initial_momentum_decays), self.hidden_size,
                             self.hidden_layers, len(common.TIME_SCALES), len(shape) >= 2)
 
-    def _leaf_update(self, nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
-        orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
-        p, g = jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32)
-        if not orig_shape:  # scalars are processed as shape [1], as in the released code
-            p, g = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
-            m, rms, fac_g, v_full = (x[:, None] for x in (m, rms, fac_g, v_full))
-        # No size cut-off to the matmul path for small tensors: under vmap (meta-training's
-        # tasks and perturbations) a small tensor is a large batched one, and the matmul path
-        # made PES on the 8x8 MLP 2.3x slower (benchmarks/meta_throughput.py).
-        leaf = _leaf_elementwise if self.compute == "elementwise" else _leaf_concat
-        d, mag = leaf(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full)
-        step = d * jnp.exp(mag * self.exp_mult) * self.step_mult
-        return jnp.reshape(-step, orig_shape).astype(orig_dtype)
-
     # ---------------------------------------------------------------------------------------
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         decays = self.decays(theta)
@@ -374,17 +365,13 @@ class SmallFcLOpt(LearnedOptimizer):
             for p, g, m, r, vr, vc, vf in leaves:
                 if self._native(jnp.shape(p)):  # the kernel updates the accumulators too
                     leaf = _native_leaf(self.hidden_layers, self.exp_mult, self.step_mult)
-                    u, m, r, vr, vc, vf = leaf(nn, time, _kernel_decays(decays),
-                                               jnp.asarray(p, jnp.float32),
+                    u, m, r, vr, vc, vf = leaf(nn, time, decays, jnp.asarray(p, jnp.float32),
                                                jnp.asarray(g, jnp.float32), m, r, vr, vc, vf)
                     u = u.astype(jnp.asarray(p).dtype)
                 else:
-                    m = common.momentum_update(common.MomentumState(m), g,
-                                               decays["momentum"]).m
-                    r = common.rms_update(common.RMSState(r), g, decays["rms"]).rms
-                    vr, vc, vf, fg = common.factored_update_leaf(vr, vc, vf, g,
-                                                                 decays["adafactor"])
-                    u = self._leaf_update(nn, time, p, g, m, r, fg, vr, vc, vf)
+                    u, m, r, vr, vc, vf = _xla_step(
+                        nn, time, decays, p, g, m, r, vr, vc, vf, compute=self.compute,
+                        exp_mult=self.exp_mult, step_mult=self.step_mult)
                 for name, x in zip(out, (u, m, r, vr, vc, vf), strict=True):
                     out[name].append(x)
             new_state = SmallFcLOptState(

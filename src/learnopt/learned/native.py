@@ -68,7 +68,23 @@ def available() -> bool:
     """Whether the kernel is used: numba is importable and it is enabled (``LEARNOPT_NATIVE=0``
     in the environment or :func:`set_enabled` turns it off; the callers then use their XLA /
     torch paths, which compute the same function)."""
-    return _STATE["enabled"] and importlib.util.find_spec("numba") is not None
+    return _STATE["enabled"] and _numba_installed()
+
+
+@functools.cache
+def _numba_installed() -> bool:  # looked up once: the PyTorch step asks on every call
+    return importlib.util.find_spec("numba") is not None
+
+
+def mlp_inputs(nn: dict, hidden_layers: int, stack: Callable, zeros: Callable) -> dict:
+    """The MLP ``nn`` (``w0, b0, ..., w{L}, b{L}``) as the kernel's ``w0, b0, wh, bh, wo,
+    bo`` (without the batch axis), with the array library's ``stack`` and ``zeros``."""
+    h = nn["w0"].shape[1]
+    inner = range(1, hidden_layers)
+    return {"w0": nn["w0"], "b0": nn["b0"],
+            "wh": stack([nn[f"w{i}"] for i in inner]) if inner else zeros((0, h, h)),
+            "bh": stack([nn[f"b{i}"] for i in inner]) if inner else zeros((0, h)),
+            "wo": nn[f"w{hidden_layers}"], "bo": nn[f"b{hidden_layers}"]}
 
 
 def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
@@ -166,6 +182,7 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
         rows += [[first + i, first + k + i] for i in range(k)]
         rows += [[first + 2 * k + i, first + 3 * k + i] for i in range(k)]
     f = len(names)
+    assert f == num_full_features(k) + (0 if factored else 2 * k)
     out: list[str] = []
     a = out.append
     i2, i3, i4 = " " * 8, " " * 12, " " * 16

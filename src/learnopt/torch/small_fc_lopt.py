@@ -181,8 +181,8 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         return native.ready(*sizes, True) and native.ready(*sizes, False)
 
     def _propose_native(self, params, grads, states):
-        """Tensors of rank >= 2 by the native CPU kernel (``learnopt.learned.native``, the
-        one the JAX side uses), one call each; the others by the batched path."""
+        """Every tensor by the native CPU kernel (``learnopt.learned.native``, the one the JAX
+        side uses), one call each; tensors under ``native_min_size`` by the batched path."""
         updates, new_states = [None] * len(params), [None] * len(params)
         small = [i for i, p in enumerate(params) if p.numel() < self.native_min_size]
         if small:
@@ -200,30 +200,20 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         """theta as the kernel's NumPy inputs (batch axis of 1), cached."""
         key = ("native", "cpu")
         if key not in self._device_theta:
-            c, nn = self._consts(torch.device("cpu")), self.theta["nn"]
-            layers = self._hidden_layers
-            h = nn["w0"].shape[1]
-            hidden = [nn[f"w{i}"] for i in range(1, layers)]
-            arrays = {
-                "decays": torch.cat([c["bm"], c["cr"], c["a"]]),
-                "w0": nn["w0"], "b0": nn["b0"],
-                "wh": torch.stack(hidden) if hidden else torch.zeros((0, h, h)),
-                "bh": (torch.stack([nn[f"b{i}"] for i in range(1, layers)]) if hidden
-                       else torch.zeros((0, h))),
-                "wo": nn[f"w{layers}"], "bo": nn[f"b{layers}"],
-            }
+            c = self._consts(torch.device("cpu"))
+            arrays = {"decays": torch.cat([c["bm"], c["cr"], c["a"]]),
+                      **native.mlp_inputs(self.theta["nn"], self._hidden_layers, torch.stack,
+                                          torch.zeros)}
             self._device_theta[key] = {
                 k: v.detach().to(torch.float32).contiguous().numpy()[None]
                 for k, v in arrays.items()}
         return self._device_theta[key]
 
     def _native_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor]):
-        shape, k = tuple(p.shape), self.km
-        if p.dim() < 2:
-            return self._native_flat_leaf(p, g, st)
-        lay = native.layout(shape, *factored_dims(shape))  # cached per shape
-        va, vc = ((st["v_row"], st["v_col"]) if lay.row_lacks_a
-                  else (st["v_col"], st["v_row"]))
+        """One tensor by the kernel. Rank >= 2: laid out as :func:`native.layout` says (the
+        later factored axis moved last when it is not); rank < 2: one flat run, with
+        ``v_full`` in the kernel's ``va``."""
+        k, factored = self.km, p.dim() >= 2
 
         def to_kernel(x, perm):  # (lead,) + shape -> (1, lead, n), the kernel's order
             x = x.detach()
@@ -233,72 +223,56 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                 x = x.permute(perm)
             return x.reshape(1, x.shape[0], -1).contiguous()
 
-        full = lay.perm_full
-        step = st["step"]
-        time = time_features(step.reshape(1, 1), self._consts(p.device)["timescales"])
-        ins = {"p": to_kernel(p[None], full)[:, 0], "g": to_kernel(g[None], full)[:, 0],
-               "m": to_kernel(st["momentum"], full), "rms": to_kernel(st["rms"], full),
-               "va": to_kernel(va, lay.perm_lack_a), "vc": to_kernel(vc, tuple(range(vc.dim()))),
-               "time": time.contiguous()}
-        outs = {"update": torch.empty_like(ins["p"])}
-        for name, src in (("m_out", "m"), ("rms_out", "rms"), ("va_out", "va"),
-                          ("vc_out", "vc")):
-            # without the guard the state is updated in place (the kernel reads each
-            # accumulator element before it writes it), when the views share the storage
-            shares = (self._inplace and ins[src].data_ptr() == {
-                "m": st["momentum"], "rms": st["rms"], "va": va, "vc": vc}[src].data_ptr())
-            outs[name] = ins[src] if shares else torch.empty_like(ins[src])
-        arrays = {**{n: x.numpy() for n, x in ins.items()}, **self._native_arrays(),
-                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
-                                         float(lay.row_lacks_a)]], np.float32)}
-        native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], lay.dims,
-                          arrays, {n: x.numpy() for n, x in outs.items()})
-
-        def back(x, like, perm):
+        def back(x, like, perm):  # the inverse of to_kernel, a view
             if not any(i != j for i, j in enumerate(perm)):
                 return x[0].view(like.shape)
             moved = tuple(like.shape[i] for i in perm)
             return x[0].view(moved).permute(native.inverse(perm))
 
-        va_new = back(outs["va_out"], va, lay.perm_lack_a)
-        vc_new = outs["vc_out"][0].view(vc.shape)
-        v_row, v_col = (va_new, vc_new) if lay.row_lacks_a else (vc_new, va_new)
-        new = {"step": step + 1, "momentum": back(outs["m_out"], st["momentum"], full),
-               "rms": back(outs["rms_out"], st["rms"], full), "v_row": v_row, "v_col": v_col,
-               "v_full": st["v_full"]}
-        return back(outs["update"][None], p[None], full)[0], new
-
-    def _native_flat_leaf(self, p, g, st):
-        """A tensor of rank < 2 by the kernel whose full ``v_full`` stands in for the
-        factored statistics (one run over its entries)."""
-        k, n = self.km, max(p.numel(), 1)
-
-        def flat(x, rows):
-            x = x.detach()
-            return (x if x.dtype == torch.float32 else x.to(torch.float32)).reshape(
-                1, rows, n).contiguous()
-
+        if factored:
+            lay = native.layout(tuple(p.shape), *factored_dims(tuple(p.shape)))
+            full, lack_a, dims, row_lacks_a = (lay.perm_full, lay.perm_lack_a, lay.dims,
+                                               lay.row_lacks_a)
+            va, vc = ((st["v_row"], st["v_col"]) if row_lacks_a
+                      else (st["v_col"], st["v_row"]))
+        else:  # scalars are one-entry runs, as shape [1] in the released code
+            p, g = p.reshape(-1), g.reshape(-1)
+            full = lack_a = (0, 1)
+            dims, row_lacks_a = (1, 1, 1, max(p.numel(), 1)), False
+            va, vc = st["v_full"].reshape(k, -1), torch.zeros((k, 1))
+        m_old, rms_old = st["momentum"].reshape((k,) + p.shape), st["rms"].reshape(
+            (1,) + p.shape)
         step = st["step"]
         time = time_features(step.reshape(1, 1), self._consts(p.device)["timescales"])
-        ins = {"p": flat(p, 1)[:, 0], "g": flat(g, 1)[:, 0], "m": flat(st["momentum"], k),
-               "rms": flat(st["rms"], 1), "va": flat(st["v_full"], k),
-               "vc": torch.zeros((1, k, 1)), "time": time.contiguous()}
-        olds = {"m_out": ("m", st["momentum"]), "rms_out": ("rms", st["rms"]),
-                "va_out": ("va", st["v_full"])}
-        outs = {"update": torch.empty_like(ins["p"]), "vc_out": torch.empty_like(ins["vc"])}
-        for name, (src, old) in olds.items():  # in place without the guard, as above
+        ins = {"p": to_kernel(p[None], full)[:, 0], "g": to_kernel(g[None], full)[:, 0],
+               "m": to_kernel(m_old, full), "rms": to_kernel(rms_old, full),
+               "va": to_kernel(va, lack_a), "vc": to_kernel(vc, tuple(range(vc.dim()))),
+               "time": time.contiguous()}
+        olds = {"m": m_old, "rms": rms_old, "va": va, "vc": vc}
+        outs = {"update": torch.empty_like(ins["p"])}
+        for src, old in olds.items():
+            # without the guard the state is updated in place (the kernel reads each
+            # accumulator element before it writes it), when the views share the storage
             shares = self._inplace and ins[src].data_ptr() == old.data_ptr()
-            outs[name] = ins[src] if shares else torch.empty_like(ins[src])
-        arrays = {**{n_: x.numpy() for n_, x in ins.items()}, **self._native_arrays(),
-                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5, 0.0]],
-                                       np.float32)}
-        native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1],
-                          (1, 1, 1, n), arrays, {n_: x.numpy() for n_, x in outs.items()},
-                          factored=False)
-        new = {"step": step + 1, "momentum": outs["m_out"][0].view(st["momentum"].shape),
-               "rms": outs["rms_out"][0].view(st["rms"].shape), "v_row": st["v_row"],
-               "v_col": st["v_col"], "v_full": outs["va_out"][0].view(st["v_full"].shape)}
-        return outs["update"][0].view(p.shape), new
+            outs[f"{src}_out"] = ins[src] if shares else torch.empty_like(ins[src])
+        arrays = {**{n: x.numpy() for n, x in ins.items()}, **self._native_arrays(),
+                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
+                                         float(row_lacks_a)]], np.float32)}
+        native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], dims,
+                          arrays, {n: x.numpy() for n, x in outs.items()}, factored=factored)
+        new = {"step": step + 1,
+               "momentum": back(outs["m_out"], m_old, full).reshape(st["momentum"].shape),
+               "rms": back(outs["rms_out"], rms_old, full).reshape(st["rms"].shape),
+               "v_row": st["v_row"], "v_col": st["v_col"], "v_full": st["v_full"]}
+        va_new = back(outs["va_out"], va, lack_a)
+        if not factored:
+            new["v_full"] = va_new.view(st["v_full"].shape)
+        elif row_lacks_a:
+            new["v_row"], new["v_col"] = va_new, outs["vc_out"][0].view(vc.shape)
+        else:
+            new["v_col"], new["v_row"] = va_new, outs["vc_out"][0].view(vc.shape)
+        # reshape: a no-op view for rank >= 2, the original shape (scalars) for rank < 2
+        return back(outs["update"][None], p[None], full)[0].reshape(st["momentum"].shape[1:]), new
 
     def _propose_batched(self, params, grads, states, device):
         # All tensors at once. Columns: the elements of the rank < 2 tensors first ("vector"
