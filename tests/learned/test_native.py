@@ -66,7 +66,7 @@ def _assert_close(native_tree, xla_tree, rtol):
 
 
 # (4, 3, 2): the two factored axes are 0 and 1, so the later one is moved last for the kernel
-SHAPES = [(9, 5), (5, 9), (3, 4, 5), (4, 3, 2), (3, 3, 4, 5)]
+SHAPES = [(9, 5), (5, 9), (3, 4, 5), (4, 3, 2), (3, 3, 4, 5), (2, 20, 3, 5)]
 
 
 def test_default_kernels_build():
@@ -154,7 +154,7 @@ def test_nonfinite_values_propagate():
 def test_source_and_errors(tmp_path, monkeypatch):
     src = native.kernel_source(3, 4, 2, 11)
     compile(src, "<kernel>", "exec")  # valid Python
-    assert "def kernel(" in src and "def xla_entry(" in src
+    assert "def run_call(" in src and "def xla_entry(" in src
     assert native.num_full_features(3) == 16
     with pytest.raises(ValueError, match="layers >= 1"):
         native.kernel_source(3, 4, 0, 11)
@@ -165,11 +165,16 @@ def test_source_and_errors(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("shape,dims,perm_full,perm_lack_a,row_lacks_a", [
-    ((9, 5), (1, 9, 1, 5), (0, 1, 2), (0, 1), True),
+    # rows shorter than SHORT_ROW entries: the longer factored axis becomes the rows
+    ((9, 5), (1, 5, 1, 9), (0, 2, 1), (0, 1), False),
     ((5, 9), (1, 5, 1, 9), (0, 1, 2), (0, 1), False),
-    # (4, 3, 2): factored axes 0 and 1; axis 1 moves last
-    ((4, 3, 2), (1, 4, 2, 3), (0, 1, 3, 2), (0, 2, 1), True),
+    ((4, 3, 2), (1, 3, 2, 4), (0, 2, 3, 1), (0, 2, 1), False),
+    # (4, 30, 2): factored axes 0 and 1; axis 1 moves last
+    ((4, 30, 2), (1, 4, 2, 30), (0, 1, 3, 2), (0, 2, 1), False),
+    ((40, 30, 2), (1, 40, 2, 30), (0, 1, 3, 2), (0, 2, 1), True),
     ((3, 3, 4, 5), (9, 4, 1, 5), (0, 1, 2, 3, 4), (0, 1, 2, 3), False),
+    ((3, 3, 40, 5), (9, 5, 1, 40), (0, 1, 2, 4, 3), (0, 1, 2, 3), False),
+    ((2, 40, 3, 5), (6, 5, 1, 40), (0, 1, 3, 4, 2), (0, 1, 3, 2), False),
 ])
 def test_layout(shape, dims, perm_full, perm_lack_a, row_lacks_a):
     from learnopt.learned import common
@@ -193,3 +198,105 @@ def test_unbuildable_kernel_falls_back_to_xla(tmp_path, monkeypatch):
         assert not lopt._native((4, 3))
         updates, params, _ = _three_steps(lopt)(_theta(lopt, 0), _params((4, 3)))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((updates, params)))
+
+
+def _numpy_arrays(dims, seed=0, k=3, h=4, layers=2, num_time=11, batch=1):
+    """Random kernel operands (accumulators positive where they must be) for layout ``dims``."""
+    rng = np.random.default_rng(seed)
+    p_, n1, m_, n2 = dims
+    n, na, nc = p_ * n1 * m_ * n2, p_ * m_ * n2, p_ * n1 * m_
+    f32 = lambda *shape: rng.standard_normal((batch,) + shape).astype(np.float32)  # noqa: E731
+    pos = lambda *shape: np.abs(f32(*shape)) + np.float32(0.1)  # noqa: E731
+    return {"p": f32(n), "g": f32(n), "m": f32(k, n), "rms": pos(1, n), "va": pos(k, na),
+            "vc": pos(k, nc), "decays": np.tile(np.float32([0.5, 0.9, 0.99, 0.999, 0.1, 0.5,
+                                                            0.9]), (batch, 1)),
+            "w0": 0.3 * f32(4 + 8 * k + num_time, h), "b0": f32(h), "time": f32(num_time),
+            "wh": 0.3 * f32(layers - 1, h, h), "bh": f32(layers - 1, h), "wo": f32(h, 2),
+            "bo": f32(2), "consts": np.tile(np.float32([1e-3, 1e-3, 1e-5, 0.0]), (batch, 1))}
+
+
+@contextlib.contextmanager
+def _threads(count):
+    old = native.set_threads(count)
+    try:
+        yield
+    finally:
+        native.set_threads(old)
+
+
+@pytest.mark.parametrize("dims,batch", [((1, 300, 1, 130), 1), ((2, 40, 3, 64), 3),
+                                        ((1, 64, 1, 32), 16)])
+def test_chunks_give_the_same_result_on_any_number_of_threads(dims, batch):
+    """Large calls are split into chunks fixed by the layout, shared by helper threads: 1, 2
+    and 3 threads give the same bits, in place or not."""
+    assert dims[0] * dims[1] * dims[2] * dims[3] * batch >= native.PARALLEL_MIN_ELEMENTS
+    arrays = _numpy_arrays(dims, batch=batch)
+    results = []
+    for count in (1, 2, 3, 2):
+        with _threads(count):
+            results.append(native.numpy_call(3, 4, 2, 11, dims, arrays))
+    for got in results[1:]:
+        for name in native.OUTPUTS:
+            np.testing.assert_array_equal(got[name], results[0][name])
+    # in place: the accumulators as their own outputs
+    inplace = {n: arrays[n].copy() for n in ("m", "rms", "va", "vc")}
+    with _threads(2):
+        out = native.numpy_call(3, 4, 2, 11, dims, {**arrays, **inplace},
+                                {"m_out": inplace["m"], "rms_out": inplace["rms"],
+                                 "va_out": inplace["va"], "vc_out": inplace["vc"]})
+    for name in native.OUTPUTS:
+        np.testing.assert_array_equal(out[name], results[0][name])
+    assert np.isfinite(results[0]["update"]).all() and np.abs(results[0]["update"]).max() > 0
+
+
+def test_threaded_kernel_equals_xla_path_under_jit():
+    """A tensor of several chunks (and a vmapped batch of them) through XLA with helper
+    threads: the same bits as one thread, and the XLA path's values."""
+    lopt = SmallFcLOpt()
+    theta = _theta(lopt, 6)
+    params = {"w": jax.random.normal(jax.random.PRNGKey(2), (200, 70)),
+              "k": jax.random.normal(jax.random.PRNGKey(3), (4, 30, 70))}
+    runs = {}
+    for count in (1, 2):
+        with _threads(count), kernel(True):
+            runs[count] = _three_steps(lopt)(theta, params)
+    for a, b in zip(jax.tree.leaves(runs[1]), jax.tree.leaves(runs[2]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with kernel(False):
+        want = _three_steps(lopt)(theta, params)
+    _assert_close(runs[2], want, 2e-5)
+
+
+def test_helpers_are_started_again_after_fork():
+    """A forked child has none of its parent's helper threads: its first threaded call starts
+    its own (the helper block records the pid that started them) and gives the same bits."""
+    import os
+    import warnings
+
+    dims = (1, 300, 1, 130)
+    arrays = _numpy_arrays(dims, seed=4)
+    with _threads(2):
+        want = native.numpy_call(3, 4, 2, 11, dims, arrays)["update"]  # parent's helpers
+        block = native.helper_block()
+        assert block[0] == os.getpid() and block[2] >= 1
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jax warns that fork and threads do not mix
+            pid = os.fork()
+        if pid == 0:  # the child: no jax here, only the kernel
+            try:
+                got = native.numpy_call(3, 4, 2, 11, dims, arrays)["update"]
+                own = block[0] == os.getpid() and block[2] >= 1
+                os.write(write, b"1" if own and np.array_equal(got, want) else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        import select
+
+        ready, _, _ = select.select([read], [], [], 60.0)
+        answer = os.read(read, 1) if ready else b"timeout"
+        os.close(read)
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert answer == b"1"

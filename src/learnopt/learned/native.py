@@ -126,8 +126,11 @@ def num_full_features(k: int) -> int:
 class Layout(NamedTuple):
     """How a factored tensor of ``shape`` is laid out for the kernel.
 
-    ``dims = (P, N1, M, N2)``: the tensor with its later factored axis ``c`` moved last, and
-    ``a`` its earlier one. ``perm_full`` does that move on the tensor, ``perm_lack_a`` on an
+    ``dims = (P, N1, M, N2)``: the tensor with its factored axis ``c`` moved last (its entries
+    are the kernel's contiguous rows) and ``a`` its other factored axis (``N1``). ``c`` is the
+    later factored axis, unless that one is shorter than :data:`SHORT_ROW` and the earlier one
+    is longer: rows of a few entries do not vectorise, so a ``(784, 10)`` kernel is seen as
+    ``(1, 10, 1, 784)``. ``perm_full`` does that move on the tensor, ``perm_lack_a`` on an
     array of the tensor's shape without axis ``a`` (one without ``c`` needs none);
     ``row_lacks_a``: whether ``v_row`` (the mean over the largest axis ``d0``) lacks ``a``.
     Every permutation is of the axes after a leading one (decays or hidden units).
@@ -141,18 +144,24 @@ class Layout(NamedTuple):
     row_lacks_a: bool
 
 
+#: Rows shorter than this (one AVX-512 vector of float32) are avoided by :func:`layout`.
+SHORT_ROW = 16
+
+
 @functools.lru_cache(maxsize=4096)
 def layout(shape: Sequence[int], d1: int, d0: int) -> Layout:
     """The :class:`Layout` of a tensor of ``shape`` with factored axes ``(d1, d0)``."""
     shape = tuple(int(x) for x in shape)
-    a, c = min(d0, d1), max(d0, d1)
-    n = len(shape)
-    dims = (math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:c]) * math.prod(shape[c + 1:]),
-            shape[c])
-    full = tuple(i for i in range(n) if i != c) + (c,)
-    lack_a = tuple(i for i in range(n - 1) if i != c - 1) + (c - 1,)
+    lo, hi = min(d0, d1), max(d0, d1)
+    a, c = (hi, lo) if shape[hi] < SHORT_ROW and shape[lo] > shape[hi] else (lo, hi)
+    full = tuple(i for i in range(len(shape)) if i != c) + (c,)
+    at = full.index(a)
+    dims = (math.prod(shape[i] for i in full[:at]), shape[a],
+            math.prod(shape[i] for i in full[at + 1:-1]), shape[c])
+    without_a = [i for i in range(len(shape)) if i != a]
+    lack_a = tuple(j for j, i in enumerate(without_a) if i != c) + (without_a.index(c),)
     return Layout(dims, a, c, (0,) + tuple(i + 1 for i in full),
-                  (0,) + tuple(i + 1 for i in lack_a), d0 == a)
+                  (0,) + tuple(j + 1 for j in lack_a), d0 == a)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,10 +172,17 @@ def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = True) -> str:
     """Python (numba) source of the kernel for ``k`` decays, width ``h``, ``layers`` hidden
-    layers (>= 1) and ``num_time`` time features: ``kernel(dims, <INPUTS>, <OUTPUTS>)`` and
-    the XLA entry point ``xla_entry(call_frame)``. ``factored=False``: the kernel of tensors
-    of rank < 2, whose full second moment ``v_full`` (in ``va``, ``vc`` unused) stands in for
-    the row and column statistics; its 28 features are all full-size."""
+    layers (>= 1) and ``num_time`` time features: ``run_call(template, mode, threads,
+    task)`` (:func:`parallel_lines`) and the XLA entry point ``xla_entry(call_frame)``.
+    ``factored=False``: the kernel of tensors of rank < 2, whose full second moment ``v_full``
+    (in ``va``, ``vc`` unused) stands in for the row and column statistics; its 28 features are
+    all full-size.
+
+    A call runs in phases, each a parallel loop over chunks (:func:`parallel_lines`): (0, rank
+    >= 2) each batch member's factored statistics; (1) chunks of rows, their new accumulators
+    and partial sums of the features' squares; (2) the same chunks, the per-tensor normalisers
+    from those sums, the features, the MLP and the update. Chunks are fixed by the layout, not
+    by the number of threads, so the result does not depend on it."""
     if k < 1 or h < 1 or layers < 1 or num_time < 0:
         raise ValueError(f"need k, h, layers >= 1 and num_time >= 0; got {k}, {h}, {layers}, "
                          f"{num_time}")
@@ -183,10 +199,11 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
         rows += [[first + 2 * k + i, first + 3 * k + i] for i in range(k)]
     f = len(names)
     assert f == num_full_features(k) + (0 if factored else 2 * k)
+    shapes = array_shapes(k, h, layers, num_time, factored)
     out: list[str] = []
     a = out.append
-    i2, i3, i4 = " " * 8, " " * 12, " " * 16
-    ind, body = " " * 20, " " * 24
+    i1 = " " * 4
+    ind, body = " " * 8, " " * 12
 
     def features() -> None:
         """The 16 features of element t, from the new accumulators."""
@@ -207,33 +224,54 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
                 a(f"{body}rs{i} = ONE / math.sqrt(v{i} + E8)")
                 a(f"{body}mf{i} = m{i} / math.sqrt(v{i} + E6)")
 
-    def runs(with_mlp: bool) -> None:
-        a(f"{i2}for pi in range(P):")
-        a(f"{i3}for i in range(N1):")
-        a(f"{i4}for mm in range(M):")
-        a(f"{ind}e = ((pi * N1 + i) * M + mm) * N2")
+    def chunk(phase: int) -> None:
+        """A phase function's head: the arrays, the chunk's member ``b`` and rows, the
+        member's scalars."""
+        a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
+        a(f"def _phase{phase}(w, c):")
+        a(f"{i1}{VIEWS}")
+        a(f"{i1}b = c // CPM; j = c % CPM; r0 = j * RPC; r1 = min(R, r0 + RPC)")
+        a(f"{i1}eps = consts[b, 2]")
+        if not factored:
+            a(f"{i1}vab = va[b]; vaob = va_out[b]")
+            a(i1 + "; ".join(f"ak{i} = decays[b, {k + 1 + i}]" for i in range(k)))
+        else:
+            a(f"{i1}fab = fa[b]; fcb = fc[b]")
+        a(f"{i1}pb = pa[b]; gb = ga[b]; mb = m[b]; rb = rms[b, 0]")
+        a(f"{i1}mwb = m_out[b]; rwb = rms_out[b, 0]")
+        if phase == 2:
+            a(f"{i1}ob = update[b]")
+            if factored:
+                a(f"{i1}cab = ca[b]; ccb = cc[b]")
+
+    def rows_loop(with_mlp: bool) -> None:
+        """The loop over the chunk's rows of N2 elements, and each row's slices."""
+        a(f"{i1}for row in range(r0, r1):")
+        a(f"{ind}pi = row // (N1 * M); i = (row // M) % N1; mm = row % M")
+        a(f"{ind}e = row * N2")
         a(f"{ind}ia = (pi * M + mm) * N2")
-        a(f"{ind}ic = (pi * N1 + i) * M + mm")
+        a(f"{ind}ic = row")
         a(f"{ind}gr = gb[e:e + N2]; pr = pb[e:e + N2]; rr = rb[e:e + N2]; rw = rwb[e:e + N2]")
         for i in range(k):
             a(f"{ind}mr_{i} = mb[{i}, e:e + N2]; mw_{i} = mwb[{i}, e:e + N2]")
             if factored:
-                a(f"{ind}far{i} = fa[{i}, ia:ia + N2]; fc{i} = fc[{i}, ic]")
+                a(f"{ind}far{i} = fab[{i}, ia:ia + N2]; fc{i} = fcb[{i}, ic]")
             else:
                 a(f"{ind}vo_{i} = vab[{i}, e:e + N2]; vw_{i} = vaob[{i}, e:e + N2]")
         if with_mlp:
             a(f"{ind}outr = ob[e:e + N2]")
             for o in range(h):
                 if factored:
-                    a(f"{ind}car{o} = ca[{o}, ia:ia + N2]; base{o} = bias{o} + cc[{o}, ic]")
+                    a(f"{ind}car{o} = cab[{o}, ia:ia + N2]; base{o} = bias{o} + ccb[{o}, ic]")
                 else:
                     a(f"{ind}base{o} = bias{o}")
 
     a('"""Generated by learnopt.learned.native.kernel_source: small_fc_lopt, '
       f'K={k}, H={h}, L={layers}, T={num_time}, factored={factored}."""')
     out.extend(header_lines())
-    a(f"K = {k}\nH = {h}\nFIRST = {first}\nNF = {nf}\nT = {num_time}")
+    a(f"K = {k}\nH = {h}\nFIRST = {first}\nNF = {nf}\nT = {num_time}\nF = {f}")
     a("FASTMATH = {'reassoc', 'contract', 'arcp'}  # no nnan / ninf: NaN and inf propagate\n\n")
+    out.extend(runtime_lines(len(STATE_HEAD) + len(shapes)))
     # Small arrays: the factored accumulators, their factors, the 4K row / column features'
     # first-layer contributions. Generic loops; the cost is in the two passes below.
     a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
@@ -300,32 +338,22 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     a("                for j in range(n):")
     a("                    x = src[kk, j] if q < 2 else ONE / math.sqrt(src[kk, j] + E8)")
     a("                    dst[o, j] += w * x\n\n")
+    # phase 0: one member's factored statistics, factors and row / column contributions
     a("@njit(fastmath=FASTMATH, error_model='numpy', cache=True)")
-    # p and g name the element's values in the loops: the arrays are pa and ga here
-    args = [{"p": "pa", "g": "ga"}.get(n, n) for n in INPUTS + OUTPUTS]
-    a("def kernel(dims, " + ", ".join(args) + "):")
-    a("    B, P, N1, M, N2 = dims[0], dims[1], dims[2], dims[3], dims[4]")
-    a("    N = P * N1 * M * N2; NA = P * M * N2; NC = P * N1 * M")
+    a("def _phase0(w, c):")
+    a(f"{i1}{VIEWS}")
     if factored:
-        a("    fa = np.empty((K, NA), np.float32); fc = np.empty((K, NC), np.float32)")
-        a("    ca = np.empty((H, NA), np.float32); cc = np.empty((H, NC), np.float32)")
-        a("    gsum_a = np.empty(NA, np.float64); gsum_c = np.empty(NC, np.float64)")
-    a("    dbuf = np.empty(N2, np.float32); ibuf = np.empty(N2, np.int32)")
-    a("    sbuf = ibuf.view(np.float32)")
-    a("    for b in range(B):")
-    a("        exp_mult = consts[b, 0]; step_mult = consts[b, 1]; eps = consts[b, 2]")
-    if factored:
-        a("        _factored(P, N1, M, N2, ga[b], va[b], vc[b], va_out[b], vc_out[b], "
-          "decays[b], w0[b], consts[b, 3] > 0.5, eps, fa, fc, ca, cc, gsum_a, gsum_c)")
+        a(f"{i1}_factored(P, N1, M, N2, ga[c], va[c], vc[c], va_out[c], vc_out[c], decays[c], "
+          "w0[c], consts[c, 3] > 0.5, consts[c, 2], fa[c], fc[c], ca[c], cc[c], gsa[c], gsc[c])")
     else:
-        a("        vab = va[b]; vaob = va_out[b]")
-        a(i2 + "; ".join(f"ak{i} = decays[b, {k + 1 + i}]" for i in range(k)))
-    a("        pb = pa[b]; gb = ga[b]; mb = m[b]; rb = rms[b, 0]")
-    a("        mwb = m_out[b]; rwb = rms_out[b, 0]; ob = update[b]")
-    a(i2 + "; ".join(f"bm{i} = decays[b, {i}]" for i in range(k)))
-    a(f"{i2}crms = decays[b, {k}]")
-    a(i2 + "; ".join(f"ss{v} = 0.0" for v in range(f)))
-    runs(with_mlp=False)  # pass 1: new accumulators, mean squares of the features
+        a(f"{i1}pass  # rank < 2: no factored statistics")
+    a("\n")
+    # phase 1: the chunk's new accumulators, and the partial sums of the features' squares
+    chunk(1)
+    a(i1 + "; ".join(f"bm{i} = decays[b, {i}]" for i in range(k)))
+    a(f"{i1}crms = decays[b, {k}]")
+    a(i1 + "; ".join(f"ss{v} = 0.0" for v in range(f)))
+    rows_loop(with_mlp=False)
     a(f"{ind}" + "; ".join(f"s{v} = ZERO" for v in range(f)))
     # the new accumulators first, in loops of their own (one store each: they vectorise)
     a(f"{ind}for t in range(N2):")
@@ -343,20 +371,31 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     for v in range(f):
         a(f"{ind}ss{v} += s{v}")
     for v in range(f):
-        a(f"{i2}sc = np.float32(1.0 / math.sqrt(eps + ss{v} / N))")
-        a(i2 + "; ".join(f"w{v}_{o} = (" + " + ".join(f"w0[b, {r}, {o}]" for r in rows[v])
+        a(f"{i1}part[b, j, {v}] = ss{v}")
+    a("\n")
+    # phase 2: the normalisers from every chunk's sums, the features, the MLP, the update
+    chunk(2)
+    a(f"{i1}exp_mult = consts[b, 0]; step_mult = consts[b, 1]")
+    for v in range(f):
+        a(f"{i1}ss = 0.0")
+        a(f"{i1}for q in range(CPM):")
+        a(f"{i1}    ss += part[b, q, {v}]")
+        a(f"{i1}sc = np.float32(1.0 / math.sqrt(eps + ss / N))")
+        a(i1 + "; ".join(f"w{v}_{o} = (" + " + ".join(f"w0[b, {r}, {o}]" for r in rows[v])
                          + ") * sc" for o in range(h)))
     for o in range(h):
-        a(f"{i2}bias{o} = b0[b, {o}]")
-        a(f"{i2}for j in range(T):")
-        a(f"{i2}    bias{o} += time[b, j] * w0[b, NF + j, {o}]")
+        a(f"{i1}bias{o} = b0[b, {o}]")
+        a(f"{i1}for q in range(T):")
+        a(f"{i1}    bias{o} += time[b, q] * w0[b, NF + q, {o}]")
     for li in range(layers - 1):
         for v in range(h):
-            a(i2 + "; ".join(f"u{li}_{v}_{o} = wh[b, {li}, {v}, {o}]" for o in range(h)))
-        a(i2 + "; ".join(f"c{li}_{o} = bh[b, {li}, {o}]" for o in range(h)))
-    a(i2 + "; ".join(f"od{v} = wo[b, {v}, 0]; om{v} = wo[b, {v}, 1]" for v in range(h)))
-    a(f"{i2}bd = bo[b, 0]; bmag = bo[b, 1]")
-    runs(with_mlp=True)  # pass 2: the features again, the MLP, the step
+            a(i1 + "; ".join(f"u{li}_{v}_{o} = wh[b, {li}, {v}, {o}]" for o in range(h)))
+        a(i1 + "; ".join(f"c{li}_{o} = bh[b, {li}, {o}]" for o in range(h)))
+    a(i1 + "; ".join(f"od{v} = wo[b, {v}, 0]; om{v} = wo[b, {v}, 1]" for v in range(h)))
+    a(f"{i1}bd = bo[b, 0]; bmag = bo[b, 1]")
+    a(f"{i1}dbuf = np.empty(N2, np.float32); ibuf = np.empty(N2, np.int32)")
+    a(f"{i1}sbuf = ibuf.view(np.float32)")
+    rows_loop(with_mlp=True)
     a(f"{ind}for t in range(N2):")
     features()
     for o in range(h):
@@ -374,15 +413,37 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     a(f"{ind}for t in range(N2):")
     a(f"{body}outr[t] = -(dbuf[t] * sbuf[t] * step_mult)")
     a("\n")
-    out.extend(ffi_entry_lines(INPUTS, OUTPUTS, array_shapes(k, h, layers, num_time)))
-    return "\n".join(out) + "\n"
+    # the phases of a call
+    a("@njit(inline='always')")
+    a("def _work(w, phase, c):")
+    a("    if phase == 0:\n        _phase0(w, c)\n    elif phase == 1:\n        _phase1(w, c)")
+    a("    else:\n        _phase2(w, c)\n\n")
+    out.extend(parallel_lines(f"small_fc_lopt_{'f' if factored else 'v'}{k}_{h}_{layers}_"
+                              f"{num_time}"))
+    a("@njit(nogil=True, cache=True)")
+    a("def run_call(t, mode, threads, task):")
+    out.extend(view_lines(i1, {}, words="t"))  # the layout words only
+    a(f"{i1}rpc = max(1, CHUNK // N2); cpm = (R + rpc - 1) // rpc")
+    a(f"{i1}t[{STATE_HEAD.index('cpm')}] = cpm; t[{STATE_HEAD.index('rpc')}] = rpc")
+    a(f"{i1}CPM = cpm")
+    a(f"{i1}if B * N < PARALLEL_MIN:")
+    a(f"{i1}    mode = 0  # too small to share")
+    out.extend(scratch_lines(i1, shapes))
+    if factored:
+        a(f"{i1}_parallel(t, mode, threads, task, 0, B)")
+    a(f"{i1}_parallel(t, mode, threads, task, 1, B * cpm)")
+    a(f"{i1}_parallel(t, mode, threads, task, 2, B * cpm)")
+    a(f"{i1}_free(base)\n\n")
+    out.extend(ffi_entry_lines(INPUTS, OUTPUTS, shapes))
+    return "\n".join(fill_views("\n".join(out).split("\n"), shapes)) + "\n"
 
 
 def header_lines() -> list[str]:
     """Imports and float32 constants of a generated kernel module."""
     out: list[str] = []
     a = out.append
-    a("import math\n\nimport numpy as np\nfrom numba import carray, cfunc, njit, types")
+    a("import math\n\nimport numpy as np\nfrom llvmlite import binding, ir")
+    a("from numba import carray, cfunc, njit, types")
     a("from numba.core import cgutils\nfrom numba.extending import intrinsic\n")
     a("ONE = np.float32(1.0)\nZERO = np.float32(0.0)\nE6 = np.float32(1e-6)")
     a("E8 = np.float32(1e-8)\nE9 = np.float32(1e-9)\nE30 = np.float32(1e-30)")
@@ -414,33 +475,311 @@ def exp_lines(body: str) -> list[str]:
     return out
 
 
-def ffi_entry_lines(inputs: Sequence[str], outputs: Sequence[str],
-                    shapes: dict[str, str]) -> list[str]:
-    """``xla_entry``, the XLA FFI handler calling ``kernel(dims, *inputs, *outputs)``, with
-    each array's shape an expression in ``B, N, NA, NC`` (from the ``dims`` operand)."""
+#: The first words of a call's state block (int64), before the data addresses of its arrays
+#: (:func:`array_shapes` order): the block's reference count, the next chunk to claim, the
+#: chunks done, the phase's chunks and its number, chunks per batch member and rows per chunk,
+#: and the layout ``(B, P, N1, M, N2)``.
+STATE_HEAD = ("refs", "next", "done", "chunks", "phase", "cpm", "rpc", "B", "P", "N1", "M",
+              "N2")
+#: Elements per chunk (whole rows of ``N2``), and the fewest elements in a call for which
+#: helper threads are asked for.
+CHUNK_ELEMENTS = 4096
+PARALLEL_MIN_ELEMENTS = 8192
+#: The arrays of a call that the kernel allocates (float64 ones: partial sums).
+_FLOAT64 = ("gsa", "gsc", "part")
+
+
+def runtime_lines(num_words: int) -> list[str]:
+    """The runtime of a generated kernel module: raw pointers, ``malloc`` / ``free``, atomics,
+    calls through C function pointers, ``sched_yield``, and the state block's size."""
     out: list[str] = []
     a = out.append
-    # XLA's typed FFI (xla/ffi/api/c_api.h): XLA_FFI_Error* handler(XLA_FFI_CallFrame*), read
-    # as 8-byte words. Call frame: 1 extension_start, 4 stage, 9 argument buffers (void**),
-    # 14 result buffers; buffer: 3 data. A frame whose extension is the metadata query
-    # (type 1) gets the API version of the headers this kernel was generated against.
-    major, minor = ffi_api_version()
-    a("@intrinsic")
-    a("def _as_pointer(typingctx, address):")
-    a("    def codegen(context, builder, signature, args):")
-    a("        return builder.inttoptr(args[0], cgutils.voidptr_t)")
-    a("    return types.voidptr(address), codegen\n\n")
-    a("@intrinsic")
-    a("def _null(typingctx):")
-    a("    def codegen(context, builder, signature, args):")
-    a("        return cgutils.voidptr_t(None)")
-    a("    return types.voidptr(), codegen\n\n")
+    a(f"NW = {num_words}  # words of a state block, then 8 for the arguments of API calls")
+    a(f"CHUNK = {CHUNK_ELEMENTS}\nPARALLEL_MIN = {PARALLEL_MIN_ELEMENTS}")
+    a("I64 = ir.IntType(64)\nVOID = ir.VoidType()\nPTR = cgutils.voidptr_t\n\n")
+
+    def intrinsic(name: str, params: str, sig: str, body: list[str]) -> None:
+        a("@intrinsic")
+        a(f"def {name}(typingctx{', ' if params else ''}{params}):")
+        a("    def codegen(context, builder, signature, args):")
+        out.extend("        " + line for line in body)
+        a(f"    return {sig}, codegen\n\n")
+
+    def extern(fn: str, ret: str, params: str) -> str:
+        return (f"cgutils.get_or_insert_function(builder.module, ir.FunctionType({ret}, "
+                f"[{params}]), '{fn}')")
+
+    intrinsic("_as_pointer", "address", "types.voidptr(address)",
+              ["return builder.inttoptr(args[0], PTR)"])
+    intrinsic("_null", "", "types.voidptr()", ["return PTR(None)"])
+    intrinsic("_address", "pointer", "types.int64(pointer)",
+              ["return builder.ptrtoint(args[0], I64)"])
+    intrinsic("_malloc", "size", "types.int64(types.int64)",
+              [f"fn = {extern('malloc', 'PTR', 'I64')}",
+               "return builder.ptrtoint(builder.call(fn, [args[0]]), I64)"])
+    intrinsic("_free", "address", "types.void(types.int64)",
+              [f"fn = {extern('free', 'VOID', 'PTR')}",
+               "builder.call(fn, [builder.inttoptr(args[0], PTR)])",
+               "return context.get_dummy_value()"])
+    intrinsic("_yield", "", "types.void()",
+              [f"builder.call({extern('sched_yield', 'ir.IntType(32)', '')}, [])",
+               "return context.get_dummy_value()"])
+    # sequentially consistent: a chunk's writes are seen by whoever sees its completion
+    intrinsic("_atomic_add", "address, value", "types.int64(types.int64, types.int64)",
+              ["ptr = builder.inttoptr(args[0], I64.as_pointer())",
+               "return builder.atomic_rmw('add', ptr, args[1], 'seq_cst')"])
+    intrinsic("_atomic_load", "address", "types.int64(types.int64)",
+              ["return builder.load_atomic(builder.inttoptr(args[0], I64.as_pointer()), "
+               "'seq_cst', 8)"])
+    intrinsic("_atomic_cas", "address, expected, value",
+              "types.int64(types.int64, types.int64, types.int64)",
+              ["ptr = builder.inttoptr(args[0], I64.as_pointer())",
+               "res = builder.cmpxchg(ptr, args[1], args[2], 'seq_cst', 'seq_cst')",
+               "return builder.extract_value(res, 0)"])
+    intrinsic("_getpid", "", "types.int64()",
+              [f"fn = {extern('getpid', 'ir.IntType(32)', '')}",
+               "return builder.sext(builder.call(fn, []), I64)"])
+    # int pthread_<name>(void*, void*): the mutex and condition variable functions used
+    for fn in ("mutex_init", "mutex_lock", "mutex_unlock", "cond_init", "cond_wait",
+               "cond_signal"):
+        intrinsic(f"_{fn}", "first, second", "types.int64(types.int64, types.int64)",
+                  [f"fn = {extern('pthread_' + fn, 'ir.IntType(32)', 'PTR, PTR')}",
+                   "res = builder.call(fn, [builder.inttoptr(x, PTR) for x in args])",
+                   "return builder.sext(res, I64)"])
+    intrinsic("_pthread_create", "thread, start", "types.int64(types.int64, types.int64)",
+              ["fnty = ir.FunctionType(ir.IntType(32), [PTR, PTR, PTR, PTR])",
+               "fn = cgutils.get_or_insert_function(builder.module, fnty, 'pthread_create')",
+               "res = builder.call(fn, [builder.inttoptr(args[0], PTR), PTR(None), "
+               "builder.inttoptr(args[1], PTR), PTR(None)])",
+               "return builder.sext(res, I64)"])
+    # the process's helper-thread block, bound by learnopt.learned.native.helper_block
+    intrinsic("_helpers", "", "types.int64()",
+              ["mod = builder.module",
+               "var = mod.globals.get('learnopt_helpers') or "
+               "cgutils.add_global_variable(mod, I64, 'learnopt_helpers')",
+               "return builder.ptrtoint(var, I64)"])
+    intrinsic("_call_task", "task, data", "types.void(types.int64, types.int64)",
+              ["fnty = ir.FunctionType(VOID, [PTR])",
+               "f = builder.inttoptr(args[0], fnty.as_pointer())",
+               "builder.call(f, [builder.inttoptr(args[1], PTR)])",
+               "return context.get_dummy_value()"])
     a("@njit(inline='always')")
     a("def _words(address, n):")
     a("    return carray(_as_pointer(address), (n,), np.int64)\n\n")
+    return out
+
+
+#: Words of the process's helper-thread block (:func:`helper_block`): the pid that started
+#: the helpers, a start lock, the helpers started, the queue's head and tail, a pthread mutex
+#: and condition variable (16 words each, more than any platform's), and a queue of
+#: ``(task, data)`` pairs.
+HELPER_QUEUE = 64
+_H_MUTEX, _H_COND, _H_QUEUE = 8, 24, 40
+HELPER_WORDS = _H_QUEUE + 2 * HELPER_QUEUE
+#: Polls of an idle helper (each a ``sched_yield``) before it sleeps on the condition variable.
+HELPER_SPINS = 2000
+
+
+def parallel_lines(symbol: str) -> list[str]:
+    """Parallel loops over chunks, on the caller's thread and helper threads (needs ``_work(w,
+    phase, c)``, one chunk of a phase on the state block's words ``w``, inlinable).
+
+    ``task(block)``, a C function, claims chunks of the block's phase (an atomic counter) and
+    runs them until none is left, then drops its reference to the block. ``_parallel(t, mode,
+    threads, task, phase, n)`` runs chunks ``0..n-1`` of ``phase``: it copies the template
+    ``t`` into a fresh state block, queues ``task(block)`` for up to ``threads - 1`` helpers
+    (``mode`` 1; ``mode`` 0 runs every chunk on the caller's thread), runs it itself, and waits
+    until every claimed chunk is done. The caller never waits on a helper that has not
+    started: one that starts late, or never, finds nothing to do, and the block is freed by
+    whoever holds its last reference.
+
+    The helpers are the process's own threads (``pthread``), shared by every kernel module
+    through :func:`helper_block`, started on first use and again after a ``fork`` (the pid
+    changes). XLA cannot lend its threads: ``import learnopt`` gives its intra-op pool one
+    thread (docs/hangs.md), on which it runs the custom call. An idle helper polls the queue
+    for a while, then sleeps on a condition variable.
+
+    ``task`` and ``worker`` are compiled once, by themselves (the chunks' code is large, and
+    numba optimises again every function it is linked into): their addresses are bound to the
+    symbols ``learnopt_{task,worker}_<symbol>`` that the callers refer to."""
+    out: list[str] = []
+    a = out.append
+    a(f"HQ = {HELPER_QUEUE}\nH_MUTEX = {_H_MUTEX}\nH_COND = {_H_COND}\nH_QUEUE = {_H_QUEUE}")
+    a(f"HELPER_SPINS = {HELPER_SPINS}\n\n")
     a("@njit(inline='always')")
-    a("def _f32(buffers, j, shape):")
-    a("    return carray(_as_pointer(_words(buffers[j], 4)[3]), shape, np.float32)\n\n")
+    a("def _release(block):")
+    a("    if _atomic_add(block, -1) == 1:")
+    a("        _free(block)\n\n")
+    a("@cfunc(types.void(types.voidptr), fastmath=FASTMATH, error_model='numpy', cache=True)")
+    a("def task(data):")
+    a("    block = _address(data)")
+    a("    w = _words(block, NW)")
+    a("    n = w[3]; phase = w[4]")
+    a("    while True:")
+    a("        c = _atomic_add(block + 8, 1)")
+    a("        if c >= n:")
+    a("            break")
+    a("        _work(w, phase, c)")
+    a("        _atomic_add(block + 16, 1)")
+    a("    _release(block)\n\n")
+    a(f"binding.add_symbol('learnopt_task_{symbol}', task.address)\n\n")
+    a("@cfunc(types.voidptr(types.voidptr), cache=True)")
+    a("def worker(arg):")
+    a("    h = _helpers()")
+    a("    hw = _words(h, H_QUEUE + 2 * HQ)")
+    a("    while True:")
+    a("        spins = 0")
+    a("        while _atomic_load(h + 32) == _atomic_load(h + 24) and spins < HELPER_SPINS:")
+    a("            _yield()")
+    a("            spins += 1")
+    a("        _mutex_lock(h + 8 * H_MUTEX, 0)")
+    a("        while _atomic_load(h + 32) == _atomic_load(h + 24):")
+    a("            _cond_wait(h + 8 * H_COND, h + 8 * H_MUTEX)")
+    a("        slot = H_QUEUE + 2 * (hw[3] % HQ)")
+    a("        job = hw[slot]; data = hw[slot + 1]")
+    a("        _atomic_add(h + 24, 1)")
+    a("        _mutex_unlock(h + 8 * H_MUTEX, 0)")
+    a("        _call_task(job, data)")
+    a("    return _null()\n\n")
+    a(f"binding.add_symbol('learnopt_worker_{symbol}', worker.address)\n\n")
+    for name in ("task", "worker"):
+        a("@intrinsic")
+        a(f"def _{name}_address(typingctx):")
+        a("    def codegen(context, builder, signature, args):")
+        a("        fnty = ir.FunctionType(VOID, [PTR])")
+        a("        fn = cgutils.get_or_insert_function(builder.module, fnty, "
+          f"'learnopt_{name}_{symbol}')")
+        a("        return builder.ptrtoint(fn, I64)")
+        a("    return types.int64(), codegen\n\n")
+    a("@njit(cache=True)")
+    a("def _start_helpers(h, count):")
+    a("    # at least count helpers in this process (started again after a fork)")
+    a("    pid = _getpid()")
+    a("    hw = _words(h, H_QUEUE)")
+    a("    if _atomic_load(h) == pid and _atomic_load(h + 16) >= count:")
+    a("        return")
+    a("    while _atomic_cas(h + 8, 0, 1) != 0:")
+    a("        _yield()")
+    a("    if hw[0] != pid:")
+    a("        _mutex_init(h + 8 * H_MUTEX, 0)")
+    a("        _cond_init(h + 8 * H_COND, 0)")
+    a("        hw[2] = 0; hw[3] = 0; hw[4] = 0")
+    a("        _atomic_add(h, pid - hw[0])")
+    a("    while hw[2] < count:")
+    a("        if _pthread_create(h + 8 * 5, _worker_address()) != 0:")
+    a("            break")
+    a("        _atomic_add(h + 16, 1)")
+    a("    _atomic_add(h + 8, -1)  # the start lock\n\n")
+    a("@njit(cache=True)")
+    a("def _submit(job, data):")
+    a("    h = _helpers()")
+    a("    hw = _words(h, H_QUEUE + 2 * HQ)")
+    a("    _mutex_lock(h + 8 * H_MUTEX, 0)")
+    a("    queued = hw[4] - hw[3] < HQ")
+    a("    if queued:")
+    a("        slot = H_QUEUE + 2 * (hw[4] % HQ)")
+    a("        hw[slot] = job; hw[slot + 1] = data")
+    a("        _atomic_add(h + 32, 1)")
+    a("        _cond_signal(h + 8 * H_COND, 0)")
+    a("    _mutex_unlock(h + 8 * H_MUTEX, 0)")
+    a("    return queued\n\n")
+    a("@njit(cache=True)")
+    a("def _parallel(t, mode, threads, task, phase, n):")
+    a("    block = _malloc(8 * NW)")
+    a("    w = _words(block, NW)")
+    a("    for q in range(NW):")
+    a("        w[q] = t[q]")
+    a("    helpers = max(min(threads - 1, n - 1), 0) if mode != 0 else 0")
+    a("    # references: each helper's, and the caller's two (its task, its wait)")
+    a("    w[0] = 2 + helpers; w[1] = 0; w[2] = 0; w[3] = n; w[4] = phase")
+    a("    if helpers > 0:")
+    a("        _start_helpers(_helpers(), helpers)")
+    a("    for q in range(helpers):")
+    a("        if not _submit(task, block):")
+    a("            _atomic_add(block, q - helpers)  # the helpers that were not queued")
+    a("            break")
+    a("    _call_task(task, block)")
+    a("    while _atomic_load(block + 16) < n:")
+    a("        _yield()")
+    a("    _release(block)\n\n")
+    return out
+
+
+#: A line of generated source that :func:`fill_views` replaces with a function's arrays.
+VIEWS = "# <views>"
+
+
+def fill_views(lines: list[str], shapes: dict[str, str]) -> list[str]:
+    """``lines`` with each :data:`VIEWS` line replaced by :func:`view_lines` of the arrays that
+    its function (up to the next decorator) uses: numba types every view it is given."""
+    import re
+
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        if line.strip() != VIEWS:
+            out.append(line)
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("@")),
+                   len(lines))
+        body = "\n".join(lines[i + 1:end])
+        used = {name: shape for name, shape in shapes.items()
+                if re.search(rf"\b{_VAR.get(name, name)}\b", body)}
+        out.extend(view_lines(line[:len(line) - len(line.lstrip())], used, list(shapes)))
+    return out
+
+
+_VAR = {"p": "pa", "g": "ga"}  # in the loops, p and g name an element's values
+
+
+def view_lines(indent: str, shapes: dict[str, str], order: Sequence[str] = (),
+               words: str = "w") -> list[str]:
+    """The layout from a state block's ``words`` (``B, P, N1, M, N2``, and ``N``, ``NA``,
+    ``NC``, the rows ``R``); from a block (``words="w"``) its chunking (``CPM``, ``RPC``) and
+    the arrays of ``shapes`` (``p`` and ``g`` as ``pa`` and ``ga``), each at its word in
+    ``order``."""
+    head = {name: i for i, name in enumerate(STATE_HEAD)}
+    out = [indent + "; ".join(f"{d} = {words}[{head[d]}]" for d in ("B", "P", "N1", "M", "N2")),
+           f"{indent}N = P * N1 * M * N2; NA = P * M * N2; NC = P * N1 * M; R = P * N1 * M"]
+    if words == "w":
+        out.append(f"{indent}CPM = {words}[{head['cpm']}]; RPC = {words}[{head['rpc']}]")
+    order = list(order)
+    for name, shape in shapes.items():
+        dtype = "np.float64" if name in _FLOAT64 else "np.float32"
+        out.append(f"{indent}{_VAR.get(name, name)} = carray(_as_pointer({words}["
+                   f"{len(STATE_HEAD) + order.index(name)}]), {shape}, {dtype})")
+    return out
+
+
+def scratch_lines(indent: str, shapes: dict[str, str]) -> list[str]:
+    """In ``run_call``: one ``malloc`` (``base``) for the arrays of ``shapes`` that are not the
+    call's operands, their addresses in the template ``t`` (64-byte aligned)."""
+    out = [f"{indent}size = 0"]
+    names = list(shapes)
+    for name in names[len(INPUTS) + len(OUTPUTS):]:
+        item = 8 if name in _FLOAT64 else 4
+        out.append(f"{indent}t[{len(STATE_HEAD) + names.index(name)}] = size")
+        count = " * ".join(x.strip() for x in shapes[name].strip("()").split(","))
+        out.append(f"{indent}size += ({count} * {item} + 63) // 64 * 64")
+    out.append(f"{indent}base = _malloc(size + 64)")
+    out.append(f"{indent}base64 = (base + 63) // 64 * 64")
+    for name in names[len(INPUTS) + len(OUTPUTS):]:
+        out.append(f"{indent}t[{len(STATE_HEAD) + names.index(name)}] += base64")
+    return out
+
+
+def ffi_entry_lines(inputs: Sequence[str], outputs: Sequence[str],
+                    shapes: dict[str, str]) -> list[str]:
+    """``xla_entry``, the XLA FFI handler: the template of a call from its operands (the first
+    is ``dims``: ``B, P, N1, M, N2`` and the most threads to use), then ``run_call`` with
+    XLA's intra-op thread pool."""
+    out: list[str] = []
+    a = out.append
+    # XLA's typed FFI (xla/ffi/api/c_api.h): XLA_FFI_Error* handler(XLA_FFI_CallFrame*), read
+    # as 8-byte words. Call frame: 1 extension_start, 2 api, 3 execution context, 4 stage,
+    # 9 argument buffers (void**), 14 result buffers; buffer: 3 data. A frame whose extension
+    # is the metadata query (type 1) gets the API version of the headers this kernel was
+    # generated against.
+    major, minor = ffi_api_version()
     a("@cfunc(types.voidptr(types.voidptr), cache=True)")
     a("def xla_entry(frame_ptr):")
     a("    frame = carray(frame_ptr, (15,), np.int64)")
@@ -458,20 +797,26 @@ def ffi_entry_lines(inputs: Sequence[str], outputs: Sequence[str],
     a("        return _null()")
     a(f"    ins = _words(frame[9], {len(inputs) + 1})")
     a(f"    outs = _words(frame[14], {len(outputs)})")
-    a("    dims = carray(_as_pointer(_words(ins[0], 4)[3]), (5,), np.int32)")
-    a("    B, P, N1, M, N2 = dims[0], dims[1], dims[2], dims[3], dims[4]")
-    a("    N = P * N1 * M * N2; NA = P * M * N2; NC = P * N1 * M")
-    for j, name in enumerate(inputs):
-        a(f"    {name} = _f32(ins, {j + 1}, {shapes[name]})")
-    for j, name in enumerate(outputs):
-        a(f"    {name} = _f32(outs, {j}, {shapes[name]})")
-    a("    kernel(dims, " + ", ".join(tuple(inputs) + tuple(outputs)) + ")")
+    a("    dims = carray(_as_pointer(_words(ins[0], 4)[3]), (6,), np.int32)")
+    a("    t = np.zeros(NW, np.int64)")
+    a("    for q in range(5):")
+    a(f"        t[{STATE_HEAD.index('B')} + q] = dims[q]")
+    for j in range(len(inputs)):
+        a(f"    t[{len(STATE_HEAD) + j}] = _words(ins[{j + 1}], 4)[3]")
+    for j in range(len(outputs)):
+        a(f"    t[{len(STATE_HEAD) + len(inputs) + j}] = _words(outs[{j}], 4)[3]")
+    a("    run_call(t, 1, dims[5], _task_address())")
     a("    return _null()")
     return out
 
 
-def array_shapes(k: int, h: int, layers: int, num_time: int) -> dict[str, str]:
-    """Each kernel array's shape, as an expression in ``B, N, NA, NC``."""
+def array_shapes(k: int, h: int, layers: int, num_time: int,
+                 factored: bool = True) -> dict[str, str]:
+    """Each array of a kernel call, in the state block's order: its :data:`INPUTS` and
+    :data:`OUTPUTS`, then the kernel's own (the factors ``fa``, ``fc`` and first-layer
+    contributions ``ca``, ``cc`` of the row / column statistics, their sums of squared
+    gradients ``gsa``, ``gsc``, and each chunk's sums of the features' squares ``part``),
+    with shapes as expressions in ``B, N, NA, NC`` and the chunks per member ``CPM``."""
     nin = 4 + 8 * k + num_time
     shapes = {"p": "(B, N)", "g": "(B, N)", "m": f"(B, {k}, N)", "rms": "(B, 1, N)",
               "va": f"(B, {k}, NA)", "vc": f"(B, {k}, NC)", "decays": f"(B, {2 * k + 1})",
@@ -480,6 +825,11 @@ def array_shapes(k: int, h: int, layers: int, num_time: int) -> dict[str, str]:
               "wo": f"(B, {h}, 2)", "bo": "(B, 2)", "consts": "(B, 4)"}
     shapes.update({"update": "(B, N)", "m_out": shapes["m"], "rms_out": shapes["rms"],
                    "va_out": shapes["va"], "vc_out": shapes["vc"]})
+    if factored:
+        shapes.update({"fa": f"(B, {k}, NA)", "fc": f"(B, {k}, NC)", "ca": f"(B, {h}, NA)",
+                       "cc": f"(B, {h}, NC)", "gsa": "(B, NA)", "gsc": "(B, NC)"})
+    features = num_full_features(k) + (0 if factored else 2 * k)
+    shapes["part"] = f"(B, CPM, {features})"
     return shapes
 
 
@@ -525,6 +875,7 @@ def _load(name: str, src: str) -> ModuleType:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(src)
             os.replace(tmp, path)  # atomic: concurrent processes never read a partial file
+        helper_block()  # bound before the module's code is linked
         spec = importlib.util.spec_from_file_location(f"learnopt_kernel_{name}", path)
         module = importlib.util.module_from_spec(spec)
         # numba's on-disk cache finds the module again by name while it is being executed
@@ -554,17 +905,66 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
                out: dict | None = None, factored: bool = True) -> dict:
     """Run the kernel on NumPy float32 arrays (C-contiguous, each with a leading batch axis);
     ``out`` may hold output arrays to write into (an input may be its own output: the
-    accumulators are read before they are written, element by element). Returns the outputs."""
+    accumulators are read before they are written, element by element). Large calls share
+    their chunks with :func:`threads` - 1 helper threads. Returns the outputs."""
     b = arrays["p"].shape[0]
     out = dict(out or {})
     if len(out) < len(OUTPUTS):
         for name, shape in _out_shapes(k, b, dims).items():
             if name not in out:
                 out[name] = np.empty(shape, np.float32)
-    kernel = kernel_module(k, h, layers, num_time, factored).kernel
-    kernel(np.asarray((b,) + tuple(dims), np.int32), *(arrays[n] for n in INPUTS),
-           *(out[n] for n in OUTPUTS))
+    module = kernel_module(k, h, layers, num_time, factored)
+    template = np.zeros(module.NW, np.int64)
+    head = len(STATE_HEAD)
+    template[STATE_HEAD.index("B"):head] = (b,) + tuple(dims)
+    operands = [arrays[n] for n in INPUTS] + [out[n] for n in OUTPUTS]
+    for j, x in enumerate(operands):
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"kernel operand {(INPUTS + OUTPUTS)[j]} must be C-contiguous "
+                             f"float32, got {x.dtype} {x.strides}")
+        template[head + j] = x.ctypes.data
+    module.run_call(template, 1, threads(), module.task.address)
     return out
+
+
+def threads() -> int:
+    """The most threads a kernel call uses (``LEARNOPT_NATIVE_THREADS``, or :func:`set_threads`;
+    by default the CPUs this process may run on): the caller's and ``threads() - 1`` helpers
+    (:func:`parallel_lines`)."""
+    if "threads" in _STATE:
+        return _STATE["threads"]
+    env = os.environ.get("LEARNOPT_NATIVE_THREADS")
+    if env:
+        return max(1, int(env))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def set_threads(count: int | None) -> int | None:
+    """Set the most threads a kernel call uses, for computations traced (XLA) or run (PyTorch)
+    from now on; ``None`` restores the default. Results do not depend on it (the chunks are
+    fixed by the layout). Returns the old setting."""
+    if count is not None and count < 1:
+        raise ValueError(f"threads must be >= 1, got {count}")
+    old = _STATE.get("threads")
+    if count is None:
+        _STATE.pop("threads", None)
+    else:
+        _STATE["threads"] = int(count)
+    return old
+
+
+@functools.cache
+def helper_block() -> np.ndarray:
+    """The process's helper-thread block (:data:`HELPER_WORDS` int64 words, 64-byte aligned),
+    bound to the symbol ``learnopt_helpers`` that every kernel module refers to: one set of
+    helper threads serves them all. Kept alive for the life of the process."""
+    from llvmlite import binding
+
+    raw = np.zeros(HELPER_WORDS + 8, np.int64)
+    start = (-raw.ctypes.data % 64) // 8
+    block = raw[start:start + HELPER_WORDS]
+    binding.add_symbol("learnopt_helpers", block.ctypes.data)
+    return block
 
 
 @functools.cache
@@ -621,6 +1021,6 @@ def xla_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
                       kernel_module(k, h, layers, num_time, factored))
     dims = tuple(int(d) for d in dims)
     shapes = _out_shapes(k, 1, dims)
-    call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims)
+    call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims + (threads(),))
     outs = call(*(arrays[name] for name in INPUTS))
     return dict(zip(OUTPUTS, outs, strict=True))
