@@ -913,18 +913,37 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
         for name, shape in _out_shapes(k, b, dims).items():
             if name not in out:
                 out[name] = np.empty(shape, np.float32)
-    module = kernel_module(k, h, layers, num_time, factored)
-    template = np.zeros(module.NW, np.int64)
-    head = len(STATE_HEAD)
-    template[STATE_HEAD.index("B"):head] = (b,) + tuple(dims)
-    operands = [arrays[n] for n in INPUTS] + [out[n] for n in OUTPUTS]
-    for j, x in enumerate(operands):
-        if x.dtype != np.float32 or not x.flags.c_contiguous:
-            raise ValueError(f"kernel operand {(INPUTS + OUTPUTS)[j]} must be C-contiguous "
-                             f"float32, got {x.dtype} {x.strides}")
-        template[head + j] = x.ctypes.data
-    module.run_call(template, 1, threads(), module.task.address)
+    run(kernel_module(k, h, layers, num_time, factored),
+        template(b, dims, {**arrays, **out}))
     return out
+
+
+def template(batch: int, dims, arrays: dict) -> np.ndarray:
+    """A kernel call's template: the layout and the data address of every operand (the named
+    :data:`INPUTS` and :data:`OUTPUTS`, C-contiguous float32; the caller keeps them alive).
+    A caller that calls again on the same arrays may keep it, and change an operand's address
+    at :func:`operand_word`."""
+    words = np.zeros(len(STATE_HEAD) + len(INPUTS) + len(OUTPUTS), np.int64)
+    words[STATE_HEAD.index("B"):len(STATE_HEAD)] = (batch,) + tuple(dims)
+    for name in INPUTS + OUTPUTS:
+        x = arrays[name]
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"kernel operand {name} must be C-contiguous float32, got "
+                             f"{x.dtype} with strides {x.strides}")
+        words[operand_word(name)] = x.ctypes.data
+    return words
+
+
+def operand_word(name: str) -> int:
+    """The word of a template (:func:`template`) that holds operand ``name``'s address."""
+    return len(STATE_HEAD) + (INPUTS + OUTPUTS).index(name)
+
+
+def run(module: ModuleType, words: np.ndarray) -> None:
+    """Run a kernel module (:func:`kernel_module`) on a call's :func:`template`."""
+    full = np.zeros(module.NW, np.int64)  # the kernel's own arrays' words follow
+    full[:len(words)] = words
+    module.run_call(full, 1, threads(), module.task.address)
 
 
 def threads() -> int:

@@ -120,6 +120,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                             "adafactor_decays": (kf,), "nn": nn_shapes}, self.name)
         self.theta = theta
         super().__init__(params, num_steps, guard)
+        self._plans: dict[int, dict] = {}  # kernel call templates by tensor (_planned_leaf)
         # rows of w0 fed by the full-size channels, by the row factors and by the col factors
         n_head = 2 + km + 1 + km + 1 + kf  # g, p, m, rms, m*r, r, fac_g
         row0 = n_head
@@ -191,10 +192,76 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                                              [states[i] for i in small], params[0].device)
             for i, u, st in zip(small, ups, sts, strict=True):
                 updates[i], new_states[i] = u, st
+        times: dict[int, np.ndarray] = {}  # time features by step, shared by the tensors
         for i, p in enumerate(params):
             if updates[i] is None:
-                updates[i], new_states[i] = self._native_leaf(p, grads[i], states[i])
+                fast = self._inplace and self._planned_leaf(p, grads[i], states[i], times)
+                updates[i], new_states[i] = fast or self._native_leaf(p, grads[i], states[i])
         return updates, new_states
+
+    def _planned_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor],
+                      times: dict[int, np.ndarray]):
+        """One tensor by the kernel, updating its state in place through a call template kept
+        from the last step (:func:`native.template`): only the gradient's and the time
+        features' addresses change. For a bare step (nothing keeps the old state) on a
+        float32 tensor whose kernel layout needs no transpose; None otherwise (then
+        :meth:`_native_leaf` runs). Keeps an update buffer of the tensor's size."""
+        if g.dtype != torch.float32 or not g.is_contiguous():
+            return None
+        keys = ("momentum", "rms", "v_row", "v_col", "v_full")
+        addresses = (p.data_ptr(),) + tuple(st[n].data_ptr() for n in keys)
+        plan = self._plans.get(id(p))
+        if plan is None or plan["addresses"] != addresses:
+            plan = self._plans[id(p)] = self._plan(p, st, addresses)
+        if plan["words"] is None:
+            return None
+        step = int(st["step"])
+        if step not in times:
+            times[step] = time_features(torch.tensor([[float(step)]]), self._consts(
+                p.device)["timescales"]).numpy()
+        words = plan["words"]
+        words[plan["g"]] = g.data_ptr()
+        words[plan["time"]] = times[step].ctypes.data
+        native.run(plan["module"], words)
+        return plan["update"], {**st, "step": st["step"] + 1}
+
+    def _plan(self, p: torch.Tensor, st: Mapping[str, torch.Tensor], addresses) -> dict:
+        """The kernel call of :meth:`_planned_leaf` for tensor ``p``; ``words`` is None when
+        it does not apply (a layout that needs a transpose, or state not float32 and
+        contiguous)."""
+        k, factored = self.km, p.dim() >= 2
+        plan: dict[str, Any] = {"addresses": addresses, "words": None}
+        tensors = [p] + [st[n] for n in ("momentum", "rms", "v_row", "v_col", "v_full")]
+        if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
+            return plan
+        n = max(p.numel(), 1)
+        if factored:
+            lay = native.layout(tuple(p.shape), *factored_dims(tuple(p.shape)))
+            if lay.perm_full != tuple(range(p.dim() + 1)) or lay.perm_lack_a != tuple(
+                    range(p.dim())):
+                return plan
+            dims, row_lacks_a = lay.dims, lay.row_lacks_a
+            va, vc = ((st["v_row"], st["v_col"]) if row_lacks_a
+                      else (st["v_col"], st["v_row"]))
+        else:
+            dims, row_lacks_a = (1, 1, 1, n), False
+            va, vc = st["v_full"], torch.zeros((k, 1))
+        flat = lambda x, *lead: x.detach().view(1, *lead, -1).numpy()  # noqa: E731
+        update = torch.empty(p.shape, dtype=torch.float32)
+        arrays = {"p": flat(p), "g": flat(p), "m": flat(st["momentum"], k),
+                  "rms": flat(st["rms"], 1), "va": flat(va, k), "vc": flat(vc, k),
+                  "time": np.zeros((1, len(TIME_SCALES)), np.float32),
+                  **self._native_arrays(),
+                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
+                                         float(row_lacks_a)]], np.float32),
+                  "update": flat(update)}
+        arrays.update(m_out=arrays["m"], rms_out=arrays["rms"], va_out=arrays["va"],
+                      vc_out=arrays["vc"])
+        sizes = (self.km, self._hidden_size, self._hidden_layers, len(TIME_SCALES))
+        plan.update(words=native.template(1, dims, arrays), arrays=arrays, update=update,
+                    module=native.kernel_module(*sizes, factored),
+                    g=native.operand_word("g"), time=native.operand_word("time"))
+        return plan
 
     def _native_arrays(self) -> dict[str, Any]:
         """theta as the kernel's NumPy inputs (batch axis of 1), cached."""
