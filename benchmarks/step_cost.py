@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from learnopt.io import machine_info
-from learnopt.learned import common
+from learnopt.learned import common, native
 from learnopt.learned.registry import get_learned_optimizer
 from learnopt.tasks.models import sampled, standard
 
@@ -61,7 +61,8 @@ from learnopt.tasks.models import sampled, standard
 #: m and v (its LSTM state is per tensor). The guarded small_fc_lopt_general adds the guard's
 #: rollback snapshot (docs/stability.md): the last good parameters (1) and the wrapped
 #: optimizer's state there (4), so 4 + 1 + 4.
-STATED_FLOATS_PER_PARAM = {"adam": 2, "small_fc_lopt": 4, "small_fc_lopt_general": 9,
+STATED_FLOATS_PER_PARAM = {"adam": 2, "small_fc_lopt": 4, "small_fc_lopt_1_kernel_thread": 4,
+                           "small_fc_lopt_general": 9,
                            "fc_lopt": 6, "nn_adam": 2, "velo": 4}
 LEARNED = ("small_fc_lopt", "fc_lopt", "nn_adam", "velo")
 TASKS = ("mlp", "conv", "transformer")
@@ -106,7 +107,13 @@ def build_optimizers(num_steps: int) -> dict[str, optax.GradientTransformationEx
         lopt = get_learned_optimizer(name)
         opts[name] = lopt.optimizer(lopt.init(jax.random.PRNGKey(0)), num_steps)
     opts["small_fc_lopt_general"] = pretrained.optimizer("small_fc_lopt_general", num_steps)
+    # the native kernel on the caller's thread alone (the others use its helper threads;
+    # XLA itself runs on one, docs/hangs.md)
+    opts[ONE_THREAD] = opts["small_fc_lopt"]
     return opts
+
+
+ONE_THREAD = "small_fc_lopt_1_kernel_thread"
 
 
 def train_runner(opt, loss_fn, steps: int):
@@ -154,10 +161,12 @@ def measure_task(kind: str, opts: dict[str, Any], steps: int, repeats: int) -> d
         state = opt.init(params)
         states[name] = state
         tr, up = train_runner(opt, loss_fn, steps), update_runner(opt)
+        old_threads = native.set_threads(1 if name == ONE_THREAD else None)  # at trace time
         t0 = time.perf_counter()
         jax.block_until_ready(tr(params, state))
         jax.block_until_ready(up(params, state, grad_stack, loss))
         compile_s[name] = time.perf_counter() - t0
+        native.set_threads(old_threads)
         calls[("train_step", name)] = (tr, (params, state))
         calls[("update", name)] = (up, (params, state, grad_stack, loss))
         print(f"  [{kind}] compiled {name} in {compile_s[name]:.1f}s", flush=True)

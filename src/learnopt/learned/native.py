@@ -902,11 +902,13 @@ def _out_shapes(k: int, b: int, dims) -> dict[str, tuple[int, ...]]:
 
 
 def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
-               out: dict | None = None, factored: bool = True) -> dict:
+               out: dict | None = None, factored: bool = True,
+               num_threads: int | None = None) -> dict:
     """Run the kernel on NumPy float32 arrays (C-contiguous, each with a leading batch axis);
     ``out`` may hold output arrays to write into (an input may be its own output: the
     accumulators are read before they are written, element by element). Large calls share
-    their chunks with :func:`threads` - 1 helper threads. Returns the outputs."""
+    their chunks with helper threads (``num_threads`` in all, by default :func:`threads`).
+    Returns the outputs."""
     b = arrays["p"].shape[0]
     out = dict(out or {})
     if len(out) < len(OUTPUTS):
@@ -914,7 +916,7 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
             if name not in out:
                 out[name] = np.empty(shape, np.float32)
     run(kernel_module(k, h, layers, num_time, factored),
-        template(b, dims, {**arrays, **out}))
+        template(b, dims, {**arrays, **out}), num_threads)
     return out
 
 
@@ -939,11 +941,12 @@ def operand_word(name: str) -> int:
     return len(STATE_HEAD) + (INPUTS + OUTPUTS).index(name)
 
 
-def run(module: ModuleType, words: np.ndarray) -> None:
-    """Run a kernel module (:func:`kernel_module`) on a call's :func:`template`."""
+def run(module: ModuleType, words: np.ndarray, num_threads: int | None = None) -> None:
+    """Run a kernel module (:func:`kernel_module`) on a call's :func:`template`, on at most
+    ``num_threads`` threads (by default :func:`threads`)."""
     full = np.zeros(module.NW, np.int64)  # the kernel's own arrays' words follow
     full[:len(words)] = words
-    module.run_call(full, 1, threads(), module.task.address)
+    module.run_call(full, 1, num_threads or threads(), module.task.address)
 
 
 def threads() -> int:

@@ -199,6 +199,12 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                 updates[i], new_states[i] = fast or self._native_leaf(p, grads[i], states[i])
         return updates, new_states
 
+    @staticmethod
+    def _threads() -> int:
+        """The kernel's threads: torch's intra-op budget (``torch.set_num_threads``), within
+        :func:`native.threads`."""
+        return max(1, min(native.threads(), torch.get_num_threads()))
+
     def _planned_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor],
                       times: dict[int, np.ndarray]):
         """One tensor by the kernel, updating its state in place through a call template kept
@@ -222,7 +228,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         words = plan["words"]
         words[plan["g"]] = g.data_ptr()
         words[plan["time"]] = times[step].ctypes.data
-        native.run(plan["module"], words)
+        native.run(plan["module"], words, self._threads())
         return plan["update"], {**st, "step": st["step"] + 1}
 
     def _plan(self, p: torch.Tensor, st: Mapping[str, torch.Tensor], addresses) -> dict:
@@ -326,7 +332,8 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                   "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
                                          float(row_lacks_a)]], np.float32)}
         native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], dims,
-                          arrays, {n: x.numpy() for n, x in outs.items()}, factored=factored)
+                          arrays, {n: x.numpy() for n, x in outs.items()}, factored=factored,
+                          num_threads=self._threads())
         new = {"step": step + 1,
                "momentum": back(outs["m_out"], m_old, full).reshape(st["momentum"].shape),
                "rms": back(outs["rms_out"], rms_old, full).reshape(st["rms"].shape),
