@@ -96,7 +96,11 @@ def test_a_killed_worker_is_replaced_and_the_run_applies_all_its_gradients(ray_s
             if record["step"] == 2 and not killed:
                 killed.append(int(record["worker"]))
                 # SIGKILL (as the OOM killer would): dead before the next call reaches it
-                os.kill(ray.get(grads.workers[killed[0]].pid.remote()), signal.SIGKILL)
+                actor = grads.workers[killed[0]]
+                os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+                # ...and known to Ray to be dead, or the other worker may finish the run first
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(actor.pid.remote(), timeout=60)
 
         state, records = run_learner(grads, learner, learner.init(initial_theta(TINY)), steps,
                                      on_record=kill_once)
