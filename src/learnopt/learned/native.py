@@ -16,18 +16,24 @@ it gives inf above 88.72, 0 below -87.33 and NaN for NaN, as ``exp`` does. The d
 timings are in docs/derivations.md §3.1.
 
 Layout (:func:`layout`): a tensor of rank >= 2 is seen as ``(P, N1, M, N2)`` with its two
-factored axes ``N1`` and ``N2`` (the caller moves the later one last when it is not); ``va`` is
-its factored statistic without ``N1``, ``(P, M, N2)``, and ``vc`` the one without ``N2``,
-``(P, N1, M)``. A tensor of rank < 2 is one run ``(1, 1, 1, N)`` with ``v_full`` in ``va``.
-Every array has a leading batch axis ``B`` (vmapped tasks and perturbations).
+factored axes ``N1`` and ``N2`` (the caller moves ``N2``, the rows, last; the longer axis when
+the later one is short); ``va`` is its factored statistic without ``N1``, ``(P, M, N2)``, and
+``vc`` the one without ``N2``, ``(P, N1, M)``. A tensor of rank < 2 is one run
+``(1, 1, 1, N)`` with ``v_full`` in ``va``. Every array has a leading batch axis ``B``
+(vmapped tasks and perturbations).
+
+Threads (:func:`parallel_lines`): a call runs in phases, each a loop over chunks of rows
+claimed by the calling thread and by the process's own helper threads; the chunks, and so the
+result, do not depend on the number of threads (:func:`threads`, ``LEARNOPT_NATIVE_THREADS``).
 
 The kernel is generated as Python source for each architecture size (decays ``K``, width
 ``H``, ``L`` hidden layers, ``T`` time features, factored or not), written to a cache
 directory (``LEARNOPT_KERNEL_DIR``, default ``~/.cache/learnopt/kernels``) and compiled with
-numba's on-disk cache, so a machine compiles each once (3-6 s). XLA calls it as a CPU custom
+numba's on-disk cache, so a machine compiles each once (6-12 s). XLA calls it as a CPU custom
 call through its typed FFI (:func:`xla_call`); the PyTorch port calls it on NumPy views
-(:func:`numpy_call`). numba is a dependency; without it, or with ``LEARNOPT_NATIVE=0``,
-:func:`available` is False and the callers use their XLA / torch paths (the same function).
+(:func:`numpy_call`, or a kept :func:`template` and :func:`run`). numba is a dependency;
+without it, or with ``LEARNOPT_NATIVE=0``, :func:`available` is False and the callers use
+their XLA / torch paths (the same function).
 """
 
 from __future__ import annotations
@@ -539,7 +545,8 @@ def runtime_lines(num_words: int) -> list[str]:
     intrinsic("_getpid", "", "types.int64()",
               [f"fn = {extern('getpid', 'ir.IntType(32)', '')}",
                "return builder.sext(builder.call(fn, []), I64)"])
-    # int pthread_<name>(void*, void*): the mutex and condition variable functions used
+    # int pthread_<name>(void*, void*): the mutex and condition variable functions used (the
+    # one-argument ones ignore the second, as every C calling convention allows)
     for fn in ("mutex_init", "mutex_lock", "mutex_unlock", "cond_init", "cond_wait",
                "cond_signal"):
         intrinsic(f"_{fn}", "first, second", "types.int64(types.int64, types.int64)",
@@ -658,7 +665,11 @@ def parallel_lines(symbol: str) -> list[str]:
     a("    hw = _words(h, H_QUEUE)")
     a("    if _atomic_load(h) == pid and _atomic_load(h + 16) >= count:")
     a("        return")
-    a("    while _atomic_cas(h + 8, 0, 1) != 0:")
+    a("    # the start lock holds its owner's pid: one copied from the parent by a fork is stale")
+    a("    while True:")
+    a("        owner = _atomic_cas(h + 8, 0, pid)")
+    a("        if owner == 0 or (owner != pid and _atomic_cas(h + 8, owner, pid) == owner):")
+    a("            break")
     a("        _yield()")
     a("    if hw[0] != pid:")
     a("        _mutex_init(h + 8 * H_MUTEX, 0)")
@@ -669,7 +680,7 @@ def parallel_lines(symbol: str) -> list[str]:
     a("        if _pthread_create(h + 8 * 5, _worker_address()) != 0:")
     a("            break")
     a("        _atomic_add(h + 16, 1)")
-    a("    _atomic_add(h + 8, -1)  # the start lock\n\n")
+    a("    _atomic_add(h + 8, -pid)  # the start lock\n\n")
     a("@njit(cache=True)")
     a("def _submit(job, data):")
     a("    h = _helpers()")
