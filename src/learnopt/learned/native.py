@@ -577,9 +577,10 @@ def runtime_lines(num_words: int) -> list[str]:
 
 
 #: Words of the process's helper-thread block (:func:`helper_block`): the pid that started
-#: the helpers, a start lock, the helpers started, the queue's head and tail, a pthread mutex
-#: and condition variable (16 words each, more than any platform's), and a queue of
-#: ``(task, data)`` pairs.
+#: the helpers, a start lock (its holder's pid), the helpers started, the queue's head and
+#: tail, a ``pthread_t`` out-word; then a pthread mutex and condition variable (16 words each,
+#: more than any platform's), and a queue of ``(task, data)`` pairs.
+HELPER_HEAD = ("pid", "lock", "count", "head", "tail", "thread")
 HELPER_QUEUE = 64
 _H_MUTEX, _H_COND, _H_QUEUE = 8, 24, 40
 HELPER_WORDS = _H_QUEUE + 2 * HELPER_QUEUE
@@ -611,40 +612,45 @@ def parallel_lines(symbol: str) -> list[str]:
     symbols ``learnopt_{task,worker}_<symbol>`` that the callers refer to."""
     out: list[str] = []
     a = out.append
+    a("REFS, NEXT, DONE, CHUNKS, PHASE = " + ", ".join(
+        str(STATE_HEAD.index(n)) for n in ("refs", "next", "done", "chunks", "phase")))
+    a("H_PID, H_LOCK, H_COUNT, H_HEAD, H_TAIL, H_THREAD = " + ", ".join(
+        str(HELPER_HEAD.index(n)) for n in HELPER_HEAD))
     a(f"HQ = {HELPER_QUEUE}\nH_MUTEX = {_H_MUTEX}\nH_COND = {_H_COND}\nH_QUEUE = {_H_QUEUE}")
     a(f"HELPER_SPINS = {HELPER_SPINS}\n\n")
     a("@njit(inline='always')")
     a("def _release(block):")
-    a("    if _atomic_add(block, -1) == 1:")
+    a("    if _atomic_add(block + 8 * REFS, -1) == 1:")
     a("        _free(block)\n\n")
     a("@cfunc(types.void(types.voidptr), fastmath=FASTMATH, error_model='numpy', cache=True)")
     a("def task(data):")
     a("    block = _address(data)")
     a("    w = _words(block, NW)")
-    a("    n = w[3]; phase = w[4]")
+    a("    n = w[CHUNKS]; phase = w[PHASE]")
     a("    while True:")
-    a("        c = _atomic_add(block + 8, 1)")
+    a("        c = _atomic_add(block + 8 * NEXT, 1)")
     a("        if c >= n:")
     a("            break")
     a("        _work(w, phase, c)")
-    a("        _atomic_add(block + 16, 1)")
+    a("        _atomic_add(block + 8 * DONE, 1)")
     a("    _release(block)\n\n")
     a(f"binding.add_symbol('learnopt_task_{symbol}', task.address)\n\n")
     a("@cfunc(types.voidptr(types.voidptr), cache=True)")
     a("def worker(arg):")
     a("    h = _helpers()")
     a("    hw = _words(h, H_QUEUE + 2 * HQ)")
+    a("    head = h + 8 * H_HEAD; tail = h + 8 * H_TAIL")
     a("    while True:")
     a("        spins = 0")
-    a("        while _atomic_load(h + 32) == _atomic_load(h + 24) and spins < HELPER_SPINS:")
+    a("        while _atomic_load(tail) == _atomic_load(head) and spins < HELPER_SPINS:")
     a("            _yield()")
     a("            spins += 1")
     a("        _mutex_lock(h + 8 * H_MUTEX, 0)")
-    a("        while _atomic_load(h + 32) == _atomic_load(h + 24):")
+    a("        while _atomic_load(tail) == _atomic_load(head):")
     a("            _cond_wait(h + 8 * H_COND, h + 8 * H_MUTEX)")
-    a("        slot = H_QUEUE + 2 * (hw[3] % HQ)")
+    a("        slot = H_QUEUE + 2 * (hw[H_HEAD] % HQ)")
     a("        job = hw[slot]; data = hw[slot + 1]")
-    a("        _atomic_add(h + 24, 1)")
+    a("        _atomic_add(head, 1)")
     a("        _mutex_unlock(h + 8 * H_MUTEX, 0)")
     a("        _call_task(job, data)")
     a("    return _null()\n\n")
@@ -663,34 +669,36 @@ def parallel_lines(symbol: str) -> list[str]:
     a("    # at least count helpers in this process (started again after a fork)")
     a("    pid = _getpid()")
     a("    hw = _words(h, H_QUEUE)")
-    a("    if _atomic_load(h) == pid and _atomic_load(h + 16) >= count:")
+    a("    started = _atomic_load(h + 8 * H_COUNT)")
+    a("    if _atomic_load(h + 8 * H_PID) == pid and started >= count:")
     a("        return")
     a("    # the start lock holds its owner's pid: one copied from the parent by a fork is stale")
+    a("    lock = h + 8 * H_LOCK")
     a("    while True:")
-    a("        owner = _atomic_cas(h + 8, 0, pid)")
-    a("        if owner == 0 or (owner != pid and _atomic_cas(h + 8, owner, pid) == owner):")
+    a("        owner = _atomic_cas(lock, 0, pid)")
+    a("        if owner == 0 or (owner != pid and _atomic_cas(lock, owner, pid) == owner):")
     a("            break")
     a("        _yield()")
-    a("    if hw[0] != pid:")
+    a("    if hw[H_PID] != pid:")
     a("        _mutex_init(h + 8 * H_MUTEX, 0)")
     a("        _cond_init(h + 8 * H_COND, 0)")
-    a("        hw[2] = 0; hw[3] = 0; hw[4] = 0")
-    a("        _atomic_add(h, pid - hw[0])")
-    a("    while hw[2] < count:")
-    a("        if _pthread_create(h + 8 * 5, _worker_address()) != 0:")
+    a("        hw[H_COUNT] = 0; hw[H_HEAD] = 0; hw[H_TAIL] = 0")
+    a("        _atomic_add(h + 8 * H_PID, pid - hw[H_PID])")
+    a("    while hw[H_COUNT] < count:")
+    a("        if _pthread_create(h + 8 * H_THREAD, _worker_address()) != 0:")
     a("            break")
-    a("        _atomic_add(h + 16, 1)")
-    a("    _atomic_add(h + 8, -pid)  # the start lock\n\n")
+    a("        _atomic_add(h + 8 * H_COUNT, 1)")
+    a("    _atomic_add(lock, -pid)\n\n")
     a("@njit(cache=True)")
     a("def _submit(job, data):")
     a("    h = _helpers()")
     a("    hw = _words(h, H_QUEUE + 2 * HQ)")
     a("    _mutex_lock(h + 8 * H_MUTEX, 0)")
-    a("    queued = hw[4] - hw[3] < HQ")
+    a("    queued = hw[H_TAIL] - hw[H_HEAD] < HQ")
     a("    if queued:")
-    a("        slot = H_QUEUE + 2 * (hw[4] % HQ)")
+    a("        slot = H_QUEUE + 2 * (hw[H_TAIL] % HQ)")
     a("        hw[slot] = job; hw[slot + 1] = data")
-    a("        _atomic_add(h + 32, 1)")
+    a("        _atomic_add(h + 8 * H_TAIL, 1)")
     a("        _cond_signal(h + 8 * H_COND, 0)")
     a("    _mutex_unlock(h + 8 * H_MUTEX, 0)")
     a("    return queued\n\n")
@@ -702,15 +710,15 @@ def parallel_lines(symbol: str) -> list[str]:
     a("        w[q] = t[q]")
     a("    helpers = max(min(threads - 1, n - 1), 0) if mode != 0 else 0")
     a("    # references: each helper's, and the caller's two (its task, its wait)")
-    a("    w[0] = 2 + helpers; w[1] = 0; w[2] = 0; w[3] = n; w[4] = phase")
+    a("    w[REFS] = 2 + helpers; w[NEXT] = 0; w[DONE] = 0; w[CHUNKS] = n; w[PHASE] = phase")
     a("    if helpers > 0:")
     a("        _start_helpers(_helpers(), helpers)")
     a("    for q in range(helpers):")
     a("        if not _submit(task, block):")
-    a("            _atomic_add(block, q - helpers)  # the helpers that were not queued")
+    a("            _atomic_add(block + 8 * REFS, q - helpers)  # the helpers that were not queued")
     a("            break")
     a("    _call_task(task, block)")
-    a("    while _atomic_load(block + 16) < n:")
+    a("    while _atomic_load(block + 8 * DONE) < n:")
     a("        _yield()")
     a("    _release(block)\n\n")
     return out
@@ -926,17 +934,17 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
         for name, shape in _out_shapes(k, b, dims).items():
             if name not in out:
                 out[name] = np.empty(shape, np.float32)
-    run(kernel_module(k, h, layers, num_time, factored),
-        template(b, dims, {**arrays, **out}), num_threads)
+    module = kernel_module(k, h, layers, num_time, factored)
+    run(module, template(module, b, dims, {**arrays, **out}), num_threads)
     return out
 
 
-def template(batch: int, dims, arrays: dict) -> np.ndarray:
-    """A kernel call's template: the layout and the data address of every operand (the named
-    :data:`INPUTS` and :data:`OUTPUTS`, C-contiguous float32; the caller keeps them alive).
-    A caller that calls again on the same arrays may keep it, and change an operand's address
-    at :func:`operand_word`."""
-    words = np.zeros(len(STATE_HEAD) + len(INPUTS) + len(OUTPUTS), np.int64)
+def template(module: ModuleType, batch: int, dims, arrays: dict) -> np.ndarray:
+    """A call of kernel ``module``'s template: the layout and the data address of every
+    operand (the named :data:`INPUTS` and :data:`OUTPUTS`, C-contiguous float32; the caller
+    keeps them alive), then room for the kernel's own arrays. A caller that calls again on the
+    same arrays may keep it, and change an operand's address at :func:`operand_word`."""
+    words = np.zeros(module.NW, np.int64)
     words[STATE_HEAD.index("B"):len(STATE_HEAD)] = (batch,) + tuple(dims)
     for name in INPUTS + OUTPUTS:
         x = arrays[name]
@@ -955,9 +963,7 @@ def operand_word(name: str) -> int:
 def run(module: ModuleType, words: np.ndarray, num_threads: int | None = None) -> None:
     """Run a kernel module (:func:`kernel_module`) on a call's :func:`template`, on at most
     ``num_threads`` threads (by default :func:`threads`)."""
-    full = np.zeros(module.NW, np.int64)  # the kernel's own arrays' words follow
-    full[:len(words)] = words
-    module.run_call(full, 1, num_threads or threads(), module.task.address)
+    module.run_call(words, 1, num_threads or threads(), module.task.address)
 
 
 def threads() -> int:

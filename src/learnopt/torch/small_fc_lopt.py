@@ -235,39 +235,45 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         """The kernel call of :meth:`_planned_leaf` for tensor ``p``; ``words`` is None when
         it does not apply (a layout that needs a transpose, or state not float32 and
         contiguous)."""
-        k, factored = self.km, p.dim() >= 2
+        k = self.km
         plan: dict[str, Any] = {"addresses": addresses, "words": None}
         tensors = [p] + [st[n] for n in ("momentum", "rms", "v_row", "v_col", "v_full")]
         if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
             return plan
-        n = max(p.numel(), 1)
-        if factored:
-            lay = native.layout(tuple(p.shape), *factored_dims(tuple(p.shape)))
-            if lay.perm_full != tuple(range(p.dim() + 1)) or lay.perm_lack_a != tuple(
-                    range(p.dim())):
-                return plan
-            dims, row_lacks_a = lay.dims, lay.row_lacks_a
-            va, vc = ((st["v_row"], st["v_col"]) if row_lacks_a
-                      else (st["v_col"], st["v_row"]))
-        else:
-            dims, row_lacks_a = (1, 1, 1, n), False
-            va, vc = st["v_full"], torch.zeros((k, 1))
+        dims, row_lacks_a, full, lack_a, va, vc = self._kernel_layout(p, st)
+        if full != tuple(range(len(full))) or lack_a != tuple(range(len(lack_a))):
+            return plan
         flat = lambda x, *lead: x.detach().view(1, *lead, -1).numpy()  # noqa: E731
         update = torch.empty(p.shape, dtype=torch.float32)
         arrays = {"p": flat(p), "g": flat(p), "m": flat(st["momentum"], k),
                   "rms": flat(st["rms"], 1), "va": flat(va, k), "vc": flat(vc, k),
                   "time": np.zeros((1, len(TIME_SCALES)), np.float32),
                   **self._native_arrays(),
-                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
-                                         float(row_lacks_a)]], np.float32),
-                  "update": flat(update)}
+                  "consts": self._kernel_consts(row_lacks_a), "update": flat(update)}
         arrays.update(m_out=arrays["m"], rms_out=arrays["rms"], va_out=arrays["va"],
                       vc_out=arrays["vc"])
         sizes = (self.km, self._hidden_size, self._hidden_layers, len(TIME_SCALES))
-        plan.update(words=native.template(1, dims, arrays), arrays=arrays, update=update,
-                    module=native.kernel_module(*sizes, factored),
-                    g=native.operand_word("g"), time=native.operand_word("time"))
+        module = native.kernel_module(*sizes, p.dim() >= 2)
+        plan.update(words=native.template(module, 1, dims, arrays), arrays=arrays,
+                    update=update, module=module, g=native.operand_word("g"),
+                    time=native.operand_word("time"))
         return plan
+
+    def _kernel_layout(self, p: torch.Tensor, st: Mapping[str, torch.Tensor]):
+        """``(dims, row_lacks_a, perm_full, perm_lack_a, va, vc)`` of tensor ``p`` for the
+        kernel: :func:`native.layout` for rank >= 2; rank < 2 is one flat run (scalars are
+        one-entry runs, as shape [1] in the released code) with ``v_full`` as ``va``."""
+        if p.dim() >= 2:
+            lay = native.layout(tuple(p.shape), *factored_dims(tuple(p.shape)))
+            va, vc = ((st["v_row"], st["v_col"]) if lay.row_lacks_a
+                      else (st["v_col"], st["v_row"]))
+            return lay.dims, lay.row_lacks_a, lay.perm_full, lay.perm_lack_a, va, vc
+        return ((1, 1, 1, max(p.numel(), 1)), False, (0, 1), (0, 1),
+                st["v_full"].reshape(self.km, -1), torch.zeros((self.km, 1)))
+
+    def _kernel_consts(self, row_lacks_a: bool) -> np.ndarray:
+        return np.asarray([[self.exp_mult, self.step_mult, 1e-5, float(row_lacks_a)]],
+                          np.float32)
 
     def _native_arrays(self) -> dict[str, Any]:
         """theta as the kernel's NumPy inputs (batch axis of 1), cached."""
@@ -283,9 +289,8 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
         return self._device_theta[key]
 
     def _native_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor]):
-        """One tensor by the kernel. Rank >= 2: laid out as :func:`native.layout` says (the
-        later factored axis moved last when it is not); rank < 2: one flat run, with
-        ``v_full`` in the kernel's ``va``."""
+        """One tensor by the kernel, laid out by :meth:`_kernel_layout` (copies where the
+        layout needs a transpose)."""
         k, factored = self.km, p.dim() >= 2
 
         def to_kernel(x, perm):  # (lead,) + shape -> (1, lead, n), the kernel's order
@@ -302,17 +307,9 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
             moved = tuple(like.shape[i] for i in perm)
             return x[0].view(moved).permute(native.inverse(perm))
 
-        if factored:
-            lay = native.layout(tuple(p.shape), *factored_dims(tuple(p.shape)))
-            full, lack_a, dims, row_lacks_a = (lay.perm_full, lay.perm_lack_a, lay.dims,
-                                               lay.row_lacks_a)
-            va, vc = ((st["v_row"], st["v_col"]) if row_lacks_a
-                      else (st["v_col"], st["v_row"]))
-        else:  # scalars are one-entry runs, as shape [1] in the released code
+        dims, row_lacks_a, full, lack_a, va, vc = self._kernel_layout(p, st)
+        if not factored:
             p, g = p.reshape(-1), g.reshape(-1)
-            full = lack_a = (0, 1)
-            dims, row_lacks_a = (1, 1, 1, max(p.numel(), 1)), False
-            va, vc = st["v_full"].reshape(k, -1), torch.zeros((k, 1))
         m_old, rms_old = st["momentum"].reshape((k,) + p.shape), st["rms"].reshape(
             (1,) + p.shape)
         step = st["step"]
@@ -329,8 +326,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
             shares = self._inplace and ins[src].data_ptr() == old.data_ptr()
             outs[f"{src}_out"] = ins[src] if shares else torch.empty_like(ins[src])
         arrays = {**{n: x.numpy() for n, x in ins.items()}, **self._native_arrays(),
-                  "consts": np.asarray([[self.exp_mult, self.step_mult, 1e-5,
-                                         float(row_lacks_a)]], np.float32)}
+                  "consts": self._kernel_consts(row_lacks_a)}
         native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], dims,
                           arrays, {n: x.numpy() for n, x in outs.items()}, factored=factored,
                           num_threads=self._threads())
