@@ -302,3 +302,20 @@ def test_helpers_are_started_again_after_fork():
             os.kill(pid, 9)
         os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+def test_thread_settings_are_checked(monkeypatch):
+    monkeypatch.delitem(native._STATE, "threads", raising=False)
+    monkeypatch.setenv("LEARNOPT_NATIVE_THREADS", "3")
+    assert native.threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LEARNOPT_NATIVE_THREADS", bad)
+        with pytest.raises(ValueError, match="LEARNOPT_NATIVE_THREADS must be a whole number"):
+            native.threads()
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        native.set_threads(0)
+    dims = (1, 4, 1, 5)
+    arrays = _numpy_arrays(dims)
+    arrays["g"] = arrays["g"].astype(np.float64)
+    with pytest.raises(ValueError, match="kernel operand g must be C-contiguous float32"):
+        native.numpy_call(3, 4, 2, 11, dims, arrays)

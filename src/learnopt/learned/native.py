@@ -972,9 +972,11 @@ def threads() -> int:
     (:func:`parallel_lines`)."""
     if "threads" in _STATE:
         return _STATE["threads"]
-    env = os.environ.get("LEARNOPT_NATIVE_THREADS")
+    env = os.environ.get("LEARNOPT_NATIVE_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"LEARNOPT_NATIVE_THREADS must be a whole number >= 1, got {env!r}")
+        return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
