@@ -66,7 +66,9 @@ if [ ! -f "$AUSTEN_DB" ]; then
   fi
   rm -rf "$tmp"
 fi
-log "compiling the native small_fc_lopt kernel (once per machine; learnopt.learned.native)"
+log "compiling the native small_fc_lopt and fc_lopt kernels (once per machine; learnopt.learned.native*)"
 "$VENV/bin/python" -c "from learnopt.learned import native as n; [n.kernel_module(3, 4, 2, 11, f) for f in (True, False)]" \
   || log "WARNING: the native kernel did not compile; small_fc_lopt uses its XLA path"
+"$VENV/bin/python" -c "from learnopt.learned import native_fc_lopt as n; n.kernel_module(6, 32, 2, 11)" \
+  || log "WARNING: the native fc_lopt kernel did not compile; fc_lopt uses its XLA path"
 log "done; datasets: $VENV/bin/learnopt data"

@@ -7,12 +7,16 @@ the released ``MLPLOpt`` of learned_optimization (github.com/google/learned_opti
 
 Six momenta with fixed decays (0.1 ... 0.9999), ``g`` and ``p``, each normalised over the
 tensor, plus 11 time features ``tanh(t / x - 1)``: 19 inputs to a ReLU MLP 19 -> 32 -> 32 -> 2
-(1,762 meta-parameters); the parameter moves by ``-d * exp(0.001 m) * 0.001``. Matmul path only.
-Details: docs/derivations.md §3.2; departures: docs/departures.md.
+(1,762 meta-parameters); the parameter moves by ``-d * exp(0.001 m) * 0.001``. On CPU each
+tensor's step (momenta, normalisers, MLP, update) is one call of a native kernel
+(:mod:`learnopt.learned.native_fc_lopt`); elsewhere, under autodiff and without numba it is
+XLA's matmul path, the same function. Details: docs/derivations.md §3.2; departures:
+docs/departures.md.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learnopt.learned import common
+from learnopt.learned import common, native, native_fc_lopt
 from learnopt.learned.base import LearnedOptimizer, MetaParams
 
 #: Fixed momentum decays of fc_lopt (the released ``MLPLOpt``).
@@ -57,6 +61,51 @@ def _mlp_on_features(theta, chans, time):
 @_mlp_on_features.defjvp
 def _mlp_on_features_jvp(primals, tangents):
     return jax.jvp(_mlp_concat, primals, tangents)
+
+
+def _xla_step(theta, time, decays, p, g, m, *, exp_mult: float, step_mult: float):
+    """One tensor's ``(update, m)`` from its momenta before the step, by XLA."""
+    orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
+    g = jnp.asarray(g, jnp.float32)
+    m = common.decay_column(decays, g.ndim) * m + (1.0 - common.decay_column(
+        decays, g.ndim)) * g[None]
+    shape = orig_shape or (1,)
+    flat_m = jnp.reshape(m, m.shape[:1] + shape)
+    out = _mlp_on_features(theta, [jnp.reshape(g, shape),
+                                   jnp.reshape(jnp.asarray(p, jnp.float32), shape)]
+                           + [flat_m[k] for k in range(m.shape[0])], time)
+    step = out[..., 0] * jnp.exp(out[..., 1] * exp_mult) * step_mult
+    return jnp.reshape(-step, orig_shape).astype(orig_dtype), m
+
+
+@functools.cache
+def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
+    """``step(theta, time, decays, p, g, m) -> (update, m)`` of one tensor by the native CPU
+    kernel (:mod:`learnopt.learned.native_fc_lopt`); differentiated, it evaluates as
+    :func:`_xla_step` (the same function)."""
+    reference = functools.partial(_xla_step, exp_mult=exp_mult, step_mult=step_mult)
+
+    @jax.custom_jvp
+    def step(theta, time, decays, p, g, m):
+        k, h = m.shape[0], theta["w0"].shape[1]
+        n = max(int(jnp.size(p)), 1)
+        mlp = native.mlp_inputs(theta, hidden_layers, jnp.stack,
+                                lambda shape: jnp.zeros(shape, jnp.float32))
+        arrays = {**{name: x[None] for name, x in mlp.items()}, "decays": decays[None],
+                  "time": time[None], "consts": jnp.asarray(
+                      [[exp_mult, step_mult, common.NORMALIZER_EPS, 0.0]], jnp.float32),
+                  "p": jnp.reshape(jnp.asarray(p, jnp.float32), (1, n)),
+                  "g": jnp.reshape(jnp.asarray(g, jnp.float32), (1, n)),
+                  "m": jnp.reshape(m, (1, k, n))}
+        out = native_fc_lopt.xla_call(k, h, hidden_layers, time.shape[0], arrays)
+        update = jnp.reshape(out["update"], jnp.shape(p)).astype(jnp.asarray(p).dtype)
+        return update, jnp.reshape(out["m_out"], m.shape)
+
+    @step.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(reference, primals, tangents)
+
+    return step
 
 
 class FcLOptState(NamedTuple):
@@ -115,14 +164,12 @@ class FcLOpt(LearnedOptimizer):
     def init(self, key: jax.Array) -> MetaParams:
         return common.init_mlp(key, self.layer_sizes)
 
-    def _leaf_update(self, theta, time, p, g, m) -> jax.Array:
-        orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
-        p = jnp.asarray(p, jnp.float32).reshape(orig_shape or (1,))
-        g = jnp.asarray(g, jnp.float32).reshape(p.shape)
-        m = jnp.reshape(m, m.shape[:1] + p.shape)
-        out = _mlp_on_features(theta, [g, p] + [m[k] for k in range(m.shape[0])], time)
-        step = out[..., 0] * jnp.exp(out[..., 1] * self.exp_mult) * self.step_mult
-        return jnp.reshape(-step, orig_shape).astype(orig_dtype)
+    def _native(self) -> bool:
+        """Whether tensors are updated by the native CPU kernel: at least one hidden layer, a
+        CPU backend (elsewhere XLA runs the matmuls well) and a kernel that builds."""
+        return (self.hidden_layers >= 1 and jax.default_backend() == "cpu"
+                and native_fc_lopt.ready(len(self.momentum_decays), self.hidden_size,
+                                         self.hidden_layers, len(common.TIME_SCALES)))
 
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         decays = jnp.asarray(self.momentum_decays, jnp.float32)
@@ -139,11 +186,18 @@ class FcLOpt(LearnedOptimizer):
             del loss, extra_args  # fc_lopt has no loss feature
             grads = updates
             common.check_same_structure(grads, params, self.name)
-            mom = common.momentum_update(state.momentum, grads, decays)
             time = common.tanh_time_features(state.iteration)
-            new_updates = jax.tree.map(lambda p, g, m: self._leaf_update(theta, time, p, g, m),
-                                       params, grads, mom.m)
-            return new_updates, FcLOptState(momentum=mom, iteration=state.iteration + 1,
-                                            num_steps=state.num_steps)
+            if self._native():
+                step = _native_step(self.hidden_layers, self.exp_mult, self.step_mult)
+            else:
+                step = functools.partial(_xla_step, exp_mult=self.exp_mult,
+                                         step_mult=self.step_mult)
+            treedef = jax.tree.structure(grads)
+            out = [step(theta, time, decays, p, g, m) for p, g, m in zip(
+                treedef.flatten_up_to(params), treedef.flatten_up_to(grads),
+                treedef.flatten_up_to(state.momentum.m), strict=True)]
+            momentum = common.MomentumState(m=treedef.unflatten([m for _, m in out]))
+            return treedef.unflatten([u for u, _ in out]), FcLOptState(
+                momentum=momentum, iteration=state.iteration + 1, num_steps=state.num_steps)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

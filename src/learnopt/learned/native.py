@@ -769,19 +769,21 @@ def view_lines(indent: str, shapes: dict[str, str], order: Sequence[str] = (),
     return out
 
 
-def scratch_lines(indent: str, shapes: dict[str, str]) -> list[str]:
-    """In ``run_call``: one ``malloc`` (``base``) for the arrays of ``shapes`` that are not the
-    call's operands, their addresses in the template ``t`` (64-byte aligned)."""
+def scratch_lines(indent: str, shapes: dict[str, str],
+                  operands: int = len(INPUTS) + len(OUTPUTS)) -> list[str]:
+    """In ``run_call``: one ``malloc`` (``base``) for the arrays of ``shapes`` after the call's
+    first ``operands``, their addresses in the template ``t`` (64-byte aligned)."""
     out = [f"{indent}size = 0"]
     names = list(shapes)
-    for name in names[len(INPUTS) + len(OUTPUTS):]:
+    own = names[operands:]
+    for name in own:
         item = 8 if name in _FLOAT64 else 4
         out.append(f"{indent}t[{len(STATE_HEAD) + names.index(name)}] = size")
         count = " * ".join(x.strip() for x in shapes[name].strip("()").split(","))
         out.append(f"{indent}size += ({count} * {item} + 63) // 64 * 64")
     out.append(f"{indent}base = _malloc(size + 64)")
     out.append(f"{indent}base64 = (base + 63) // 64 * 64")
-    for name in names[len(INPUTS) + len(OUTPUTS):]:
+    for name in own:
         out.append(f"{indent}t[{len(STATE_HEAD) + names.index(name)}] += base64")
     return out
 
@@ -939,19 +941,21 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
     return out
 
 
-def template(module: ModuleType, batch: int, dims, arrays: dict) -> np.ndarray:
+def template(module: ModuleType, batch: int, dims, arrays: dict,
+             operands: Sequence[str] = INPUTS + OUTPUTS) -> np.ndarray:
     """A call of kernel ``module``'s template: the layout and the data address of every
-    operand (the named :data:`INPUTS` and :data:`OUTPUTS`, C-contiguous float32; the caller
-    keeps them alive), then room for the kernel's own arrays. A caller that calls again on the
-    same arrays may keep it, and change an operand's address at :func:`operand_word`."""
+    operand (by default the named :data:`INPUTS` and :data:`OUTPUTS`, C-contiguous float32;
+    the caller keeps them alive), then room for the kernel's own arrays. A caller that calls
+    again on the same arrays may keep it, and change an operand's address at
+    :func:`operand_word`."""
     words = np.zeros(module.NW, np.int64)
     words[STATE_HEAD.index("B"):len(STATE_HEAD)] = (batch,) + tuple(dims)
-    for name in INPUTS + OUTPUTS:
+    for word, name in enumerate(operands, len(STATE_HEAD)):
         x = arrays[name]
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"kernel operand {name} must be C-contiguous float32, got "
                              f"{x.dtype} with strides {x.strides}")
-        words[operand_word(name)] = x.ctypes.data
+        words[word] = x.ctypes.data
     return words
 
 
