@@ -150,53 +150,68 @@ def _xla_step(nn, time, decays, p, g, m, rms, v_row, v_col, v_full, *, compute: 
     return update, m, rms, v_row, v_col, v_full
 
 
+def kernel_step(nn, time, decays, scales, p, g, m, rms, v_row, v_col, v_full, *,
+                hidden_layers: int, features: str = "small_fc_lopt"):
+    """One tensor's ``(update, m, rms, v_row, v_col, v_full)`` by one call of the native CPU
+    kernel (:mod:`learnopt.learned.native`): the accumulators before the step in, after it
+    out. ``decays`` is the kernel's decay vector (:func:`_kernel_decays`), ``scales`` the
+    ``(exp_mult, step_mult)`` of the step (traced values may be given), ``nn`` an MLP with two
+    outputs and ``features`` the kernel's :data:`native.FEATURE_SETS` entry. Not
+    differentiable: callers wrap it in a ``custom_jvp`` with their XLA path."""
+    k, h = m.shape[0], nn["w0"].shape[1]
+    mlp = native.mlp_inputs(nn, hidden_layers, jnp.stack,
+                            lambda shape: jnp.zeros(shape, jnp.float32))
+    arrays = {**{n: x[None] for n, x in mlp.items()}, "decays": decays[None],
+              "time": time[None]}
+
+    def consts(row_lacks_a: bool) -> jax.Array:
+        tail = jnp.asarray([common.NORMALIZER_EPS, float(row_lacks_a)], jnp.float32)
+        return jnp.concatenate([jnp.asarray(scales, jnp.float32), tail])[None]
+
+    def call(dims, factored):
+        return native.xla_call(k, h, hidden_layers, time.shape[0], dims, arrays,
+                               factored=factored, features=features)
+
+    if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
+        n = max(p.size, 1)
+        arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
+                      m=jnp.reshape(m, (1, k, n)), rms=jnp.reshape(rms, (1, 1, n)),
+                      va=jnp.reshape(v_full, (1, k, n)),
+                      vc=jnp.zeros((1, k, 1), jnp.float32), consts=consts(False))
+        out = call((1, 1, 1, n), False)
+        return (jnp.reshape(out["update"], p.shape), jnp.reshape(out["m_out"], m.shape),
+                jnp.reshape(out["rms_out"], rms.shape), v_row, v_col,
+                jnp.reshape(out["va_out"], v_full.shape))
+    d1, d0 = common.factored_dims(p.shape)
+    lay = native.layout(p.shape, d1, d0)
+    va, vc = (v_row, v_col) if lay.row_lacks_a else (v_col, v_row)
+    arrays.update(
+        p=_to_kernel(p[None], lay.perm_full)[:, 0],
+        g=_to_kernel(g[None], lay.perm_full)[:, 0],
+        m=_to_kernel(m, lay.perm_full), rms=_to_kernel(rms, lay.perm_full),
+        va=_to_kernel(va, lay.perm_lack_a), vc=jnp.reshape(vc, (1, k, -1)),
+        consts=consts(lay.row_lacks_a))
+    out = call(lay.dims, True)
+    va = _from_kernel(out["va_out"], va, lay.perm_lack_a)
+    vc = jnp.reshape(out["vc_out"][0], vc.shape)
+    v_row, v_col = (va, vc) if lay.row_lacks_a else (vc, va)
+    return (_from_kernel(out["update"], p[None], lay.perm_full)[0],
+            _from_kernel(out["m_out"], m, lay.perm_full),
+            _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col, v_full)
+
+
 @functools.cache
 def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
     """``leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full) -> (update, m, rms, v_row,
-    v_col, v_full)`` of one tensor by the native CPU kernel (:mod:`learnopt.learned.native`):
-    the accumulators before the step in, after it out. Differentiated, it evaluates as the XLA
-    matmul path (the same function)."""
+    v_col, v_full)`` of one tensor by the native CPU kernel (:func:`kernel_step`).
+    Differentiated, it evaluates as the XLA matmul path (the same function)."""
     reference = functools.partial(_xla_step, compute="concat", exp_mult=exp_mult,
                                   step_mult=step_mult)
 
-    def consts(row_lacks_a: bool) -> jax.Array:
-        return jnp.asarray([[exp_mult, step_mult, common.NORMALIZER_EPS, float(row_lacks_a)]],
-                           jnp.float32)
-
     @jax.custom_jvp
     def leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
-        k, h = m.shape[0], nn["w0"].shape[1]
-        mlp = native.mlp_inputs(nn, hidden_layers, jnp.stack,
-                                lambda shape: jnp.zeros(shape, jnp.float32))
-        arrays = {**{n: x[None] for n, x in mlp.items()},
-                  "decays": _kernel_decays(decays)[None], "time": time[None]}
-        if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
-            n = max(p.size, 1)
-            arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
-                          m=jnp.reshape(m, (1, k, n)), rms=jnp.reshape(rms, (1, 1, n)),
-                          va=jnp.reshape(v_full, (1, k, n)),
-                          vc=jnp.zeros((1, k, 1), jnp.float32), consts=consts(False))
-            out = native.xla_call(k, h, hidden_layers, time.shape[0], (1, 1, 1, n), arrays,
-                                  factored=False)
-            return (jnp.reshape(out["update"], p.shape), jnp.reshape(out["m_out"], m.shape),
-                    jnp.reshape(out["rms_out"], rms.shape), v_row, v_col,
-                    jnp.reshape(out["va_out"], v_full.shape))
-        d1, d0 = common.factored_dims(p.shape)
-        lay = native.layout(p.shape, d1, d0)
-        va, vc = (v_row, v_col) if lay.row_lacks_a else (v_col, v_row)
-        arrays.update(
-            p=_to_kernel(p[None], lay.perm_full)[:, 0],
-            g=_to_kernel(g[None], lay.perm_full)[:, 0],
-            m=_to_kernel(m, lay.perm_full), rms=_to_kernel(rms, lay.perm_full),
-            va=_to_kernel(va, lay.perm_lack_a), vc=jnp.reshape(vc, (1, k, -1)),
-            consts=consts(lay.row_lacks_a))
-        out = native.xla_call(k, h, hidden_layers, time.shape[0], lay.dims, arrays)
-        va = _from_kernel(out["va_out"], va, lay.perm_lack_a)
-        vc = jnp.reshape(out["vc_out"][0], vc.shape)
-        v_row, v_col = (va, vc) if lay.row_lacks_a else (vc, va)
-        return (_from_kernel(out["update"], p[None], lay.perm_full)[0],
-                _from_kernel(out["m_out"], m, lay.perm_full),
-                _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col, v_full)
+        return kernel_step(nn, time, _kernel_decays(decays), [exp_mult, step_mult], p, g, m,
+                           rms, v_row, v_col, v_full, hidden_layers=hidden_layers)
 
     @leaf.defjvp
     def _jvp(primals, tangents):

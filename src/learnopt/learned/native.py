@@ -106,14 +106,15 @@ def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
 
 
 @functools.cache
-def _builds(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
-    return builds(kernel_module, k, h, layers, num_time, factored)
+def _builds(k: int, h: int, layers: int, num_time: int, factored: bool, features: str) -> bool:
+    return builds(kernel_module, k, h, layers, num_time, factored, features)
 
 
-def ready(k: int, h: int, layers: int, num_time: int, factored: bool) -> bool:
-    """Whether the kernel for these sizes can be used: :func:`available` and it compiles (on
-    failure a warning says why, once)."""
-    return available() and _builds(k, h, layers, num_time, factored)
+def ready(k: int, h: int, layers: int, num_time: int, factored: bool,
+          features: str = "small_fc_lopt") -> bool:
+    """Whether the kernel for these sizes (and :data:`FEATURE_SETS` entry) can be used:
+    :func:`available` and it compiles (on failure a warning says why, once)."""
+    return available() and _builds(k, h, layers, num_time, factored, features)
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -123,10 +124,45 @@ def set_enabled(enabled: bool) -> bool:
     return old
 
 
-def num_full_features(k: int) -> int:
+#: The per-parameter feature sets the kernel computes: small_fc_lopt's 28 (Metz et al. 2022,
+#: arXiv:2203.11860, App. A) and VeLO's 30, which add the clipped gradient ``clip(g, +-0.1)``
+#: and ``g * rsqrt(rms + 1e-6)`` and take ``rsqrt(max(v, 1e-9))`` where small_fc_lopt takes
+#: ``(v + 1e-6)^-0.5`` (Metz et al. 2022, arXiv:2211.09760, App. B.4).
+FEATURE_SETS = ("small_fc_lopt", "velo")
+
+
+def _check_features(features: str) -> bool:
+    """Whether ``features`` is VeLO's set; raises on an unknown one."""
+    if features not in FEATURE_SETS:
+        raise ValueError(f"features must be one of {FEATURE_SETS}; got {features!r}")
+    return features == "velo"
+
+
+def num_full_features(k: int, features: str = "small_fc_lopt") -> int:
     """Full-size features of a factored tensor: g, p, m (K), rms, m * r (K), r, fac_g (K),
-    m * row_f * col_f (K)."""
-    return 4 + 4 * k
+    m * row_f * col_f (K); VeLO's add clip(g) and g * r."""
+    return 4 + 4 * k + (2 if _check_features(features) else 0)
+
+
+def feature_names(k: int, factored: bool, features: str = "small_fc_lopt") -> tuple[
+        list[str], list[list[int]], int, int]:
+    """The full-size features the kernel computes per entry, in the kernel's names; for each,
+    the ``w0`` rows it feeds (a feature that stands for two inputs, ``v_full`` as the row and
+    the column statistic of a tensor of rank < 2, feeds the sum of their rows); the first of
+    the 4K row / column inputs; the number of per-parameter inputs."""
+    velo = _check_features(features)
+    lead = ["g", "gclip", "p"] if velo else ["g", "p"]
+    names = (lead + [f"m{i}" for i in range(k)] + ["rv"] + [f"mr{i}" for i in range(k)]
+             + ["r"] + [f"fg{i}" for i in range(k)] + (["gxr"] if velo else [])
+             + [f"mf{i}" for i in range(k)])
+    nf = len(names) + 4 * k
+    first = nf - 5 * k  # the 4K row / column inputs come before the last K
+    rows = [[r] for r in list(range(first)) + list(range(first + 4 * k, nf))]
+    if not factored:
+        names += [f"v{i}" for i in range(k)] + [f"rs{i}" for i in range(k)]
+        rows += [[first + i, first + k + i] for i in range(k)]
+        rows += [[first + 2 * k + i, first + 3 * k + i] for i in range(k)]
+    return names, rows, first, nf
 
 
 class Layout(NamedTuple):
@@ -176,13 +212,14 @@ def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
-def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = True) -> str:
+def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = True,
+                  features: str = "small_fc_lopt") -> str:
     """Python (numba) source of the kernel for ``k`` decays, width ``h``, ``layers`` hidden
-    layers (>= 1) and ``num_time`` time features: ``run_call(template, mode, threads,
-    task)`` (:func:`parallel_lines`) and the XLA entry point ``xla_entry(call_frame)``.
-    ``factored=False``: the kernel of tensors of rank < 2, whose full second moment ``v_full``
-    (in ``va``, ``vc`` unused) stands in for the row and column statistics; its 28 features are
-    all full-size.
+    layers (>= 1), ``num_time`` time features and a :data:`FEATURE_SETS` entry:
+    ``run_call(template, mode, threads, task)`` (:func:`parallel_lines`) and the XLA entry
+    point ``xla_entry(call_frame)``. ``factored=False``: the kernel of tensors of rank < 2,
+    whose full second moment ``v_full`` (in ``va``, ``vc`` unused) stands in for the row and
+    column statistics; all its features are full-size.
 
     A call runs in phases, each a parallel loop over chunks (:func:`parallel_lines`): (0, rank
     >= 2) each batch member's factored statistics; (1) chunks of rows, their new accumulators
@@ -192,31 +229,24 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     if k < 1 or h < 1 or layers < 1 or num_time < 0:
         raise ValueError(f"need k, h, layers >= 1 and num_time >= 0; got {k}, {h}, {layers}, "
                          f"{num_time}")
-    first = 4 + 3 * k  # the 4K row / column features follow the first 4 + 3K
-    nf = 4 + 8 * k
-    names = (["g", "p"] + [f"m{i}" for i in range(k)] + ["rv"] + [f"mr{i}" for i in range(k)]
-             + ["r"] + [f"fg{i}" for i in range(k)] + [f"mf{i}" for i in range(k)])
-    # the w0 rows of each computed feature: a feature that stands for two inputs (v_full as
-    # the row and the column statistic) gets the sum of their rows
-    rows = [[r] for r in list(range(first)) + list(range(first + 4 * k, nf))]
-    if not factored:
-        names += [f"v{i}" for i in range(k)] + [f"rs{i}" for i in range(k)]
-        rows += [[first + i, first + k + i] for i in range(k)]
-        rows += [[first + 2 * k + i, first + 3 * k + i] for i in range(k)]
+    velo = _check_features(features)
+    names, rows, first, nf = feature_names(k, factored, features)
     f = len(names)
-    assert f == num_full_features(k) + (0 if factored else 2 * k)
-    shapes = array_shapes(k, h, layers, num_time, factored)
+    shapes = array_shapes(k, h, layers, num_time, factored, features)
     out: list[str] = []
     a = out.append
     i1 = " " * 4
     ind, body = " " * 8, " " * 12
 
-    def features() -> None:
-        """The 16 features of element t, from the new accumulators."""
+    def feature_lines() -> None:
+        """The full-size features of element t, from the new accumulators."""
         a(f"{body}g = gr[t]")
         a(f"{body}p = pr[t]")
         a(f"{body}rv = rw[t]")
         a(f"{body}r = ONE / math.sqrt(rv + E6)")
+        if velo:
+            a(f"{body}gclip = min(max(g, -CLIP), CLIP)")
+            a(f"{body}gxr = g * r")
         for i in range(k):
             a(f"{body}m{i} = mw_{i}[t]")
             a(f"{body}mr{i} = m{i} * r")
@@ -228,7 +258,8 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
                 a(f"{body}v{i} = vw_{i}[t]")
                 a(f"{body}fg{i} = g / math.sqrt(max(v{i} + E9, E9))")
                 a(f"{body}rs{i} = ONE / math.sqrt(v{i} + E8)")
-                a(f"{body}mf{i} = m{i} / math.sqrt(v{i} + E6)")
+                root = f"max(v{i}, E9)" if velo else f"v{i} + E6"
+                a(f"{body}mf{i} = m{i} / math.sqrt({root})")
 
     def chunk(phase: int) -> None:
         """A phase function's head: the arrays, the chunk's member ``b`` and rows, the
@@ -272,10 +303,12 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
                 else:
                     a(f"{ind}base{o} = bias{o}")
 
-    a('"""Generated by learnopt.learned.native.kernel_source: small_fc_lopt, '
+    a(f'"""Generated by learnopt.learned.native.kernel_source: {features}, '
       f'K={k}, H={h}, L={layers}, T={num_time}, factored={factored}."""')
     out.extend(header_lines())
     a(f"K = {k}\nH = {h}\nFIRST = {first}\nNF = {nf}\nT = {num_time}\nF = {f}")
+    if velo:
+        a("CLIP = np.float32(0.1)  # VeLO's clipped-gradient feature")
     a("FASTMATH = {'reassoc', 'contract', 'arcp'}  # no nnan / ninf: NaN and inf propagate\n\n")
     out.extend(runtime_lines(len(STATE_HEAD) + len(shapes)))
     # Small arrays: the factored accumulators, their factors, the 4K row / column features'
@@ -371,7 +404,7 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
             a(f"{ind}for t in range(N2):")
             a(f"{body}vw_{i}[t] = ak{i} * vo_{i}[t] + (ONE - ak{i}) * (gr[t] * gr[t] + E30)")
     a(f"{ind}for t in range(N2):")
-    features()
+    feature_lines()
     for v, nm in enumerate(names):
         a(f"{body}s{v} += {nm} * {nm}")
     for v in range(f):
@@ -403,7 +436,7 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     a(f"{i1}sbuf = ibuf.view(np.float32)")
     rows_loop(with_mlp=True)
     a(f"{ind}for t in range(N2):")
-    features()
+    feature_lines()
     for o in range(h):
         terms = " + ".join(f"w{v}_{o} * {nm}" for v, nm in enumerate(names))
         low = f"car{o}[t] + " if factored else ""
@@ -424,7 +457,7 @@ def kernel_source(k: int, h: int, layers: int, num_time: int, factored: bool = T
     a("def _work(w, phase, c):")
     a("    if phase == 0:\n        _phase0(w, c)\n    elif phase == 1:\n        _phase1(w, c)")
     a("    else:\n        _phase2(w, c)\n\n")
-    out.extend(parallel_lines(f"small_fc_lopt_{'f' if factored else 'v'}{k}_{h}_{layers}_"
+    out.extend(parallel_lines(f"{features}_{'f' if factored else 'v'}{k}_{h}_{layers}_"
                               f"{num_time}"))
     a("@njit(nogil=True, cache=True)")
     a("def run_call(t, mode, threads, task):")
@@ -832,13 +865,13 @@ def ffi_entry_lines(inputs: Sequence[str], outputs: Sequence[str],
 
 
 def array_shapes(k: int, h: int, layers: int, num_time: int,
-                 factored: bool = True) -> dict[str, str]:
+                 factored: bool = True, features: str = "small_fc_lopt") -> dict[str, str]:
     """Each array of a kernel call, in the state block's order: its :data:`INPUTS` and
     :data:`OUTPUTS`, then the kernel's own (the factors ``fa``, ``fc`` and first-layer
     contributions ``ca``, ``cc`` of the row / column statistics, their sums of squared
     gradients ``gsa``, ``gsc``, and each chunk's sums of the features' squares ``part``),
     with shapes as expressions in ``B, N, NA, NC`` and the chunks per member ``CPM``."""
-    nin = 4 + 8 * k + num_time
+    nin = feature_names(k, factored, features)[3] + num_time
     shapes = {"p": "(B, N)", "g": "(B, N)", "m": f"(B, {k}, N)", "rms": "(B, 1, N)",
               "va": f"(B, {k}, NA)", "vc": f"(B, {k}, NC)", "decays": f"(B, {2 * k + 1})",
               "w0": f"(B, {nin}, {h})", "b0": f"(B, {h})", "time": f"(B, {num_time})",
@@ -849,8 +882,8 @@ def array_shapes(k: int, h: int, layers: int, num_time: int,
     if factored:
         shapes.update({"fa": f"(B, {k}, NA)", "fc": f"(B, {k}, NC)", "ca": f"(B, {h}, NA)",
                        "cc": f"(B, {h}, NC)", "gsa": "(B, NA)", "gsc": "(B, NC)"})
-    features = num_full_features(k) + (0 if factored else 2 * k)
-    shapes["part"] = f"(B, CPM, {features})"
+    full = num_full_features(k, features) + (0 if factored else 2 * k)
+    shapes["part"] = f"(B, CPM, {full})"
     return shapes
 
 
@@ -906,12 +939,16 @@ def _load(name: str, src: str) -> ModuleType:
 
 
 @functools.cache
-def kernel_module(k: int, h: int, layers: int, num_time: int, factored: bool = True
-                  ) -> ModuleType:
-    """The compiled small_fc_lopt kernel module for these sizes."""
-    kind = "f" if factored else "v"
-    return load(f"small_fc_lopt_{kind}_k{k}_h{h}_l{layers}_t{num_time}",
-                kernel_source(k, h, layers, num_time, factored))
+def kernel_module(k: int, h: int, layers: int, num_time: int, factored: bool = True,
+                  features: str = "small_fc_lopt") -> ModuleType:
+    """The compiled kernel module for these sizes and :data:`FEATURE_SETS` entry."""
+    return load(_kernel_name(k, h, layers, num_time, factored, features),
+                kernel_source(k, h, layers, num_time, factored, features))
+
+
+def _kernel_name(k: int, h: int, layers: int, num_time: int, factored: bool,
+                 features: str) -> str:
+    return f"{features}_{'f' if factored else 'v'}_k{k}_h{h}_l{layers}_t{num_time}"
 
 
 def _out_shapes(k: int, b: int, dims) -> dict[str, tuple[int, ...]]:
@@ -924,7 +961,7 @@ def _out_shapes(k: int, b: int, dims) -> dict[str, tuple[int, ...]]:
 
 def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
                out: dict | None = None, factored: bool = True,
-               num_threads: int | None = None) -> dict:
+               num_threads: int | None = None, features: str = "small_fc_lopt") -> dict:
     """Run the kernel on NumPy float32 arrays (C-contiguous, each with a leading batch axis);
     ``out`` may hold output arrays to write into (an input may be its own output: the
     accumulators are read before they are written, element by element). Large calls share
@@ -936,7 +973,7 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
         for name, shape in _out_shapes(k, b, dims).items():
             if name not in out:
                 out[name] = np.empty(shape, np.float32)
-    module = kernel_module(k, h, layers, num_time, factored)
+    module = kernel_module(k, h, layers, num_time, factored, features)
     run(module, template(module, b, dims, {**arrays, **out}), num_threads)
     return out
 
@@ -1058,12 +1095,11 @@ def batched_call(target: str, out_shapes: tuple[tuple[int, ...], ...],
 
 
 def xla_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
-             factored: bool = True) -> dict:
+             factored: bool = True, features: str = "small_fc_lopt") -> dict:
     """The kernel as one XLA CPU custom call on the named :data:`INPUTS` (each with a leading
     batch axis); returns the named :data:`OUTPUTS`."""
-    kind = "f" if factored else "v"
-    target = register(f"learnopt_small_fc_lopt_{kind}_k{k}_h{h}_l{layers}_t{num_time}",
-                      kernel_module(k, h, layers, num_time, factored))
+    target = register("learnopt_" + _kernel_name(k, h, layers, num_time, factored, features),
+                      kernel_module(k, h, layers, num_time, factored, features))
     dims = tuple(int(d) for d in dims)
     shapes = _out_shapes(k, 1, dims)
     call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims + (threads(),))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learnopt.learned import common
+from learnopt.learned import adafac_mlp, common, native
 from learnopt.learned.base import LearnedOptimizer, MetaParams
 from learnopt.step import declare_extra_args
 
@@ -263,6 +263,59 @@ def feature_selector_mlp(sizes: Sequence[int], feature: int) -> dict[str, jax.Ar
     return params
 
 
+def _xla_step(mlp, c_lr, p, g, m, rms, v_row, v_col, v_full, *, exp_mult: float,
+              step_mult: float):
+    """One tensor's ``(update, m, rms, v_row, v_col, v_full)`` from its accumulators before the
+    step and its (clipped) gradient, by XLA: the accumulator updates (App. B.2), the
+    per-parameter MLP ``mlp`` and ``-c_lr d exp(exp_mult m) step_mult rms(p)`` (App. B.4)."""
+    m = common.momentum_update(common.MomentumState(m), g, jnp.asarray(MOMENTUM_DECAYS)).m
+    rms = common.rms_update(common.RMSState(rms), g, jnp.asarray(RMS_DECAYS)).rms
+    v_row, v_col, v_full, fac_g = common.factored_update_leaf(
+        v_row, v_col, v_full, g, jnp.asarray(ADAFACTOR_DECAYS))
+    shape, dtype = jnp.shape(p), jnp.asarray(p).dtype
+    p = jnp.asarray(p, jnp.float32)
+    p1, g1, m1, rms1, fac_g1, v_full1 = p, g, m, rms, fac_g, v_full
+    if not shape:  # scalars are processed as shape [1], as in the released code
+        p1, g1 = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
+        m1, rms1, fac_g1, v_full1 = (x[:, None] for x in (m, rms, fac_g, v_full))
+    direction, magnitude = _per_parameter_mlp(mlp, p1, g1, m1, rms1, fac_g1, v_row, v_col,
+                                              v_full1)
+    step = c_lr * direction * jnp.exp(exp_mult * magnitude) * step_mult * _param_scale(p)
+    return jnp.reshape(-step, shape).astype(dtype), m, rms, v_row, v_col, v_full
+
+
+def _param_scale(p: jax.Array) -> jax.Array:
+    """``sqrt(mean(p^2) + 1e-9)``: the update is relative to the tensor's scale (App. B.4)."""
+    return jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
+
+
+@functools.cache
+def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
+    """:func:`_xla_step` by one call of the native CPU kernel (its VeLO feature set,
+    :mod:`learnopt.learned.native`), the per-tensor ``c_lr * rms(p)`` folded into the step
+    multiplier; differentiated, it evaluates as :func:`_xla_step` (the same function)."""
+    reference = functools.partial(_xla_step, exp_mult=exp_mult, step_mult=step_mult)
+    decays = (MOMENTUM_DECAYS + tuple(min(max(d, 0.0), 1.0) for d in RMS_DECAYS)
+              + tuple(min(max(d, 0.0), 1.0) for d in ADAFACTOR_DECAYS))
+
+    @jax.custom_jvp
+    def step(mlp, c_lr, p, g, m, rms, v_row, v_col, v_full):
+        p32 = jnp.asarray(p, jnp.float32)
+        last = f"{hidden_layers}"
+        nn = {**mlp, "w" + last: mlp["w" + last][:, :2], "b" + last: mlp["b" + last][:2]}
+        scales = jnp.stack([jnp.float32(exp_mult), step_mult * c_lr * _param_scale(p32)])
+        u, *acc = adafac_mlp.kernel_step(
+            nn, jnp.zeros((0,), jnp.float32), jnp.asarray(decays, jnp.float32), scales, p32,
+            g, m, rms, v_row, v_col, v_full, hidden_layers=hidden_layers, features="velo")
+        return (u.astype(jnp.asarray(p).dtype), *acc)
+
+    @step.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(reference, primals, tangents)
+
+    return step
+
+
 # --------------------------------------------------------------------------------------------
 # Dense layer.
 
@@ -475,27 +528,19 @@ class Velo(LearnedOptimizer):
                 for n, w in theta["bank"].items()}
 
     # ---------------------------------------------------------------------------------------
-    def _leaf_update(self, mlp, c_lr, p, g, m, rms, fac_g, v_row, v_col, v_full) -> jax.Array:
-        shape, dtype = jnp.shape(p), jnp.asarray(p).dtype
-        p = jnp.asarray(p, jnp.float32)
-        if not shape:  # scalars are processed as shape [1], as in the released code
-            p, g = jnp.reshape(p, (1,)), jnp.reshape(g, (1,))
-            m, rms, fac_g, v_full = (x[:, None] for x in (m, rms, fac_g, v_full))
-        direction, magnitude = _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col,
-                                                  v_full)
-        param_scale = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
-        step = (c_lr * direction * jnp.exp(self.exp_mult * magnitude) * self.step_mult
-                * param_scale)
-        return jnp.reshape(-step, shape).astype(dtype)
+    def _native(self) -> bool:
+        """Whether tensors are updated by the native CPU kernel: a per-parameter MLP with a
+        hidden layer, a CPU backend and kernels that build (:func:`native.ready`)."""
+        if self.ff_hidden_layers < 1 or jax.default_backend() != "cpu":
+            return False
+        sizes = (len(MOMENTUM_DECAYS), self.ff_hidden_size, self.ff_hidden_layers, 0)
+        return all(native.ready(*sizes, factored, "velo") for factored in (True, False))
 
     def optimizer(self, theta: MetaParams, num_steps: int | jax.Array
                   ) -> optax.GradientTransformationExtraArgs:
         if isinstance(num_steps, (int, np.integer)) and num_steps < 1:
             raise ValueError(f"velo needs num_steps >= 1 (the training horizon); got {num_steps}")
         km, kr, kf = len(MOMENTUM_DECAYS), len(RMS_DECAYS), len(ADAFACTOR_DECAYS)
-        mom_decays = jnp.asarray(MOMENTUM_DECAYS, jnp.float32)
-        rms_decays = jnp.asarray(RMS_DECAYS, jnp.float32)
-        fac_decays = jnp.asarray(ADAFACTOR_DECAYS, jnp.float32)
 
         def init_fn(params: PyTree) -> VeloState:
             n = len(jax.tree.leaves(params))
@@ -534,19 +579,24 @@ class Velo(LearnedOptimizer):
                                                           state.lstm_cell)
             mlps = self.mixed_mlps(theta, c_hyper)
 
-            mom = common.momentum_update(state.momentum, grads, mom_decays)
-            rms = common.rms_update(state.rms, grads, rms_decays)
-            fac, fac_g = common.factored_update(state.factored, grads, fac_decays)
-
+            if self._native():
+                step = _native_step(self.ff_hidden_layers, self.exp_mult, self.step_mult)
+            else:
+                step = functools.partial(_xla_step, exp_mult=self.exp_mult,
+                                         step_mult=self.step_mult)
             treedef = jax.tree.structure(params)
             leaves = [treedef.flatten_up_to(t) for t in
-                      (params, grads, mom.m, rms.rms, fac_g, fac.v_row, fac.v_col, fac.v_full)]
-            out = [self._leaf_update({k: w[i] for k, w in mlps.items()}, c_lr[i], *args)
+                      (params, grads, state.momentum.m, state.rms.rms, state.factored.v_row,
+                       state.factored.v_col, state.factored.v_full)]
+            out = [step({k: w[i] for k, w in mlps.items()}, c_lr[i], *args)
                    for i, args in enumerate(zip(*leaves, strict=True))]
-            new_state = VeloState(momentum=mom, rms=rms, factored=fac, lstm_hidden=hidden,
-                                  lstm_cell=cell, loss_buffer=buf,
-                                  iteration=state.iteration + 1, num_steps=state.num_steps)
-            return treedef.unflatten(out), new_state
+            unflat = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
+            new_state = VeloState(
+                momentum=common.MomentumState(m=unflat[1]), rms=common.RMSState(rms=unflat[2]),
+                factored=common.FactoredState(*unflat[3:]), lstm_hidden=hidden,
+                lstm_cell=cell, loss_buffer=buf, iteration=state.iteration + 1,
+                num_steps=state.num_steps)
+            return unflat[0], new_state
 
         return declare_extra_args(
             optax.GradientTransformationExtraArgs(init_fn, update_fn), ("loss",)
