@@ -1,6 +1,6 @@
 """VeLO's per-parameter step by the native CPU kernel (its VeLO feature set) against the XLA
 path: the same function under jit and vmap, for tensors of rank 0, 1, 2 and 4, and its
-meta-gradient."""
+meta-gradient. Two steps: the second reads accumulators that the first wrote."""
 
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def _theta(seed):
                         .reshape(x.shape), theta)
 
 
-def _three_steps(theta, params):
+def _steps(theta, params, count=2):
     opt = LOPT.optimizer(theta, 100)
     state = opt.init(params)
-    for i in range(3):
+    for i in range(count):
         grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
         updates, state = opt.update(grads, state, params, loss=jnp.float32(2.0 - i))
         params = jax.tree.map(jnp.add, params, updates)
@@ -67,9 +67,8 @@ def test_kernel_equals_xla_path_under_jit_and_vmap():
     theta, params = _theta(0), _params(1)
     thetas = jax.tree.map(lambda x: jnp.stack([x, 0.9 * x]), theta)
 
-    def both():
-        batched = jax.vmap(_fresh(_three_steps), in_axes=(0, None))
-        return (jax.jit(_fresh(_three_steps))(theta, params), jax.jit(batched)(thetas, params))
+    def both():  # vmapped: the kernel's batch axis; the first member is the unbatched run
+        return jax.jit(jax.vmap(_fresh(_steps), in_axes=(0, None)))(thetas, params)
 
     with kernel(True):
         assert LOPT._native()
@@ -77,18 +76,19 @@ def test_kernel_equals_xla_path_under_jit_and_vmap():
     with kernel(False):
         assert not LOPT._native()
         expected = both()
-    _assert_close(got, expected, atol=5e-6)
-    updates = jax.tree.leaves(got[0][0])
-    assert all(float(jnp.max(jnp.abs(u))) > 0 for u in updates)
+    _assert_close(got, expected, atol=2e-5)  # as small_fc_lopt's kernel test
+    updates = jax.tree.leaves(got[0])
+    assert all(float(jnp.min(jnp.max(jnp.abs(u), axis=tuple(range(1, u.ndim))))) > 0
+               for u in updates)
     assert max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
-        updates, jax.tree.leaves(expected[0][0]), strict=True)) > 0  # not one path twice
+        updates, jax.tree.leaves(expected[0]), strict=True)) > 0  # not one path twice
 
 
 def test_meta_gradient_is_the_xla_paths():
     params = _params(2)
 
     def loss(theta):
-        updates, _, _ = _three_steps(theta, params)
+        updates, _, _ = _steps(theta, params, count=1)
         return sum(jnp.sum(jnp.sin(100.0 * u)) for u in jax.tree.leaves(updates))
 
     with kernel(True):
