@@ -8,21 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import kernel, steps
 
 from learnopt.learned import native
 from learnopt.learned.adafac_mlp import SmallFcLOpt
 
 pytestmark = [pytest.mark.skipif(not native.available(), reason="numba is not installed"),
               pytest.mark.filterwarnings("error:learnopt. the native kernel")]
-
-
-@contextlib.contextmanager
-def kernel(enabled: bool):
-    old = native.set_enabled(enabled)
-    try:
-        yield
-    finally:
-        native.set_enabled(old)
 
 
 def _theta(lopt: SmallFcLOpt, seed: int, scale: float = 0.3):
@@ -43,17 +35,7 @@ def _params(shape, seed=1):
 def _three_steps(lopt: SmallFcLOpt):
     """Updates of the third step, the final params and optimizer state, jitted (the kernel is
     traced per call)."""
-
-    def run(theta, params):
-        opt = lopt.optimizer(theta, 100)
-        state = opt.init(params)
-        for i in range(3):
-            grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
-            updates, state = opt.update(grads, state, params)
-            params = jax.tree.map(jnp.add, params, updates)
-        return updates, params, state
-
-    return jax.jit(run)
+    return jax.jit(lambda theta, params: steps(lopt, theta, params))
 
 
 def _assert_close(native_tree, xla_tree, rtol):

@@ -3,12 +3,18 @@ XLA matmul path (jit, vmap, meta-gradients), and equal bits on any number of thr
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_checks import (
+    assert_close,
+    assert_meta_gradient_is_the_xla_paths,
+    kernel,
+    on_both_paths,
+    params,
+    steps,
+)
 
 from learnopt.learned import common, native, native_fc_lopt
 from learnopt.learned.mlp import FcLOpt
@@ -17,15 +23,6 @@ pytestmark = [pytest.mark.skipif(not native.available(), reason="numba is not in
               pytest.mark.filterwarnings("error:learnopt. the native kernel")]
 
 T = len(common.TIME_SCALES)
-
-
-@contextlib.contextmanager
-def kernel(enabled: bool):
-    old = native.set_enabled(enabled)
-    try:
-        yield
-    finally:
-        native.set_enabled(old)
 
 
 def _arrays(rng, b, n, k, h, layers, num_time):
@@ -101,13 +98,6 @@ def test_nonfinite_values_propagate():
 
 
 LOPT = FcLOpt(hidden_size=8, decays=(0.5, 0.9))
-SHAPES = {"s": (), "b": (3,), "w": (20, 30), "k": (3, 3, 2, 4)}
-
-
-def _params(seed):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(SHAPES))
-    return {name: jax.random.normal(key, shape)
-            for (name, shape), key in zip(SHAPES.items(), keys, strict=True)}
 
 
 def _theta(seed):
@@ -116,44 +106,20 @@ def _theta(seed):
                         .reshape(x.shape), theta)
 
 
-def _three_steps(theta, params):
-    opt = LOPT.optimizer(theta, 100)
-    state = opt.init(params)
-    for i in range(3):
-        grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
-        updates, state = opt.update(grads, state, params)
-        params = jax.tree.map(jnp.add, params, updates)
-    return updates, params, state
-
-
-def _assert_close(tree, reference, atol=2e-6):
-    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(reference), strict=True):
-        scale = max(float(np.max(np.abs(y))), 1e-30)
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol * scale)
-
-
-def _traced(fn):
-    """A fresh function for ``jax.jit``: jit caches traces by function, and the kernel is
-    chosen when tracing."""
-    return lambda *args: fn(*args)
+def _three_steps(theta, p):
+    return steps(LOPT, theta, p)
 
 
 def test_kernel_equals_xla_path_under_jit_and_vmap():
-    theta, params = _theta(0), _params(1)
+    theta, p = _theta(0), params(1)
     thetas = jax.tree.map(lambda x: jnp.stack([x, 0.9 * x]), theta)
 
-    def both():
-        batched = jax.vmap(_traced(_three_steps), in_axes=(0, None))
-        return (jax.jit(_traced(_three_steps))(theta, params),
-                jax.jit(batched)(thetas, params))
-
-    with kernel(True):
-        assert LOPT._native()
-        got = both()
+    assert LOPT._native()
     with kernel(False):
         assert not LOPT._native()
-        expected = both()
-    _assert_close(got, expected)
+    got, expected = on_both_paths(lambda th, ths, p: (
+        _three_steps(th, p), jax.vmap(_three_steps, in_axes=(0, None))(ths, p)), theta, thetas, p)
+    assert_close(got, expected, atol=2e-6)
     diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(
         jax.tree.leaves(got[0][0]), jax.tree.leaves(expected[0][0]), strict=True))
     assert diff > 0  # two computations: equal to rounding, not bit for bit
@@ -161,17 +127,7 @@ def test_kernel_equals_xla_path_under_jit_and_vmap():
 
 
 def test_meta_gradient_is_the_xla_paths():
-    params = _params(2)
-
-    def loss(theta):
-        updates, _, _ = _three_steps(theta, params)
-        return sum(jnp.sum(jnp.sin(u)) for u in jax.tree.leaves(updates))
-
-    with kernel(True):
-        got = jax.jit(jax.grad(_traced(loss)))(_theta(3))
-    with kernel(False):
-        expected = jax.jit(jax.grad(_traced(loss)))(_theta(3))
-    _assert_close(got, expected, atol=1e-5)
+    assert_meta_gradient_is_the_xla_paths(_three_steps, _theta(3), params(2))
 
 
 def test_source_names_its_sizes_and_checks_them():

@@ -4,12 +4,17 @@ meta-gradient. Two steps: the second reads accumulators that the first wrote."""
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from kernel_checks import (
+    assert_close,
+    assert_meta_gradient_is_the_xla_paths,
+    kernel,
+    on_both_paths,
+    params,
+    steps,
+)
 
 from learnopt.learned import native
 from learnopt.learned.velo import Velo
@@ -18,22 +23,6 @@ pytestmark = [pytest.mark.skipif(not native.available(), reason="numba is not in
               pytest.mark.filterwarnings("error:learnopt. the native kernel")]
 
 LOPT = Velo.small()
-SHAPES = {"s": (), "b": (3,), "w": (20, 30), "k": (3, 3, 2, 4)}
-
-
-@contextlib.contextmanager
-def kernel(enabled: bool):
-    old = native.set_enabled(enabled)
-    try:
-        yield
-    finally:
-        native.set_enabled(old)
-
-
-def _params(seed):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(SHAPES))
-    return {name: jax.random.normal(key, shape)
-            for (name, shape), key in zip(SHAPES.items(), keys, strict=True)}
 
 
 def _theta(seed):
@@ -42,41 +31,20 @@ def _theta(seed):
                         .reshape(x.shape), theta)
 
 
-def _steps(theta, params, count=2):
-    opt = LOPT.optimizer(theta, 100)
-    state = opt.init(params)
-    for i in range(count):
-        grads = jax.tree.map(lambda p, i=i: 0.1 * jnp.sin(p * (i + 1.0)), params)
-        updates, state = opt.update(grads, state, params, loss=jnp.float32(2.0 - i))
-        params = jax.tree.map(jnp.add, params, updates)
-    return updates, params, state
-
-
-def _fresh(fn):
-    return lambda *args: fn(*args)  # jit caches traces by function; the path is chosen then
-
-
-def _assert_close(tree, reference, atol):
-    for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(reference), strict=True):
-        scale = float(np.max(np.abs(y))) if np.size(y) else 0.0
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
-                                   atol=atol * max(scale, 1e-30))
+def _steps(theta, p, count=2):
+    return steps(LOPT, theta, p, count, loss=True)
 
 
 def test_kernel_equals_xla_path_under_jit_and_vmap():
-    theta, params = _theta(0), _params(1)
+    theta, p = _theta(0), params(1)
     thetas = jax.tree.map(lambda x: jnp.stack([x, 0.9 * x]), theta)
 
-    def both():  # vmapped: the kernel's batch axis; the first member is the unbatched run
-        return jax.jit(jax.vmap(_fresh(_steps), in_axes=(0, None)))(thetas, params)
-
-    with kernel(True):
-        assert LOPT._native()
-        got = both()
+    assert LOPT._native()
     with kernel(False):
         assert not LOPT._native()
-        expected = both()
-    _assert_close(got, expected, atol=2e-5)  # as small_fc_lopt's kernel test
+    # vmapped: the kernel's batch axis (the first member is the unbatched run)
+    got, expected = on_both_paths(jax.vmap(_steps, in_axes=(0, None)), thetas, p)
+    assert_close(got, expected, atol=2e-5)  # as small_fc_lopt's kernel test
     updates = jax.tree.leaves(got[0])
     assert all(float(jnp.min(jnp.max(jnp.abs(u), axis=tuple(range(1, u.ndim))))) > 0
                for u in updates)
@@ -85,17 +53,8 @@ def test_kernel_equals_xla_path_under_jit_and_vmap():
 
 
 def test_meta_gradient_is_the_xla_paths():
-    params = _params(2)
-
-    def loss(theta):
-        updates, _, _ = _steps(theta, params, count=1)
-        return sum(jnp.sum(jnp.sin(100.0 * u)) for u in jax.tree.leaves(updates))
-
-    with kernel(True):
-        got = jax.jit(jax.grad(_fresh(loss)))(_theta(3))
-    with kernel(False):
-        expected = jax.jit(jax.grad(_fresh(loss)))(_theta(3))
-    _assert_close(got, expected, atol=1e-5)
+    assert_meta_gradient_is_the_xla_paths(lambda theta, p: _steps(theta, p, count=1),
+                                          _theta(3), params(2), scale=100.0)
 
 
 def test_feature_sets():
