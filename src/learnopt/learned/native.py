@@ -502,7 +502,7 @@ def exp_lines(body: str) -> list[str]:
     out: list[str] = []
     a = out.append
     a(f"{body}xc = min(max(x, XMIN), XMAX)")
-    a(f"{body}e2 = math.floor(xc * LOG2E + HALF)")
+    a(f"{body}e2 = np.floor(xc * LOG2E + HALF)  # float32: the reduction stays in float32")
     a(f"{body}rr_ = xc - e2 * LN2_HI - e2 * LN2_LO")
     a(f"{body}pe = ONE + rr_ * (ONE + rr_ * (C2 + rr_ * (C3 + rr_ * (C4 + rr_ * (C5 + rr_ * "
       "(C6 + rr_ * C7))))))")
