@@ -62,9 +62,10 @@ def test_batched_equals_reference(kind, guard):
 
 
 @pytest.mark.parametrize("guard", [False, True])
-def test_small_fc_lopt_native_kernel_and_torch_batched_path(guard, monkeypatch):
-    """On CPU the batched small_fc_lopt step runs every tensor through the native kernel;
-    with it off, through torch ops. Both equal the reference path."""
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "fc_lopt"])
+def test_native_kernel_and_torch_batched_path(kind, guard, monkeypatch):
+    """On CPU the batched small_fc_lopt and fc_lopt steps run every tensor through their
+    native kernel; with it off, through torch ops. Both equal the reference path."""
     from learnopt.learned import native
 
     if not native.available():
@@ -72,14 +73,14 @@ def test_small_fc_lopt_native_kernel_and_torch_batched_path(guard, monkeypatch):
     calls = []
     real = native.run  # every kernel call, planned (bare step) or not (guarded)
     monkeypatch.setattr(native, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ref, _ = _run("small_fc_lopt", False, guard)
+    ref, _ = _run(kind, False, guard)
     assert not calls
-    with_kernel, _ = _run("small_fc_lopt", True, guard)
+    with_kernel, _ = _run(kind, True, guard)
     # every step, every tensor with a gradient (params[1] has none at steps 5 and 6)
     assert len(calls) == 25 * len(SHAPES) - 2
     monkeypatch.setattr(native, "_STATE", {"enabled": False})
     calls.clear()
-    without, _ = _run("small_fc_lopt", True, guard)
+    without, _ = _run(kind, True, guard)
     assert not calls
     assert _max_rel(with_kernel, ref) <= 1e-6 and _max_rel(without, ref) <= 1e-6
 
@@ -131,3 +132,29 @@ def test_checkpoint_holds_the_state_only(kind, guard):
     data = io.BytesIO()
     torch.save(opt.state_dict(), data)
     assert len(data.getvalue()) < 1.25 * opt.state_bytes() + 100_000
+
+
+def test_fc_lopt_kernel_keeps_float64_state_out_of_place():
+    """A float64 parameter and momentum (as load_state_dict casts them) take the kernel
+    through float32 copies: the new momentum is returned, not lost in a copy."""
+    from learnopt.learned import native
+
+    if not native.available():
+        pytest.skip("numba is not installed")
+    runs = []
+    for batched in (True, False):
+        g = torch.Generator().manual_seed(5)
+        p = torch.nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64))
+        opt = lt.from_theta("fc_lopt", [p], _theta("fc_lopt"), 100)
+        opt.batched = batched
+        for i in range(4):
+            if i == 2:  # load_state_dict casts the state to the parameter's dtype
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+                assert opt.state[p]["momentum"].dtype == torch.float64
+            p.grad = torch.randn(6, 5, generator=g, dtype=torch.float64)
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["momentum"].to(torch.float64)))
+    (p_fast, m_fast), (p_ref, m_ref) = runs
+    assert float(m_ref.abs().max()) > 0
+    assert float((m_fast - m_ref).abs().max()) <= 1e-6 * float(m_ref.abs().max())
+    assert float((p_fast - p_ref).abs().max()) <= 1e-5 * float(p_ref.abs().max())

@@ -10,7 +10,9 @@ Per tensor: six momenta ``m_k <- b_k m_k + (1 - b_k) g`` with fixed decays 0.1, 
 0.99, 0.999, 0.9999; features ``g, p, m (6)``, each channel scaled by ``rsqrt(1e-5 + mean
 over the tensor of its square)``, and 11 time features ``tanh(t / x - 1)``: 19 inputs to a
 ReLU MLP 19 -> 32 -> 32 -> 2 giving ``(d, mag)``; the parameter moves by
-``-d * exp(0.001 mag) * 0.001``. Details: docs/derivations.md §3.2.
+``-d * exp(0.001 mag) * 0.001``. On CPU, with numba installed, each tensor's step is one call
+of the native kernel that the JAX side uses (:mod:`learnopt.learned.native_fc_lopt`).
+Details: docs/derivations.md §3.2.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from learnopt.learned import native, native_fc_lopt
 from learnopt.torch.base import (
     TorchLearnedOptimizer,
     check_theta,
@@ -68,6 +72,7 @@ class TorchFcLOpt(TorchLearnedOptimizer):
             raise ValueError(f"decays must be a non-empty list in [0, 1]; got {tuple(decays)}")
         self.momentum_decays = tuple(float(d) for d in decays)
         self.exp_mult, self.step_mult = float(exp_mult), float(step_mult)
+        self._hidden_size, self._hidden_layers = int(hidden_size), int(hidden_layers)
         self.num_tensor_features = 2 + len(self.momentum_decays)
         sizes = ((self.num_tensor_features + len(TIME_SCALES),)
                  + (hidden_size,) * hidden_layers + (2,))
@@ -101,6 +106,8 @@ class TorchFcLOpt(TorchLearnedOptimizer):
         device = params[0].device
         if not self.batched or any(p.device != device for p in params):
             return self._propose_reference(params, grads, states)
+        if device.type == "cpu" and self._native_ready():
+            return self._propose_native(params, grads, states)
         # All tensors at once: momenta (K, N) and features (C, N) over the N elements of all
         # tensors, each tensor a block of columns (the tensors under CHUNK elements first).
         # The channel normalisers and the time features are per tensor, so the first layer
@@ -165,6 +172,55 @@ class TorchFcLOpt(TorchLearnedOptimizer):
             new_states[i] = {"step": new_steps[j], "momentum": moms[j]}
         return updates, new_states
 
+    def _kernel_sizes(self) -> tuple[int, int, int, int]:
+        return (len(self.momentum_decays), self._hidden_size, self._hidden_layers,
+                len(TIME_SCALES))
+
+    def _native_ready(self) -> bool:
+        return self._hidden_layers >= 1 and native_fc_lopt.ready(*self._kernel_sizes())
+
+    def _native_arrays(self) -> dict[str, np.ndarray]:
+        """theta, the decays and the step constants as the kernel's inputs (batch of 1)."""
+        key = ("native", "cpu")
+        if key not in self._device_theta:
+            mlp = native.mlp_inputs(self.theta, self._hidden_layers, torch.stack, torch.zeros)
+            arrays = {k: v.detach().to(torch.float32).contiguous().numpy()[None]
+                      for k, v in mlp.items()}
+            arrays["decays"] = np.asarray([self.momentum_decays], np.float32)
+            arrays["consts"] = np.asarray([[self.exp_mult, self.step_mult, 1e-5, 0.0]],
+                                          np.float32)
+            self._device_theta[key] = arrays
+        return self._device_theta[key]
+
+    def _propose_native(self, params, grads, states):
+        """Every tensor by the native CPU kernel, one call each (momenta in place on a bare
+        step), within torch's intra-op thread budget."""
+        k, sizes = len(self.momentum_decays), self._kernel_sizes()
+        threads = max(1, min(native.threads(), torch.get_num_threads()))
+        timescales = self._consts(torch.device("cpu"))["timescales"]
+        times: dict[int, np.ndarray] = {}
+        updates, new_states = [], []
+        for p, g, st in zip(params, grads, states, strict=True):
+            n = max(p.numel(), 1)
+
+            def flat(x, *lead, n=n):  # float32, contiguous, (1, *lead, n) over x's memory
+                return x.detach().to(torch.float32).contiguous().view(1, *lead, n).numpy()
+
+            step = int(st["step"])
+            if step not in times:
+                times[step] = time_features(torch.tensor([[float(step)]]), timescales).numpy()
+            mom = st["momentum"]  # written in place only where the kernel sees its memory
+            in_place = self._inplace and mom.dtype == torch.float32 and mom.is_contiguous()
+            m = mom if in_place else torch.empty(mom.shape, dtype=torch.float32)
+            update = torch.empty(p.shape, dtype=torch.float32)
+            native_fc_lopt.numpy_call(
+                *sizes, {**self._native_arrays(), "p": flat(p), "g": flat(g),
+                         "m": flat(mom, k), "time": times[step]},
+                out={"update": flat(update), "m_out": flat(m, k)}, num_threads=threads)
+            updates.append(update)
+            new_states.append({"step": st["step"] + 1, "momentum": m})
+        return updates, new_states
+
     def _propose_reference(self, params, grads, states):
         # decay-first layout: momenta (K,) + shape, features (C, n), hidden (H, n)
         updates, new_states = [], []
@@ -173,7 +229,7 @@ class TorchFcLOpt(TorchLearnedOptimizer):
             n = max(p.numel(), 1)
             g = g.detach().to(torch.float32)
             b = c["b"].view((-1,) + (1,) * p.dim())
-            m = b * st["momentum"] + (1.0 - b) * g
+            m = b * st["momentum"].to(torch.float32) + (1.0 - b) * g  # float32 state
             x = torch.cat([g.reshape(1, n), p.detach().to(torch.float32).reshape(1, n),
                            m.reshape(-1, n)], 0)
             s = torch.rsqrt(1e-5 + torch.linalg.vector_norm(x, dim=1).square() / n)
