@@ -67,8 +67,7 @@ def _xla_step(theta, time, decays, p, g, m, *, exp_mult: float, step_mult: float
     """One tensor's ``(update, m)`` from its momenta before the step, by XLA."""
     orig_shape, orig_dtype = jnp.shape(p), jnp.asarray(p).dtype
     g = jnp.asarray(g, jnp.float32)
-    m = common.decay_column(decays, g.ndim) * m + (1.0 - common.decay_column(
-        decays, g.ndim)) * g[None]
+    m = common.momentum_update(common.MomentumState(m), g, decays).m
     shape = orig_shape or (1,)
     flat_m = jnp.reshape(m, m.shape[:1] + shape)
     out = _mlp_on_features(theta, [jnp.reshape(g, shape),
