@@ -47,7 +47,9 @@ def mlp_concat(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
     return out[..., 0], out[..., 1]
 
 
-@jax.custom_jvp
+# Differentiated, the path evaluates as the matmul path (values agree to ~1e-7), so the
+# elementwise forward is dead code in a meta-gradient and XLA compiles the smaller graph.
+@common.differentiated_as(mlp_concat)
 def mlp_elementwise(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
                     time: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Elementwise path: each hidden unit is a sum of full-shape arrays times scalars.
@@ -65,19 +67,12 @@ def mlp_elementwise(nn: dict[str, jax.Array], blocks: Sequence[jax.Array],
     return d, m
 
 
-@mlp_elementwise.defjvp
-def _mlp_elementwise_jvp(primals, tangents):
-    # Differentiated, the path evaluates as the matmul path (values agree to ~1e-7), so the
-    # elementwise forward is dead code in a meta-gradient and XLA compiles the smaller graph.
-    return jax.jvp(mlp_concat, primals, tangents)
-
-
 def _leaf_concat(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
     blocks = _feature_blocks(p, g, m, rms, fac_g, v_row, v_col, v_full)
     return mlp_concat(nn, blocks, time)
 
 
-@jax.custom_jvp
+@common.differentiated_as(_leaf_concat)  # as mlp_elementwise
 def _leaf_elementwise(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
     """``(d, m)`` of one tensor (rank >= 1) by the elementwise path, from the accumulators.
 
@@ -98,14 +93,7 @@ def _leaf_elementwise(nn, time, p, g, m, rms, fac_g, v_row, v_col, v_full):
     return d, mag
 
 
-@_leaf_elementwise.defjvp
-def _leaf_elementwise_jvp(primals, tangents):
-    # Differentiated, the leaf evaluates as the matmul path (the same function), as
-    # mlp_elementwise does: XLA compiles the meta-gradient of the smaller graph much faster.
-    return jax.jvp(_leaf_concat, primals, tangents)
-
-
-def _kernel_decays(decays: dict[str, jax.Array]) -> jax.Array:
+def kernel_decays(decays: dict[str, jax.Array]) -> jax.Array:
     """The native kernel's decays: momentum (not clipped), rms and AdaFactor (clipped)."""
     return jnp.concatenate([decays["momentum"], jnp.clip(decays["rms"], 0.0, 1.0),
                             jnp.clip(decays["adafactor"], 0.0, 1.0)])
@@ -154,7 +142,7 @@ def kernel_step(nn, time, decays, scales, p, g, m, rms, v_row, v_col, v_full, *,
                 hidden_layers: int, features: str = "small_fc_lopt"):
     """One tensor's ``(update, m, rms, v_row, v_col, v_full)`` by one call of the native CPU
     kernel (:mod:`learnopt.learned.native`): the accumulators before the step in, after it
-    out. ``decays`` is the kernel's decay vector (:func:`_kernel_decays`), ``scales`` the
+    out. ``decays`` is the kernel's decay vector (:func:`kernel_decays`), ``scales`` the
     ``(exp_mult, step_mult)`` of the step (traced values may be given), ``nn`` an MLP with two
     outputs and ``features`` the kernel's :data:`native.FEATURE_SETS` entry. Not
     differentiable: callers wrap it in a ``custom_jvp`` with their XLA path."""
@@ -208,14 +196,10 @@ def _native_leaf(hidden_layers: int, exp_mult: float, step_mult: float):
     reference = functools.partial(_xla_step, compute="concat", exp_mult=exp_mult,
                                   step_mult=step_mult)
 
-    @jax.custom_jvp
+    @common.differentiated_as(reference)
     def leaf(nn, time, decays, p, g, m, rms, v_row, v_col, v_full):
-        return kernel_step(nn, time, _kernel_decays(decays), [exp_mult, step_mult], p, g, m,
+        return kernel_step(nn, time, kernel_decays(decays), [exp_mult, step_mult], p, g, m,
                            rms, v_row, v_col, v_full, hidden_layers=hidden_layers)
-
-    @leaf.defjvp
-    def _jvp(primals, tangents):
-        return jax.jvp(reference, primals, tangents)
 
     return leaf
 

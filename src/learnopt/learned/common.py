@@ -135,6 +135,20 @@ def rms_update(state: RMSState, grads: PyTree, decays: jax.Array) -> RMSState:
 # AdaFactor-style factored second moments.
 
 
+def differentiated_as(reference: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: the decorated function computes what ``reference`` computes, and under
+    autodiff (a ``custom_jvp`` rule) evaluates as ``reference``. For fast forward paths (an
+    elementwise expansion, a native kernel) whose own derivative is slower to compile or does
+    not exist."""
+
+    def wrap(fn: Callable) -> Callable:
+        fast = jax.custom_jvp(fn)
+        fast.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
+        return fast
+
+    return wrap
+
+
 def safe_rsqrt(x: jax.Array) -> jax.Array:
     """``rsqrt(max(x, 1e-9))``."""
     return jax.lax.rsqrt(jnp.maximum(x, SAFE_RSQRT_FLOOR))

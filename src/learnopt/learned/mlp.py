@@ -39,7 +39,7 @@ def _mlp_concat(theta, chans, time):
     return common.apply_mlp(theta, x)
 
 
-@jax.custom_jvp
+@common.differentiated_as(_mlp_concat)
 def _mlp_on_features(theta, chans, time):
     """``apply_mlp(theta, [normalise(stack(chans)), time])`` without materialising the inputs.
 
@@ -57,10 +57,6 @@ def _mlp_on_features(theta, chans, time):
              "b0": theta["b0"] + jnp.dot(time, w0[nf:], precision=jax.lax.Precision.HIGHEST)}
     return common.apply_mlp({**theta, **first}, jnp.stack(chans, axis=-1))
 
-
-@_mlp_on_features.defjvp
-def _mlp_on_features_jvp(primals, tangents):
-    return jax.jvp(_mlp_concat, primals, tangents)
 
 
 def _xla_step(theta, time, decays, p, g, m, *, exp_mult: float, step_mult: float):
@@ -84,7 +80,7 @@ def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
     :func:`_xla_step` (the same function)."""
     reference = functools.partial(_xla_step, exp_mult=exp_mult, step_mult=step_mult)
 
-    @jax.custom_jvp
+    @common.differentiated_as(reference)
     def step(theta, time, decays, p, g, m):
         k, h = m.shape[0], theta["w0"].shape[1]
         n = max(int(jnp.size(p)), 1)
@@ -99,10 +95,6 @@ def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
         out = native_fc_lopt.xla_call(k, h, hidden_layers, time.shape[0], arrays)
         update = jnp.reshape(out["update"], jnp.shape(p)).astype(jnp.asarray(p).dtype)
         return update, jnp.reshape(out["m_out"], m.shape)
-
-    @step.defjvp
-    def _jvp(primals, tangents):
-        return jax.jvp(reference, primals, tangents)
 
     return step
 
@@ -164,9 +156,9 @@ class FcLOpt(LearnedOptimizer):
         return common.init_mlp(key, self.layer_sizes)
 
     def _native(self) -> bool:
-        """Whether tensors are updated by the native CPU kernel: at least one hidden layer, a
-        CPU backend (elsewhere XLA runs the matmuls well) and a kernel that builds."""
-        return (self.hidden_layers >= 1 and jax.default_backend() == "cpu"
+        """Whether tensors are updated by the native CPU kernel: a CPU backend (elsewhere XLA
+        runs the matmuls well) and a kernel that builds (:func:`native_fc_lopt.ready`)."""
+        return (jax.default_backend() == "cpu"
                 and native_fc_lopt.ready(len(self.momentum_decays), self.hidden_size,
                                          self.hidden_layers, len(common.TIME_SCALES)))
 

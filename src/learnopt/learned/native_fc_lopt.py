@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import numpy as np
+
 from learnopt.learned import native
 
 #: The kernel's inputs after ``dims``: the tensor's parameters and gradient ``(B, N)``, its
@@ -210,8 +212,8 @@ def _builds(k: int, h: int, layers: int, num_time: int) -> bool:
 
 
 def ready(k: int, h: int, layers: int, num_time: int) -> bool:
-    """Whether the kernel for these sizes can be used (:func:`native.available` and it
-    compiles; on failure a warning says why, once)."""
+    """Whether the kernel for these sizes can be used: at least one hidden layer,
+    :func:`native.available` and it compiles (on failure a warning says why, once)."""
     return native.available() and layers >= 1 and _builds(k, h, layers, num_time)
 
 
@@ -224,8 +226,6 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, arrays: dict,
     """Run the kernel on NumPy float32 arrays (C-contiguous, each with a leading batch axis;
     ``p`` and ``g`` ``(B, N)``); ``out`` may hold output arrays to write into (``m`` may be its
     own ``m_out``). Returns the outputs."""
-    import numpy as np
-
     b, n = arrays["p"].shape
     out = dict(out or {})
     out.setdefault("update", np.empty((b, n), np.float32))

@@ -216,7 +216,7 @@ def _per_parameter_mlp_concat(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
     return out[..., 0], out[..., 1]
 
 
-@jax.custom_jvp
+@common.differentiated_as(_per_parameter_mlp_concat)
 def _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
     """``(d, m)`` of one tensor: the MLP on :func:`parameter_features`, without materialising
     the ``p.shape + (30,)`` feature array (:func:`common.channel_mlp`; the 12 row / column
@@ -230,11 +230,6 @@ def _per_parameter_mlp(mlp, p, g, m, rms, fac_g, v_row, v_col, v_full):
     scales = jax.lax.rsqrt(common.NORMALIZER_EPS + common.channel_mean_squares(chans))
     out = common.channel_mlp(mlp, chans, scales)
     return out[0], out[1]
-
-
-@_per_parameter_mlp.defjvp
-def _per_parameter_mlp_jvp(primals, tangents):
-    return jax.jvp(_per_parameter_mlp_concat, primals, tangents)
 
 
 def feature_selector_mlp(sizes: Sequence[int], feature: int) -> dict[str, jax.Array]:
@@ -268,10 +263,11 @@ def _xla_step(mlp, c_lr, p, g, m, rms, v_row, v_col, v_full, *, exp_mult: float,
     """One tensor's ``(update, m, rms, v_row, v_col, v_full)`` from its accumulators before the
     step and its (clipped) gradient, by XLA: the accumulator updates (App. B.2), the
     per-parameter MLP ``mlp`` and ``-c_lr d exp(exp_mult m) step_mult rms(p)`` (App. B.4)."""
-    m = common.momentum_update(common.MomentumState(m), g, jnp.asarray(MOMENTUM_DECAYS)).m
-    rms = common.rms_update(common.RMSState(rms), g, jnp.asarray(RMS_DECAYS)).rms
+    decays = _decays()
+    m = common.momentum_update(common.MomentumState(m), g, decays["momentum"]).m
+    rms = common.rms_update(common.RMSState(rms), g, decays["rms"]).rms
     v_row, v_col, v_full, fac_g = common.factored_update_leaf(
-        v_row, v_col, v_full, g, jnp.asarray(ADAFACTOR_DECAYS))
+        v_row, v_col, v_full, g, decays["adafactor"])
     shape, dtype = jnp.shape(p), jnp.asarray(p).dtype
     p = jnp.asarray(p, jnp.float32)
     p1, g1, m1, rms1, fac_g1, v_full1 = p, g, m, rms, fac_g, v_full
@@ -282,6 +278,13 @@ def _xla_step(mlp, c_lr, p, g, m, rms, v_row, v_col, v_full, *, exp_mult: float,
                                               v_full1)
     step = c_lr * direction * jnp.exp(exp_mult * magnitude) * step_mult * _param_scale(p)
     return jnp.reshape(-step, shape).astype(dtype), m, rms, v_row, v_col, v_full
+
+
+def _decays() -> dict[str, jax.Array]:
+    """The fixed accumulator decays (App. B.2) as arrays."""
+    return {"momentum": jnp.asarray(MOMENTUM_DECAYS, jnp.float32),
+            "rms": jnp.asarray(RMS_DECAYS, jnp.float32),
+            "adafactor": jnp.asarray(ADAFACTOR_DECAYS, jnp.float32)}
 
 
 def _param_scale(p: jax.Array) -> jax.Array:
@@ -295,23 +298,17 @@ def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
     :mod:`learnopt.learned.native`), the per-tensor ``c_lr * rms(p)`` folded into the step
     multiplier; differentiated, it evaluates as :func:`_xla_step` (the same function)."""
     reference = functools.partial(_xla_step, exp_mult=exp_mult, step_mult=step_mult)
-    decays = (MOMENTUM_DECAYS + tuple(min(max(d, 0.0), 1.0) for d in RMS_DECAYS)
-              + tuple(min(max(d, 0.0), 1.0) for d in ADAFACTOR_DECAYS))
 
-    @jax.custom_jvp
+    @common.differentiated_as(reference)
     def step(mlp, c_lr, p, g, m, rms, v_row, v_col, v_full):
         p32 = jnp.asarray(p, jnp.float32)
         last = f"{hidden_layers}"
         nn = {**mlp, "w" + last: mlp["w" + last][:, :2], "b" + last: mlp["b" + last][:2]}
         scales = jnp.stack([jnp.float32(exp_mult), step_mult * c_lr * _param_scale(p32)])
         u, *acc = adafac_mlp.kernel_step(
-            nn, jnp.zeros((0,), jnp.float32), jnp.asarray(decays, jnp.float32), scales, p32,
+            nn, jnp.zeros((0,), jnp.float32), adafac_mlp.kernel_decays(_decays()), scales, p32,
             g, m, rms, v_row, v_col, v_full, hidden_layers=hidden_layers, features="velo")
         return (u.astype(jnp.asarray(p).dtype), *acc)
-
-    @step.defjvp
-    def _jvp(primals, tangents):
-        return jax.jvp(reference, primals, tangents)
 
     return step
 

@@ -406,6 +406,22 @@ def time_features(step: torch.Tensor, timescales: torch.Tensor) -> torch.Tensor:
     return torch.tanh(step.to(torch.float32) / timescales - 1.0)
 
 
+def time_row(step: int, timescales: torch.Tensor, cache: dict[int, np.ndarray]) -> np.ndarray:
+    """The time features of ``step`` as a ``(1, T)`` float32 NumPy row (a native kernel's
+    input), computed once per step value in ``cache`` (shared by the tensors of a step)."""
+    if step not in cache:
+        cache[step] = time_features(torch.tensor([[float(step)]]), timescales).numpy()
+    return cache[step]
+
+
+def kernel_threads() -> int:
+    """Threads of a native kernel call from PyTorch: torch's intra-op budget
+    (``torch.set_num_threads``), within :func:`learnopt.learned.native.threads`."""
+    from learnopt.learned import native
+
+    return max(1, min(native.threads(), torch.get_num_threads()))
+
+
 def mlp_layers(nn: Mapping[str, torch.Tensor]) -> int:
     return sum(1 for k in nn if k.startswith("w"))
 

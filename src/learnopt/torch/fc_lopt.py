@@ -28,11 +28,13 @@ from learnopt.torch.base import (
     TorchLearnedOptimizer,
     check_theta,
     gather_rows,
+    kernel_threads,
     mlp_tail_into,
     mlp_tail_t,
     scaled_step_into,
     split_rows,
     time_features,
+    time_row,
     to_tensor_tree,
 )
 from learnopt.torch.small_fc_lopt import TIME_SCALES
@@ -177,7 +179,7 @@ class TorchFcLOpt(TorchLearnedOptimizer):
                 len(TIME_SCALES))
 
     def _native_ready(self) -> bool:
-        return self._hidden_layers >= 1 and native_fc_lopt.ready(*self._kernel_sizes())
+        return native_fc_lopt.ready(*self._kernel_sizes())
 
     def _native_arrays(self) -> dict[str, np.ndarray]:
         """theta, the decays and the step constants as the kernel's inputs (batch of 1)."""
@@ -196,7 +198,7 @@ class TorchFcLOpt(TorchLearnedOptimizer):
         """Every tensor by the native CPU kernel, one call each (momenta in place on a bare
         step), within torch's intra-op thread budget."""
         k, sizes = len(self.momentum_decays), self._kernel_sizes()
-        threads = max(1, min(native.threads(), torch.get_num_threads()))
+        threads = kernel_threads()
         timescales = self._consts(torch.device("cpu"))["timescales"]
         times: dict[int, np.ndarray] = {}
         updates, new_states = [], []
@@ -206,16 +208,13 @@ class TorchFcLOpt(TorchLearnedOptimizer):
             def flat(x, *lead, n=n):  # float32, contiguous, (1, *lead, n) over x's memory
                 return x.detach().to(torch.float32).contiguous().view(1, *lead, n).numpy()
 
-            step = int(st["step"])
-            if step not in times:
-                times[step] = time_features(torch.tensor([[float(step)]]), timescales).numpy()
             mom = st["momentum"]  # written in place only where the kernel sees its memory
             in_place = self._inplace and mom.dtype == torch.float32 and mom.is_contiguous()
             m = mom if in_place else torch.empty(mom.shape, dtype=torch.float32)
             update = torch.empty(p.shape, dtype=torch.float32)
             native_fc_lopt.numpy_call(
                 *sizes, {**self._native_arrays(), "p": flat(p), "g": flat(g),
-                         "m": flat(mom, k), "time": times[step]},
+                         "m": flat(mom, k), "time": time_row(int(st["step"]), timescales, times)},
                 out={"update": flat(update), "m_out": flat(m, k)}, num_threads=threads)
             updates.append(update)
             new_states.append({"step": st["step"] + 1, "momentum": m})

@@ -41,11 +41,13 @@ from learnopt.torch.base import (
     decays_from_offsets,
     factored_dims,
     gather_rows,
+    kernel_threads,
     mlp_tail_into,
     mlp_tail_t,
     scaled_step_into,
     split_rows,
     time_features,
+    time_row,
     to_tensor_tree,
 )
 
@@ -199,12 +201,6 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                 updates[i], new_states[i] = fast or self._native_leaf(p, grads[i], states[i])
         return updates, new_states
 
-    @staticmethod
-    def _threads() -> int:
-        """The kernel's threads: torch's intra-op budget (``torch.set_num_threads``), within
-        :func:`native.threads`."""
-        return max(1, min(native.threads(), torch.get_num_threads()))
-
     def _planned_leaf(self, p: torch.Tensor, g: torch.Tensor, st: Mapping[str, torch.Tensor],
                       times: dict[int, np.ndarray]):
         """One tensor by the kernel, updating its state in place through a call template kept
@@ -221,14 +217,11 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
             plan = self._plans[id(p)] = self._plan(p, st, addresses)
         if plan["words"] is None:
             return None
-        step = int(st["step"])
-        if step not in times:
-            times[step] = time_features(torch.tensor([[float(step)]]), self._consts(
-                p.device)["timescales"]).numpy()
+        time = time_row(int(st["step"]), self._consts(p.device)["timescales"], times)
         words = plan["words"]
         words[plan["g"]] = g.data_ptr()
-        words[plan["time"]] = times[step].ctypes.data
-        native.run(plan["module"], words, self._threads())
+        words[plan["time"]] = time.ctypes.data
+        native.run(plan["module"], words, kernel_threads())
         return plan["update"], {**st, "step": st["step"] + 1}
 
     def _plan(self, p: torch.Tensor, st: Mapping[str, torch.Tensor], addresses) -> dict:
@@ -329,7 +322,7 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                   "consts": self._kernel_consts(row_lacks_a)}
         native.numpy_call(k, self._hidden_size, self._hidden_layers, time.shape[1], dims,
                           arrays, {n: x.numpy() for n, x in outs.items()}, factored=factored,
-                          num_threads=self._threads())
+                          num_threads=kernel_threads())
         new = {"step": step + 1,
                "momentum": back(outs["m_out"], m_old, full).reshape(st["momentum"].shape),
                "rms": back(outs["rms_out"], rms_old, full).reshape(st["rms"].shape),
