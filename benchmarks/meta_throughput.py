@@ -9,6 +9,12 @@
   (``cold``), and again in the same process after ``jax.clear_caches()`` with a new estimator
   that finds its programs in that cache (``warm``: a resume, a second Ray worker, a
   population member; :mod:`learnopt.compilation`).
+* **Cold process**: a fresh Python process on an empty compilation cache, as a user's first
+  ``learnopt meta-train`` meets it: the seconds of its imports, of its set-up (the task, the
+  learned optimizer and its initial meta-parameters, the estimator and its state) and of its
+  first estimate, and their sum. The optimizer loads its native kernel on a background thread
+  from its construction on (:func:`learnopt.learned.native.prefetch`), so that load overlaps
+  the set-up; the sum is what it saves.
 * **Compile options**: the same estimate compiled at XLA's default CPU optimisation level (3)
   and at learnopt's (2, :func:`learnopt.compilation.jit_program`), called alternately in one
   process: compile seconds and the median per-step ratio.
@@ -29,27 +35,32 @@ writes ``benchmarks/results/meta_throughput.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import optax
+_STARTED = time.perf_counter()  # before the imports: a cold process counts them
 
-from learnopt.compilation import enable_persistent_cache, jit_program, program_options
-from learnopt.io import atomic_write_json, machine_info
-from learnopt.learned.registry import get_learned_optimizer
-from learnopt.meta.estimators.registry import build_estimator
-from learnopt.meta.multitask import MultiTaskEstimator
-from learnopt.meta.sources import MixtureEntry, TaskMixture, TaskSource
-from learnopt.meta.unroll import TruncatedUnroll
-from learnopt.step import init_train_state, inner_step
-from learnopt.tasks.fixed.registry import get_task
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from learnopt.compilation import enable_persistent_cache, jit_program, program_options  # noqa: E402
+from learnopt.io import atomic_write_json, machine_info  # noqa: E402
+from learnopt.learned.registry import get_learned_optimizer  # noqa: E402
+from learnopt.meta.estimators.registry import build_estimator  # noqa: E402
+from learnopt.meta.multitask import MultiTaskEstimator  # noqa: E402
+from learnopt.meta.sources import MixtureEntry, TaskMixture, TaskSource  # noqa: E402
+from learnopt.meta.unroll import TruncatedUnroll  # noqa: E402
+from learnopt.step import init_train_state, inner_step  # noqa: E402
+from learnopt.tasks.fixed.registry import get_task  # noqa: E402
 
 TRUNC = 20
 HORIZON = 2000
@@ -92,6 +103,36 @@ def pes_single(task, lopt, theta, num_tasks: int, repeats: int, warm: bool = Fal
         "seconds_per_outer_step": per_step,
         "task_steps_per_second": num_tasks * 2 * TRUNC / per_step,
     }
+
+
+def cold_child(num_tasks: int) -> dict:
+    """In this fresh process (``--cold-child``): imports, set-up and first estimate seconds."""
+    imported = time.perf_counter()
+    enable_persistent_cache(tempfile.mkdtemp(prefix="learnopt-xla-"))  # empty
+    task = get_task("fmnist_mlp_8x8")
+    lopt = get_learned_optimizer("small_fc_lopt")
+    theta = lopt.init(jax.random.PRNGKey(0))
+    unroll = TruncatedUnroll(task, lopt, num_tasks=num_tasks, horizon=HORIZON, trunc_length=TRUNC)
+    est = build_estimator("pes", unroll)
+    state = jax.block_until_ready(est.init_state(theta, jax.random.PRNGKey(1)))
+    set_up = time.perf_counter()
+    float(est.estimate(theta, state, jax.random.PRNGKey(2)).meta_loss)
+    done = time.perf_counter()
+    return {"import_seconds": round(imported - _STARTED, 3),
+            "setup_seconds": round(set_up - imported, 3),
+            "first_step_seconds": round(done - set_up, 3),
+            "total_seconds": round(done - _STARTED, 3)}
+
+
+def cold_process(num_tasks: int, repeats: int = 3) -> dict:
+    """:func:`cold_child` in ``repeats`` fresh processes: each run, and the median of each."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, __file__, "--cold-child", str(num_tasks)],
+                             check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {"num_tasks": num_tasks, "runs": runs,
+            **{f"median_{k}": statistics.median(r[k] for r in runs) for k in runs[0]}}
 
 
 def adam_floor(task, num_runs: int, repeats: int) -> float:
@@ -204,7 +245,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/meta_throughput.json")
     p.add_argument("--skip-velo-mixture", action="store_true",
                    help="leave out the 4-family VeLO mixture (several minutes of compiles)")
+    p.add_argument("--cold-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cold_child is not None:
+        print(json.dumps(cold_child(args.cold_child)), flush=True)
+        return
     task = get_task("fmnist_mlp_8x8")
     lopt = get_learned_optimizer("small_fc_lopt")
     theta = lopt.init(jax.random.PRNGKey(0))
@@ -219,6 +264,8 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load],
         "single": {},
     }
+    results["cold_process"] = cold_process(args.tasks[0])
+    print("cold process", json.dumps(results["cold_process"]), flush=True)
     enable_persistent_cache(tempfile.mkdtemp(prefix="learnopt-xla-"))  # empty: cold starts
     for n in args.tasks:
         single = pes_single(task, lopt, theta, n, args.repeats)

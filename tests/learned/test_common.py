@@ -197,7 +197,12 @@ def test_decay_parameterisation():
 
 
 def test_mlp_init_and_sizes():
-    nn = jax.jit(common.init_mlp, static_argnums=1)(jax.random.PRNGKey(0), (39, 4, 4, 2))
+    nn = common.init_mlp(jax.random.PRNGKey(0), [39, 4, 4, 2])  # any sequence of sizes
+    # one compiled program, the same values as sampled layer by layer outside jit
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    for i, (fan_in, fan_out) in enumerate([(39, 4), (4, 4), (4, 2)]):
+        w = jax.random.truncated_normal(keys[i], -2.0, 2.0, (fan_in, fan_out), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(nn[f"w{i}"]), np.asarray(w / math.sqrt(fan_in)))
     assert sum(x.size for x in jax.tree.leaves(nn)) == 190
     w0 = np.asarray(nn["w0"])
     assert np.abs(w0).max() <= 2 / math.sqrt(39) + 1e-6  # truncated at two std

@@ -182,6 +182,48 @@ def test_unbuildable_kernel_falls_back_to_xla(tmp_path, monkeypatch):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((updates, params)))
 
 
+def test_prefetch_builds_once_in_the_background_and_builds_waits_for_it():
+    """:func:`native.prefetch` starts a build on another thread; :func:`native.builds` waits for
+    it instead of building again, and reports (and warns about) a failed build once."""
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def module_fn(*sizes):
+        calls.append((sizes, threading.current_thread().name))
+        started.set()
+        assert release.wait(30)
+        if sizes == (2,):
+            raise OSError("no room for the kernel")
+
+    native.prefetch(module_fn, 1)
+    assert started.wait(30)
+    native.prefetch(module_fn, 1)  # already under way: not started again
+    release.set()
+    assert native.builds(module_fn, 1) and native.builds(module_fn, 1)
+    assert calls == [((1,), "learnopt-kernel-load")]
+    native.prefetch(module_fn, 2)
+    with pytest.warns(UserWarning, match="unavailable .*no room for the kernel"):
+        assert not native.builds(module_fn, 2)
+    assert not native.builds(module_fn, 2)  # the filter turns a second warning into an error
+    assert len(calls) == 2
+
+
+def test_a_forked_child_forgets_builds_left_running_by_its_parent():
+    """A build running on a parent's thread never finishes in a forked child (which has only
+    the forking thread): the child's hook drops it, so that the child builds for itself."""
+    import threading
+
+    release = threading.Event()
+    native.prefetch(lambda *sizes: release.wait(30), 3)
+    pending = [key for key, future in native._BUILDS.items() if not future.done()]
+    assert pending
+    lock = native._LOCK
+    native._after_fork_in_child()  # what os.fork runs in the child
+    assert not any(key in native._BUILDS for key in pending) and native._LOCK is not lock
+    release.set()
+
+
 def _numpy_arrays(dims, seed=0, k=3, h=4, layers=2, num_time=11, batch=1):
     """Random kernel operands (accumulators positive where they must be) for layout ``dims``."""
     rng = np.random.default_rng(seed)

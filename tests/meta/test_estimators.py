@@ -418,3 +418,27 @@ def test_pes_drops_rematerialisation_and_gives_the_same_numbers():
     assert float(plain.grad["log_lr"]) != 0.0
     assert float(plain.grad["log_lr"]) == float(remat.grad["log_lr"])
     assert float(plain.meta_loss) == float(remat.meta_loss)
+
+
+def test_pes_samples_its_perturbations_in_a_program_of_their_own():
+    # The compiled estimate takes eps from a separate program (so that XLA does not copy the
+    # normal sampler into every fusion reading it): the same numbers (to rounding) as one
+    # traced program.
+    from learnopt.meta.estimators.base import pair_perturbations
+
+    unroll = TruncatedUnroll(TASK, SGD, num_tasks=3, horizon=H, trunc_length=5)
+    key = jax.random.PRNGKey(4)
+    compiled, traced = PES(unroll, std=STD, num_pairs=2), PES(unroll, std=STD, num_pairs=2,
+                                                                jit=False)
+    eps = compiled._perturb(THETA, key)
+    want = pair_perturbations(THETA, jax.random.split(key)[0], STD, 2, 3)
+    np.testing.assert_allclose(np.asarray(eps["log_lr"]), np.asarray(want["log_lr"]), rtol=1e-6)
+    state = compiled.init_state(THETA, jax.random.PRNGKey(3))
+    assert state.members.step.shape == (2, 2, 3)  # [sign, pair, task], stored stacked
+    a = compiled.estimate(THETA, state, key)
+    b = jax.jit(traced.estimate)(THETA, state, key)
+    assert float(a.grad["log_lr"]) != 0.0
+    np.testing.assert_allclose(float(a.grad["log_lr"]), float(b.grad["log_lr"]), rtol=1e-6)
+    np.testing.assert_allclose(float(a.meta_loss), float(b.meta_loss), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6),
+                 a.state.members.params, b.state.members.params)

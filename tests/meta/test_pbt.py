@@ -219,7 +219,7 @@ def test_a_checkpoint_of_the_old_accumulator_layout_is_refused(tmp_path):
     PopulationRun(config, tmp_path / "run").run(FakeHosts(config), progress=False)
     path = tmp_path / "run" / "checkpoint.msgpack"
     ckpt = load_checkpoint(path)
-    assert ckpt.state["accumulator_layout"] == 1
+    assert ckpt.state["accumulator_layout"] == 2
     old = {k: v for k, v in ckpt.state.items() if k != "accumulator_layout"}
     path.write_bytes(checkpoint_bytes(old, ckpt.config))
     longer = toy(outer_steps=5)

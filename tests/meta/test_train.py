@@ -180,28 +180,36 @@ def test_checkpoints_hold_config_and_format_version_and_resume_only_their_run(tm
         MetaTrainer(dataclasses.replace(config, outer_steps=6), tmp_path).run(progress=False)
 
 
-def test_a_checkpoint_of_the_old_accumulator_layout_resumes_with_fresh_inner_runs(tmp_path):
+@pytest.mark.parametrize("old_layout", [0, 1])
+def test_a_checkpoint_of_an_old_accumulator_layout_resumes_with_fresh_inner_runs(tmp_path,
+                                                                                 old_layout):
     from learnopt.io import checkpoint_bytes, load_checkpoint
+    from learnopt.learned.common import ACCUMULATOR_LAYOUT
 
     config = dataclasses.replace(TINY, outer_steps=3)
     MetaTrainer(config, tmp_path).run(progress=False)
     ckpt = load_checkpoint(tmp_path / "checkpoint.msgpack")
-    assert ckpt.state["accumulator_layout"] == 1
-    # As written before the layout marker: inner optimizer states were S + (K,).
+    assert ckpt.state["accumulator_layout"] == ACCUMULATOR_LAYOUT == 2
+    # Layout 0 was written before the layout marker (inner optimizer states were S + (K,));
+    # layout 1 held PES's plus and minus members apart.
     old = {k: v for k, v in ckpt.state.items() if k != "accumulator_layout"}
+    if old_layout:
+        old["accumulator_layout"] = old_layout
     (tmp_path / "checkpoint.msgpack").write_bytes(checkpoint_bytes(old, ckpt.config))
     trainer = MetaTrainer(dataclasses.replace(config, outer_steps=5), tmp_path)
-    with pytest.warns(UserWarning, match="accumulator layout 0 .* the inner runs restart"):
+    with pytest.warns(UserWarning,
+                      match=f"accumulator layout {old_layout} .* the inner runs restart"):
         state = trainer.restore()
     fresh = trainer.init_state()
     jax.tree.map(np.testing.assert_array_equal, state["estimator"], fresh["estimator"])
     np.testing.assert_array_equal(state["learner"].theta["log_lr"],
                                   ckpt.state["learner"]["theta"]["log_lr"])
     assert int(state["step"]) == 3
-    with pytest.warns(UserWarning, match="accumulator layout 0"):
+    with pytest.warns(UserWarning, match=f"accumulator layout {old_layout}"):
         resumed = trainer.run(progress=False)
     assert resumed["resumed"] and resumed["start_step"] == 3
-    assert load_checkpoint(tmp_path / "checkpoint.msgpack").state["accumulator_layout"] == 1
+    assert (load_checkpoint(tmp_path / "checkpoint.msgpack").state["accumulator_layout"]
+            == ACCUMULATOR_LAYOUT)
 
 
 def test_a_checkpoint_from_before_format_versions_still_resumes(tmp_path):

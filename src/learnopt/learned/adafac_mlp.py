@@ -273,6 +273,9 @@ class SmallFcLOpt(LearnedOptimizer):
         self.initial_rms_decays = tuple(float(d) for d in initial_rms_decays)
         self.initial_adafactor_decays = tuple(float(d) for d in initial_adafactor_decays)
         self.compute = compute
+        for factored in (True, False):  # loads while the caller builds tasks (native.prefetch)
+            if (sizes := self._kernel_sizes(factored)) is not None:
+                native.prefetch(native.kernel_module, *sizes)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, JSON-ready (``SmallFcLOpt(**lopt.config())`` rebuilds it)."""
@@ -323,16 +326,21 @@ class SmallFcLOpt(LearnedOptimizer):
         return _feature_blocks(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32),
                                m, rms, fac_g, v_row, v_col, v_full)
 
+    def _kernel_sizes(self, factored: bool) -> tuple | None:
+        """The native kernel's sizes (:func:`native.kernel_module`) for tensors of rank >= 2
+        (``factored``) or < 2, where it is used: the elementwise path, at least one hidden
+        layer, a CPU backend (elsewhere XLA fuses the elementwise path well); else ``None``."""
+        if (self.compute != "elementwise" or self.hidden_layers < 1
+                or jax.default_backend() != "cpu"):
+            return None
+        return (len(self.initial_momentum_decays), self.hidden_size, self.hidden_layers,
+                len(common.TIME_SCALES), factored)
+
     def _native(self, shape) -> bool:
-        """Whether a tensor of ``shape`` is updated by the native CPU kernel: the elementwise
-        path, at least one hidden layer, a CPU backend (elsewhere XLA fuses the elementwise
-        path well) and a kernel that builds (:func:`native.ready`); every rank has one."""
-        if self.compute != "elementwise" or self.hidden_layers < 1:
-            return False
-        if jax.default_backend() != "cpu":
-            return False
-        return native.ready(len(self.initial_momentum_decays), self.hidden_size,
-                            self.hidden_layers, len(common.TIME_SCALES), len(shape) >= 2)
+        """Whether a tensor of ``shape`` is updated by the native CPU kernel: where
+        :meth:`_kernel_sizes` allows and its kernel builds (:func:`native.ready`)."""
+        sizes = self._kernel_sizes(len(shape) >= 2)
+        return sizes is not None and native.ready(*sizes)
 
     # ---------------------------------------------------------------------------------------
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:

@@ -18,6 +18,7 @@ docs/departures.md.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -31,9 +32,11 @@ PyTree = Any
 #: Timescales of the 11 tanh time features (Tradeoffs 2022, arXiv:2203.11860, App. A).
 TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 1e4, 3e4, 1e5)
 
-#: The accumulator layout of optimizer states, recorded in checkpoints that hold them (inner
-#: runs of meta-training): 0 = ``S + (K,)`` (learnopt before 2026-12-03), 1 = ``(K,) + S``.
-ACCUMULATOR_LAYOUT = 1
+#: The layout of the inner runs' states, recorded in checkpoints that hold them (meta-training
+#: and population runs): 0 = accumulators ``S + (K,)`` (learnopt before 2026-12-03), 1 =
+#: accumulators ``(K,) + S``, 2 = as 1, with PES's antithetic members stacked in one state of
+#: leading axes ``[2, pairs, tasks]`` (``PESState.members``; from 2026-12-04).
+ACCUMULATOR_LAYOUT = 2
 
 #: Floors and epsilons of the released code (learned_optimization).
 GRAD_SQ_EPS = 1e-30
@@ -329,8 +332,15 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, jax.Array]:
     """Weights ``w{i}`` (fan_in, fan_out) and biases ``b{i}`` of an MLP with layer ``sizes``.
 
     Weights are ``TruncatedNormal(stddev=1/sqrt(fan_in))`` cut at two standard deviations (Haiku's
-    default for ``hk.Linear``, used by the released code); biases are zero.
+    default for ``hk.Linear``, used by the released code); biases are zero. One compiled program
+    per ``sizes`` (the same values as op by op, which compiled a sampler per layer: about half a
+    second more of a cold start).
     """
+    return _init_mlp(key, tuple(int(n) for n in sizes))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, jax.Array]:
     params: dict[str, jax.Array] = {}
     keys = jax.random.split(key, len(sizes) - 1)
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):

@@ -136,6 +136,8 @@ class FcLOpt(LearnedOptimizer):
         self.exp_mult = exp_mult
         self.step_mult = step_mult
         self.momentum_decays = tuple(float(d) for d in decays)
+        if hidden_layers >= 1 and jax.default_backend() == "cpu":  # see native.prefetch
+            native.prefetch(native_fc_lopt.kernel_module, *self._kernel_sizes())
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, JSON-ready (``FcLOpt(**lopt.config())`` rebuilds it)."""
@@ -155,12 +157,15 @@ class FcLOpt(LearnedOptimizer):
     def init(self, key: jax.Array) -> MetaParams:
         return common.init_mlp(key, self.layer_sizes)
 
+    def _kernel_sizes(self) -> tuple[int, int, int, int]:
+        return (len(self.momentum_decays), self.hidden_size, self.hidden_layers,
+                len(common.TIME_SCALES))
+
     def _native(self) -> bool:
         """Whether tensors are updated by the native CPU kernel: a CPU backend (elsewhere XLA
         runs the matmuls well) and a kernel that builds (:func:`native_fc_lopt.ready`)."""
         return (jax.default_backend() == "cpu"
-                and native_fc_lopt.ready(len(self.momentum_decays), self.hidden_size,
-                                         self.hidden_layers, len(common.TIME_SCALES)))
+                and native_fc_lopt.ready(*self._kernel_sizes()))
 
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         decays = jnp.asarray(self.momentum_decays, jnp.float32)

@@ -38,6 +38,7 @@ their XLA / torch paths (the same function).
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -64,7 +65,8 @@ INPUTS = ("p", "g", "m", "rms", "va", "vc", "decays", "w0", "b0", "time", "wh", 
 #: The kernel's outputs: the update and the accumulators after the step.
 OUTPUTS = ("update", "m_out", "rms_out", "va_out", "vc_out")
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # held while a kernel module is written and imported
+_BUILDS_LOCK = threading.Lock()  # guards _BUILDS and _WARNED
 
 
 _STATE = {"enabled": os.environ.get("LEARNOPT_NATIVE", "1") != "0"}
@@ -94,27 +96,84 @@ def mlp_inputs(nn: dict, hidden_layers: int, stack: Callable, zeros: Callable) -
 
 
 def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
-    """Whether ``module_fn(*sizes)`` (a kernel module) builds; a warning says why not."""
+    """Whether ``module_fn(*sizes)`` (a kernel module) builds, once per process; a warning says
+    why not. Waits for a build that :func:`prefetch` started."""
+    future, start = _build_future(module_fn, sizes)
+    if start:
+        _build(future, module_fn, sizes)
+    error = future.result()
+    if error is not None and _warn_once(module_fn, sizes):
+        warnings.warn(f"learnopt: the native kernel {module_fn.__module__}.{module_fn.__name__}"
+                      f"{sizes} is unavailable ({error!r}); using the XLA / torch path (the "
+                      "same function, slower)", stacklevel=3)
+    return error is None
+
+
+def prefetch(module_fn: Callable[..., ModuleType], *sizes) -> None:
+    """Start building (or loading) ``module_fn(*sizes)`` on a background thread, if the kernel
+    is :func:`available` and not started yet; :func:`builds` waits for it.
+
+    Loading a kernel that numba has compiled before costs about a second of numba's start-up,
+    once per process. The optimizers that use a kernel prefetch it when they are constructed,
+    so that this overlaps with the work before their first traced step (building the task,
+    compiling its initialisation) instead of adding to it."""
+    if not available():
+        return
+    future, start = _build_future(module_fn, sizes)
+    if start:
+        threading.Thread(target=_build, args=(future, module_fn, sizes), daemon=True,
+                         name="learnopt-kernel-load").start()
+
+
+_BUILDS: dict[tuple, concurrent.futures.Future] = {}
+_WARNED: set[tuple] = set()
+
+
+def _build_future(module_fn: Callable, sizes: tuple) -> tuple[concurrent.futures.Future, bool]:
+    """The future of ``module_fn(*sizes)``'s build, and whether the caller must start it."""
+    with _BUILDS_LOCK:
+        future = _BUILDS.get((module_fn, sizes))
+        if future is not None:
+            return future, False
+        future = _BUILDS[(module_fn, sizes)] = concurrent.futures.Future()
+        return future, True
+
+
+def _build(future: concurrent.futures.Future, module_fn: Callable, sizes: tuple) -> None:
+    """Build the kernel module; the future's result is ``None``, or the error that stopped it."""
     try:
         module_fn(*sizes)
-        return True
+        future.set_result(None)
     except Exception as err:  # an unwritable cache directory, a numba that cannot compile
-        warnings.warn(f"learnopt: the native kernel {module_fn.__module__}.{module_fn.__name__}"
-                      f"{sizes} is unavailable ({err!r}); using the XLA / torch path (the "
-                      "same function, slower)", stacklevel=3)
-        return False
+        future.set_result(err)
 
 
-@functools.cache
-def _builds(k: int, h: int, layers: int, num_time: int, factored: bool, features: str) -> bool:
-    return builds(kernel_module, k, h, layers, num_time, factored, features)
+def _warn_once(module_fn: Callable, sizes: tuple) -> bool:
+    with _BUILDS_LOCK:
+        first = (module_fn, sizes) not in _WARNED
+        _WARNED.add((module_fn, sizes))
+        return first
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: builds still running in the parent's
+    threads never finish here, and a lock they held stays held. Start over from a clean
+    state (the modules that finished loading stay loaded)."""
+    global _LOCK, _BUILDS_LOCK
+    _LOCK, _BUILDS_LOCK = threading.Lock(), threading.Lock()
+    for key, future in list(_BUILDS.items()):
+        if not future.done():
+            del _BUILDS[key]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def ready(k: int, h: int, layers: int, num_time: int, factored: bool,
           features: str = "small_fc_lopt") -> bool:
     """Whether the kernel for these sizes (and :data:`FEATURE_SETS` entry) can be used:
     :func:`available` and it compiles (on failure a warning says why, once)."""
-    return available() and _builds(k, h, layers, num_time, factored, features)
+    return available() and builds(kernel_module, k, h, layers, num_time, factored, features)
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -930,11 +989,17 @@ def _load(name: str, src: str) -> ModuleType:
             tmp.write_text(src)
             os.replace(tmp, path)  # atomic: concurrent processes never read a partial file
         helper_block()  # bound before the module's code is linked
+        if f"learnopt_kernel_{name}" in sys.modules:  # loaded by another thread meanwhile
+            return sys.modules[f"learnopt_kernel_{name}"]
         spec = importlib.util.spec_from_file_location(f"learnopt_kernel_{name}", path)
         module = importlib.util.module_from_spec(spec)
         # numba's on-disk cache finds the module again by name while it is being executed
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[spec.name]  # a later call tries again, never with half a module
+            raise
     return module
 
 

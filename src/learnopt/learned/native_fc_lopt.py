@@ -206,15 +206,11 @@ def kernel_module(k: int, h: int, layers: int, num_time: int) -> ModuleType:
                        kernel_source(k, h, layers, num_time))
 
 
-@functools.cache
-def _builds(k: int, h: int, layers: int, num_time: int) -> bool:
-    return native.builds(kernel_module, k, h, layers, num_time)
-
-
 def ready(k: int, h: int, layers: int, num_time: int) -> bool:
     """Whether the kernel for these sizes can be used: at least one hidden layer,
     :func:`native.available` and it compiles (on failure a warning says why, once)."""
-    return native.available() and layers >= 1 and _builds(k, h, layers, num_time)
+    return (native.available() and layers >= 1
+            and native.builds(kernel_module, k, h, layers, num_time))
 
 
 def _dims(n: int) -> tuple[int, int, int, int]:

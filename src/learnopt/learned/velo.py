@@ -392,6 +392,8 @@ class Velo(LearnedOptimizer):
         self.init_scheme = init_scheme
         self.exp_mult = float(exp_mult)
         self.step_mult = float(step_mult)
+        for sizes in self._kernel_sizes():  # loads while the caller builds tasks
+            native.prefetch(native.kernel_module, *sizes)
 
     @classmethod
     def small(cls, **kwargs: Any) -> Velo:
@@ -525,13 +527,19 @@ class Velo(LearnedOptimizer):
                 for n, w in theta["bank"].items()}
 
     # ---------------------------------------------------------------------------------------
-    def _native(self) -> bool:
-        """Whether tensors are updated by the native CPU kernel: a per-parameter MLP with a
-        hidden layer, a CPU backend and kernels that build (:func:`native.ready`)."""
+    def _kernel_sizes(self) -> list[tuple]:
+        """The native kernels' sizes (:func:`native.kernel_module`, factored and not) where
+        they are used: a per-parameter MLP with a hidden layer, a CPU backend; else none."""
         if self.ff_hidden_layers < 1 or jax.default_backend() != "cpu":
-            return False
+            return []
         sizes = (len(MOMENTUM_DECAYS), self.ff_hidden_size, self.ff_hidden_layers, 0)
-        return all(native.ready(*sizes, factored, "velo") for factored in (True, False))
+        return [(*sizes, factored, "velo") for factored in (True, False)]
+
+    def _native(self) -> bool:
+        """Whether tensors are updated by the native CPU kernel: where :meth:`_kernel_sizes`
+        allows and the kernels build (:func:`native.ready`)."""
+        kernels = self._kernel_sizes()
+        return bool(kernels) and all(native.ready(*sizes) for sizes in kernels)
 
     def optimizer(self, theta: MetaParams, num_steps: int | jax.Array
                   ) -> optax.GradientTransformationExtraArgs:

@@ -215,9 +215,9 @@ class Population:
         if layout != ACCUMULATOR_LAYOUT:
             raise CheckpointError(
                 f"{source}: written with accumulator layout {layout}; this learnopt uses "
-                f"{ACCUMULATOR_LAYOUT} ((K,) + shape), so its inner runs and learned outer "
-                "optimizer states cannot be resumed", "start a new run; its kept thetas can "
-                "still be evaluated (learnopt.meta.pbt_eval reads thetas only)")
+                f"{ACCUMULATOR_LAYOUT} (learned.common.ACCUMULATOR_LAYOUT), so its inner runs and "
+                "learned outer optimizer states cannot be resumed", "start a new run; its "
+                "kept thetas can still be evaluated (learnopt.meta.pbt_eval reads thetas only)")
         estimators = raw.pop("estimators")
         state = restore_state(self._template(), raw, source)
         self.step, self.seconds = int(state["step"]), float(state["seconds"])

@@ -90,7 +90,9 @@ class FullES(GradientEstimator):
         run.trunc_length = unroll.horizon
         run.random_offset = False
         self._run = run
-        self._estimate = jit_program(self._estimate_impl) if jit else self._estimate_impl
+        # The perturbations come from a program of their own, as in PES (derivations §1.4).
+        self._perturb = jit_program(self.perturbations) if jit else self.perturbations
+        self._estimate_given = jit_program(self._estimate_impl) if jit else self._estimate_impl
 
     def config(self) -> dict[str, Any]:
         """The options of ``meta.estimators.registry.build_estimator("full_es", ...)``."""
@@ -102,6 +104,11 @@ class FullES(GradientEstimator):
 
     def estimate(self, theta: MetaParams, state: FullESState, key: jax.Array) -> Estimate:
         return self._estimate(theta, state, key)[0]
+
+    def _estimate(
+        self, theta: MetaParams, state: FullESState, key: jax.Array
+    ) -> tuple[Estimate, MetaParams]:
+        return self._estimate_given(theta, state, key, self._perturb(theta, key))
 
     def estimate_with_samples(
         self, theta: MetaParams, state: FullESState, key: jax.Array
@@ -145,11 +152,10 @@ class FullES(GradientEstimator):
         return jax.vmap(one)(params, jax.random.split(key, self.unroll.num_tasks))
 
     def _estimate_impl(
-        self, theta: MetaParams, state: FullESState, key: jax.Array
+        self, theta: MetaParams, state: FullESState, key: jax.Array, eps: MetaParams
     ) -> tuple[Estimate, MetaParams]:
-        k_eps, k_init, k_run, k_final = self._keys(key)
+        _, k_init, k_run, k_final = self._keys(key)
         p, n = self.num_pairs, self.unroll.num_tasks
-        eps = pair_perturbations(theta, k_eps, self.std, p, n)
         thetas = jax.tree_util.tree_map(
             lambda a, b: jnp.stack([a, b]),
             batched_theta(theta, eps, 1.0),

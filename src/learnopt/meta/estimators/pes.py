@@ -49,15 +49,26 @@ from learnopt.meta.unroll import (
 
 
 class PESState(NamedTuple):
-    """The inner states of the plus and minus members and the accumulators.
+    """The inner states of the antithetic members and the accumulators.
 
-    Every leaf has leading ``[num_pairs, num_tasks]`` axes (pair ``p`` of inner run ``i``);
-    ``accumulator`` has ``theta``'s structure.
+    ``members`` holds the inner states of both signs stacked: every leaf has leading
+    ``[2, num_pairs, num_tasks]`` axes (sign ``+`` first, then pair ``p`` of inner run ``i``),
+    the layout the unroll is vmapped over, so an estimate neither stacks nor splits them.
+    ``accumulator`` has ``theta``'s structure with leading ``[num_pairs, num_tasks]`` axes.
     """
 
-    pos: UnrollState
-    neg: UnrollState
+    members: UnrollState
     accumulator: MetaParams
+
+    @property
+    def pos(self) -> UnrollState:
+        """The ``+`` members' inner states (leading ``[num_pairs, num_tasks]`` axes)."""
+        return jax.tree_util.tree_map(lambda x: x[0], self.members)
+
+    @property
+    def neg(self) -> UnrollState:
+        """The ``-`` members' inner states."""
+        return jax.tree_util.tree_map(lambda x: x[1], self.members)
 
 
 def _stack(a: Any, b: Any) -> Any:
@@ -119,7 +130,11 @@ class PES(GradientEstimator):
         self.accumulate = bool(accumulate)
         self.name = "pes" if self.accumulate else "truncated_es"
         self._init = jit_program(self._init_state) if jit else self._init_state
-        self._estimate = jit_program(self._estimate_impl) if jit else self._estimate_impl
+        # The perturbations are sampled by a program of their own: inside the estimate, XLA
+        # copied the normal sampler into every fusion that reads them (docs/derivations.md
+        # §1.4); as an input they compile once. The draws are the same (to float rounding).
+        self._perturb = jit_program(self._perturbations) if jit else self._perturbations
+        self._estimate_given = jit_program(self._estimate_impl) if jit else self._estimate_impl
 
     def config(self) -> dict[str, Any]:
         """The options of ``meta.estimators.registry.build_estimator(self.name, ...)``."""
@@ -130,6 +145,16 @@ class PES(GradientEstimator):
 
     def estimate(self, theta: MetaParams, state: PESState, key: jax.Array) -> Estimate:
         return self._estimate(theta, state, key)[0]
+
+    def _perturbations(self, theta: MetaParams, key: jax.Array) -> MetaParams:
+        """The ``eps_{p,i}`` of ``estimate(theta, state, key)``: leading ``[P, N]`` axes."""
+        k_eps = jax.random.split(key)[0]
+        return pair_perturbations(theta, k_eps, self.std, self.num_pairs, self.unroll.num_tasks)
+
+    def _estimate(
+        self, theta: MetaParams, state: PESState, key: jax.Array
+    ) -> tuple[Estimate, MetaParams]:
+        return self._estimate_given(theta, state, key, self._perturb(theta, key))
 
     def estimate_with_samples(
         self, theta: MetaParams, state: PESState, key: jax.Array
@@ -150,14 +175,13 @@ class PES(GradientEstimator):
         accumulator = jax.tree_util.tree_map(
             lambda x: jnp.zeros((p, n, *jnp.shape(x)), jnp.result_type(x, jnp.float32)), theta
         )
-        return PESState(inner, inner, accumulator)
+        return PESState(_stack(inner, inner), accumulator)
 
     def _estimate_impl(
-        self, theta: MetaParams, state: PESState, key: jax.Array
+        self, theta: MetaParams, state: PESState, key: jax.Array, eps: MetaParams
     ) -> tuple[Estimate, MetaParams]:
-        k_eps, k_unroll = jax.random.split(key)
+        k_unroll = jax.random.split(key)[1]
         p, n = self.num_pairs, self.unroll.num_tasks
-        eps = pair_perturbations(theta, k_eps, self.std, p, n)
         thetas = _stack(batched_theta(theta, eps, 1.0), batched_theta(theta, eps, -1.0))
 
         def run(theta_batch, inner):
@@ -172,9 +196,8 @@ class PES(GradientEstimator):
         def split(x):
             return x.reshape((2, p, *x.shape[1:]))
 
-        members = jax.tree_util.tree_map(merge, (thetas, _stack(state.pos, state.neg)))
-        new_inner, outs = jax.tree_util.tree_map(split, jax.vmap(run)(*members))
-        pos_state, neg_state = _unstack(new_inner)
+        members = jax.tree_util.tree_map(merge, (thetas, state.members))
+        new_members, outs = jax.tree_util.tree_map(split, jax.vmap(run)(*members))
         pos_out, neg_out = _unstack(outs)  # fields [P, T, N]
 
         c, c_pre, did_reset = jax.vmap(pes_coefficients, in_axes=(0, 0, None))(
@@ -209,7 +232,7 @@ class PES(GradientEstimator):
             f"{self.name}/num_resets": jnp.sum(pos_out.is_reset[0]),
             f"{self.name}/nonfinite_inner_losses": jnp.sum(~jnp.isfinite(pos_out.raw_losses))
             + jnp.sum(~jnp.isfinite(neg_out.raw_losses)),
-            f"{self.name}/mean_inner_step": jnp.mean(pos_state.step.astype(jnp.float32)),
+            f"{self.name}/mean_inner_step": jnp.mean(new_members.step[0].astype(jnp.float32)),
         }
-        new_state = PESState(pos_state, neg_state, accumulator)
+        new_state = PESState(new_members, accumulator)
         return Estimate(meta_loss, grad, new_state, metrics), samples
