@@ -66,6 +66,35 @@ def test_trains_quadratic_and_mlp_finite_under_jit_and_vmap(name):
     np.testing.assert_allclose(quad[1], single, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_without_entries_changes_nothing_else(name):
+    """Parameters may hold empty tensors (a layer of width 0, an unused embedding): they get
+    empty updates, and the other tensors' updates stay finite. Optimizers whose tensors do not
+    interact (per-tensor features only) give the others exactly the updates they would get
+    alone."""
+    lopt = get_learned_optimizer(name)
+    opt = lopt.optimizer(lopt.init(jax.random.PRNGKey(1)), 100)
+    w = jax.random.normal(jax.random.PRNGKey(3), (6, 5))
+    grads = {"w": 0.1 * w, "empty": jnp.zeros((0,)), "empty2": jnp.zeros((3, 0))}
+    params = {"w": w, "empty": jnp.zeros((0,)), "empty2": jnp.zeros((3, 0))}
+
+    def two_steps(params, grads):
+        state = opt.init(params)
+        for _ in range(2):
+            u, state = opt.update(grads, state, params, loss=jnp.float32(1.0))
+            params = optax.apply_updates(params, u)
+        return params
+
+    both = jax.jit(two_steps)(params, grads)
+    assert both["empty"].shape == (0,) and both["empty2"].shape == (3, 0)
+    assert np.all(np.isfinite(np.asarray(both["w"])))
+    assert not np.array_equal(np.asarray(both["w"]), np.asarray(w))
+    if name in ("small_fc_lopt", "fc_lopt", "nn_adam", "learnable_sgd", "learnable_sgdm",
+                "learnable_adam"):
+        alone = jax.jit(two_steps)({"w": w}, {"w": grads["w"]})
+        np.testing.assert_array_equal(np.asarray(both["w"]), np.asarray(alone["w"]))
+
+
 def test_registry_lists_every_architecture_of_the_seeds():
     names = {n for n, _ in list_learned_optimizers()}
     assert {

@@ -17,6 +17,7 @@ paper and the released code: docs/departures.md.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -338,9 +339,10 @@ class SmallFcLOpt(LearnedOptimizer):
 
     def _native(self, shape) -> bool:
         """Whether a tensor of ``shape`` is updated by the native CPU kernel: where
-        :meth:`_kernel_sizes` allows and its kernel builds (:func:`native.ready`)."""
+        :meth:`_kernel_sizes` allows, the tensor has entries (an empty one takes the XLA path)
+        and its kernel builds (:func:`native.ready`)."""
         sizes = self._kernel_sizes(len(shape) >= 2)
-        return sizes is not None and native.ready(*sizes)
+        return sizes is not None and math.prod(shape) > 0 and native.ready(*sizes)
 
     # ---------------------------------------------------------------------------------------
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:

@@ -183,15 +183,15 @@ class FcLOpt(LearnedOptimizer):
             grads = updates
             common.check_same_structure(grads, params, self.name)
             time = common.tanh_time_features(state.iteration)
-            if self._native():
-                step = _native_step(self.hidden_layers, self.exp_mult, self.step_mult)
-            else:
-                step = functools.partial(_xla_step, exp_mult=self.exp_mult,
-                                         step_mult=self.step_mult)
+            xla = functools.partial(_xla_step, exp_mult=self.exp_mult,
+                                    step_mult=self.step_mult)
+            fast = (_native_step(self.hidden_layers, self.exp_mult, self.step_mult)
+                    if self._native() else xla)
             treedef = jax.tree.structure(grads)
-            out = [step(theta, time, decays, p, g, m) for p, g, m in zip(
-                treedef.flatten_up_to(params), treedef.flatten_up_to(grads),
-                treedef.flatten_up_to(state.momentum.m), strict=True)]
+            out = [(fast if jnp.size(p) else xla)(theta, time, decays, p, g, m)  # empty: XLA
+                   for p, g, m in zip(treedef.flatten_up_to(params),
+                                      treedef.flatten_up_to(grads),
+                                      treedef.flatten_up_to(state.momentum.m), strict=True)]
             momentum = common.MomentumState(m=treedef.unflatten([m for _, m in out]))
             return treedef.unflatten([u for u, _ in out]), FcLOptState(
                 momentum=momentum, iteration=state.iteration + 1, num_steps=state.num_steps)

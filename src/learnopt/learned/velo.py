@@ -162,23 +162,29 @@ def tensor_statistics(p: jax.Array, m: jax.Array, rms: jax.Array,
 
     ``m`` / ``rms`` have a leading decay axis before the parameter's shape; both are divided by
     ``sqrt(max(1e-9, mean(p^2)))`` first. ``var_rms="code"`` centres rms' on the *momentum*
-    means, giving one entry per momentum decay (the released code's broadcast).
+    means, giving one entry per momentum decay (the released code's broadcast). A tensor with
+    no entries has the statistics of a zero tensor (means and variances 0), not NaN: the rows
+    of all tensors are max-pooled together, so one NaN row would reach every tensor's update.
     """
     p = jnp.asarray(p, jnp.float32)
-    scale = jax.lax.rsqrt(jnp.maximum(1e-9, jnp.mean(jnp.square(p))))
+
+    def mean(x: jax.Array) -> jax.Array:
+        return jnp.sum(x) / max(x.size, 1)
+
+    scale = jax.lax.rsqrt(jnp.maximum(1e-9, mean(jnp.square(p))))
     # One reduction per decay channel (XLA:CPU reduces a full array to a scalar faster than a
     # ``(k,) + shape`` block to ``(k,)``); the same values as reducing the blocks.
     ms = [m[k] * scale for k in range(m.shape[0])]
     rs = [rms[k] * scale for k in range(rms.shape[0])]
-    mean_m = [jnp.mean(x) for x in ms]
-    var_m = jnp.stack([jnp.mean(jnp.square(x - mu)) for x, mu in zip(ms, mean_m, strict=True)])
-    mean_rms = [jnp.mean(x) for x in rs]
+    mean_m = [mean(x) for x in ms]
+    var_m = jnp.stack([mean(jnp.square(x - mu)) for x, mu in zip(ms, mean_m, strict=True)])
+    mean_rms = [mean(x) for x in rs]
     if var_rms == "code":  # rms' centred on each momentum mean (broadcast over the decays)
-        var_r = jnp.stack([jnp.mean(jnp.square(rs[k % len(rs)] - mu))
+        var_r = jnp.stack([mean(jnp.square(rs[k % len(rs)] - mu))
                            for k, mu in enumerate(mean_m)])
     else:
-        var_r = jnp.stack([jnp.mean(jnp.square(x - mu)) for x, mu in zip(rs, mean_rms,
-                                                                        strict=True)])
+        var_r = jnp.stack([mean(jnp.square(x - mu)) for x, mu in zip(rs, mean_rms,
+                                                                     strict=True)])
     return jnp.concatenate([clip_log_abs(jnp.stack(mean_rms)), rank_feature(p.shape),
                             clip_log_abs(var_m), clip_log_abs(var_r)])
 
@@ -584,16 +590,16 @@ class Velo(LearnedOptimizer):
                                                           state.lstm_cell)
             mlps = self.mixed_mlps(theta, c_hyper)
 
-            if self._native():
-                step = _native_step(self.ff_hidden_layers, self.exp_mult, self.step_mult)
-            else:
-                step = functools.partial(_xla_step, exp_mult=self.exp_mult,
-                                         step_mult=self.step_mult)
+            xla = functools.partial(_xla_step, exp_mult=self.exp_mult,
+                                    step_mult=self.step_mult)
+            fast = (_native_step(self.ff_hidden_layers, self.exp_mult, self.step_mult)
+                    if self._native() else xla)
             treedef = jax.tree.structure(params)
             leaves = [treedef.flatten_up_to(t) for t in
                       (params, grads, state.momentum.m, state.rms.rms, state.factored.v_row,
                        state.factored.v_col, state.factored.v_full)]
-            out = [step({k: w[i] for k, w in mlps.items()}, c_lr[i], *args)
+            out = [(fast if jnp.size(args[0]) else xla)(  # an empty tensor: the XLA path
+                       {k: w[i] for k, w in mlps.items()}, c_lr[i], *args)
                    for i, args in enumerate(zip(*leaves, strict=True))]
             unflat = [treedef.unflatten([o[j] for o in out]) for j in range(6)]
             new_state = VeloState(
