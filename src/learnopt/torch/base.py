@@ -187,6 +187,10 @@ class TorchLearnedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- helpers ----------------------------------------------------------------------------
+    def _has_cpu_params(self) -> bool:
+        """Whether any parameter lives on the CPU (where the native kernels run)."""
+        return any(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+
     def _buf(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """A float32 scratch buffer, reused across steps (freshly allocated large tensors
         cost a page fault per page on first touch, more than the arithmetic on them)."""

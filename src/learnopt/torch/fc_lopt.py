@@ -85,6 +85,8 @@ class TorchFcLOpt(TorchLearnedOptimizer):
         check_theta(theta, shapes, self.name)
         self.theta = theta
         super().__init__(params, num_steps, guard)
+        if self._hidden_layers >= 1 and self._has_cpu_params():  # see native.prefetch
+            native.prefetch(native_fc_lopt.kernel_module, *self._kernel_sizes())
 
     def _consts(self, device: torch.device) -> dict[str, Any]:
         key = ("consts", device)

@@ -122,6 +122,9 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
                             "adafactor_decays": (kf,), "nn": nn_shapes}, self.name)
         self.theta = theta
         super().__init__(params, num_steps, guard)
+        if self._hidden_layers >= 1 and self._has_cpu_params():  # see native.prefetch
+            for factored in (True, False):
+                native.prefetch(native.kernel_module, *self._kernel_sizes(), factored)
         self._plans: dict[int, dict] = {}  # kernel call templates by tensor (_planned_leaf)
         # rows of w0 fed by the full-size channels, by the row factors and by the col factors
         n_head = 2 + km + 1 + km + 1 + kf  # g, p, m, rms, m*r, r, fac_g
@@ -177,10 +180,13 @@ class TorchSmallFcLOpt(TorchLearnedOptimizer):
             return self._propose_native(params, grads, states)
         return self._propose_batched(params, grads, states, device)
 
+    def _kernel_sizes(self) -> tuple[int, int, int, int]:
+        return (self.km, self._hidden_size, self._hidden_layers, len(TIME_SCALES))
+
     def _native_ready(self) -> bool:
         if self._hidden_layers < 1:
             return False
-        sizes = (self.km, self._hidden_size, self._hidden_layers, len(TIME_SCALES))
+        sizes = self._kernel_sizes()
         return native.ready(*sizes, True) and native.ready(*sizes, False)
 
     def _propose_native(self, params, grads, states):
