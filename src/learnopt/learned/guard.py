@@ -198,7 +198,10 @@ def guarded(
             raise ValueError(
                 "guarded optimizer needs the loss at the current parameters: call "
                 "update(grads, state, params, loss=loss) with the loss whose gradient grads "
-                "is, computed before this update, as learnopt.step.inner_step passes it"
+                "is, computed before this update, as learnopt.step.inner_step passes it (a "
+                "training loop that cannot pass it, such as flax's TrainState.apply_gradients, "
+                "can use the optimizer without the guard: learnopt.pretrained.optimizer(name, "
+                "num_steps, guard=False))"
             )
         if params is None:
             raise ValueError("guarded optimizer needs the current parameters: call "
