@@ -209,6 +209,22 @@ def test_prefetch_builds_once_in_the_background_and_builds_waits_for_it():
     assert len(calls) == 2
 
 
+def test_prefetch_never_compiles(tmp_path, monkeypatch):
+    """A prefetch only loads kernels compiled on this machine before: constructing an optimizer
+    of new sizes (a config check) must not start a compile; its first step compiles."""
+    import time
+
+    monkeypatch.setenv("LEARNOPT_KERNEL_DIR", str(tmp_path))
+    sizes = (1, 3, 1, 11, True)  # no other test builds these
+    key = (native.kernel_module, sizes)
+    SmallFcLOpt(hidden_size=3, hidden_layers=1, initial_momentum_decays=(0.5,),
+                initial_adafactor_decays=(0.5,))  # prefetches its two kernels
+    deadline = time.monotonic() + 30
+    while key in native._BUILDS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert key not in native._BUILDS and not list(tmp_path.iterdir())
+
+
 def test_a_forked_child_forgets_builds_left_running_by_its_parent():
     """A build running on a parent's thread never finishes in a forked child (which has only
     the forking thread): the child's hook drops it, so that the child builds for itself."""

@@ -98,10 +98,13 @@ def mlp_inputs(nn: dict, hidden_layers: int, stack: Callable, zeros: Callable) -
 def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
     """Whether ``module_fn(*sizes)`` (a kernel module) builds, once per process; a warning says
     why not. Waits for a build that :func:`prefetch` started."""
-    future, start = _build_future(module_fn, sizes)
-    if start:
-        _build(future, module_fn, sizes)
-    error = future.result()
+    while True:
+        future, start = _build_future(module_fn, sizes)
+        if start:
+            _build(future, module_fn, sizes)
+        error = future.result()
+        if not isinstance(error, _NotCompiled):  # else a prefetch left it: build it here
+            break
     if error is not None and _warn_once(module_fn, sizes):
         warnings.warn(f"learnopt: the native kernel {module_fn.__module__}.{module_fn.__name__}"
                       f"{sizes} is unavailable ({error!r}); using the XLA / torch path (the "
@@ -110,23 +113,31 @@ def builds(module_fn: Callable[..., ModuleType], *sizes) -> bool:
 
 
 def prefetch(module_fn: Callable[..., ModuleType], *sizes) -> None:
-    """Start building (or loading) ``module_fn(*sizes)`` on a background thread, if the kernel
-    is :func:`available` and not started yet; :func:`builds` waits for it.
+    """Start loading ``module_fn(*sizes)`` on a background thread, if the kernel is
+    :func:`available`, not started yet and compiled on this machine before; :func:`builds`
+    waits for it.
 
     Loading a kernel that numba has compiled before costs about a second of numba's start-up,
     once per process. The optimizers that use a kernel prefetch it when they are constructed,
     so that this overlaps with the work before their first traced step (building the task,
-    compiling its initialisation) instead of adding to it."""
+    compiling its initialisation) instead of adding to it. A kernel never compiled here is left
+    to its first use: an optimizer that is only constructed (a config check) must not cost a
+    6-12 s compile."""
     if not available():
         return
     future, start = _build_future(module_fn, sizes)
     if start:
-        threading.Thread(target=_build, args=(future, module_fn, sizes), daemon=True,
+        threading.Thread(target=_build, args=(future, module_fn, sizes, True), daemon=True,
                          name="learnopt-kernel-load").start()
 
 
 _BUILDS: dict[tuple, concurrent.futures.Future] = {}
 _WARNED: set[tuple] = set()
+_LOCAL = threading.local()  # cached_only: load() refuses to compile (a prefetch)
+
+
+class _NotCompiled(Exception):
+    """A prefetch found a kernel that was never compiled on this machine."""
 
 
 def _build_future(module_fn: Callable, sizes: tuple) -> tuple[concurrent.futures.Future, bool]:
@@ -139,13 +150,23 @@ def _build_future(module_fn: Callable, sizes: tuple) -> tuple[concurrent.futures
         return future, True
 
 
-def _build(future: concurrent.futures.Future, module_fn: Callable, sizes: tuple) -> None:
-    """Build the kernel module; the future's result is ``None``, or the error that stopped it."""
+def _build(future: concurrent.futures.Future, module_fn: Callable, sizes: tuple,
+           cached_only: bool = False) -> None:
+    """Build the kernel module; the future's result is ``None``, or the error that stopped it
+    (:class:`_NotCompiled`, with the future forgotten, if ``cached_only`` and it needs a
+    compile)."""
+    _LOCAL.cached_only = cached_only
     try:
         module_fn(*sizes)
         future.set_result(None)
+    except _NotCompiled as err:
+        with _BUILDS_LOCK:
+            _BUILDS.pop((module_fn, sizes), None)
+        future.set_result(err)
     except Exception as err:  # an unwritable cache directory, a numba that cannot compile
         future.set_result(err)
+    finally:
+        _LOCAL.cached_only = False
 
 
 def _warn_once(module_fn: Callable, sizes: tuple) -> bool:
@@ -975,6 +996,9 @@ def load(name: str, src: str) -> ModuleType:
     ``<name>_<hash of src>.py`` and imported once per process (numba compiles it once per
     machine, into its on-disk cache beside the file)."""
     digest = hashlib.sha256(src.encode()).hexdigest()[:12]
+    if (getattr(_LOCAL, "cached_only", False)
+            and not (kernel_dir() / f"{name}_{digest}.py").exists()):
+        raise _NotCompiled(name)
     return _load(f"{name}_{digest}", src)
 
 
