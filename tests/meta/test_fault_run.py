@@ -47,8 +47,16 @@ def test_three_kills_and_a_second_writer_reach_the_uninterrupted_theta(tmp_path)
     bench = _benchmark()
     plan = [{"kind": "step", "after_step": 12}, {"kind": "write", "after_step": 20},
             {"kind": "startup"}]
-    result = bench.fault_run(tmp_path, bench.FAST, kills=3, seed=1, plan=plan,
-                             second_writer_at=0, log=lambda line: None, writer_modes=(True,))
+    for attempt in range(2):
+        result = bench.fault_run(tmp_path / str(attempt), bench.FAST, kills=3, seed=1, plan=plan,
+                                 second_writer_at=0, log=lambda line: None,
+                                 writer_modes=(True,))
+        missed = [name for name, ok in result["checks"].items() if not ok]
+        if missed != ["at_least_min_kills"]:
+            break
+        # Every check of the runs passed, but a planned kill did not land before the tiny run
+        # ended: on a loaded machine the watcher can miss its moment (a write's temporary file
+        # lives for about 100 us). A miss of the harness, not of learnopt: run it once more.
     _assert_ok(result)
     kills = result["kill_log"]
     assert [k["planned"] for k in kills] == ["step", "write", "startup"]
