@@ -355,8 +355,9 @@ def _cmd_meta_eval(args) -> int:
     out = {"run": str(run), "steps": list(steps), "num_steps": args.steps, **result.to_dict()}
     atomic_write_json(run / "heldout.json", out)
     plot_heldout(run / "heldout.png", steps, result, f"{config.lopt}: held-out meta-loss")
-    for step, value in zip(steps, result.mean, strict=True):
-        print(f"  outer step {step:>7}: {value:.4f}")
+    for step, value, better in zip(steps, result.mean, result.tasks_improved, strict=True):
+        print(f"  outer step {step:>7}: {value:.4f}  (below step {steps[0]}'s loss on {better} "
+              f"of {len(result.tasks)} tasks)")
     print(f"wrote {run}/heldout.json, {run}/heldout.png")
     return 0
 

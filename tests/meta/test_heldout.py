@@ -42,3 +42,13 @@ def test_heldout_draws_at_the_given_time_scale(monkeypatch):
     assert at[10.0] == [source.draw(i, 10.0).task.name for i in range(6)]
     assert at[None] == [source.draw(i).task.name for i in range(6)]
     assert at[10.0] != at[None]  # a 10x budget lets other (larger) draws through
+
+
+def test_tasks_improved_counts_each_task_once_whatever_its_scale():
+    per_task = np.array([[6.0, 5.0, 6.5],
+                         [60.0, 70.0, 50.0],   # a task of a larger scale moves the mean most
+                         [3.0, 3.0, 2.0]])
+    result = heldout.HeldoutResult(per_task.mean(axis=0), per_task, ["a", "b", "c"], 0.0)
+    np.testing.assert_array_equal(result.tasks_improved, [0, 1, 2])
+    assert result.mean[1] > result.mean[0]  # the mean says worse; 1 of 3 tasks improved
+    assert result.to_dict()["tasks_improved_vs_first"] == [0, 1, 2]
