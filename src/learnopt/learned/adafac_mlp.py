@@ -162,7 +162,7 @@ def kernel_step(nn, time, decays, scales, p, g, m, rms, v_row, v_col, v_full, *,
                                factored=factored, features=features)
 
     if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
-        n = max(p.size, 1)
+        n = p.size  # > 0: empty tensors take the XLA path
         arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
                       m=jnp.reshape(m, (1, k, n)), rms=jnp.reshape(rms, (1, 1, n)),
                       va=jnp.reshape(v_full, (1, k, n)),

@@ -83,7 +83,7 @@ def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
     @common.differentiated_as(reference)
     def step(theta, time, decays, p, g, m):
         k, h = m.shape[0], theta["w0"].shape[1]
-        n = max(int(jnp.size(p)), 1)
+        n = int(jnp.size(p))  # > 0: empty tensors take the XLA path
         mlp = native.mlp_inputs(theta, hidden_layers, jnp.stack,
                                 lambda shape: jnp.zeros(shape, jnp.float32))
         arrays = {**{name: x[None] for name, x in mlp.items()}, "decays": decays[None],
@@ -136,8 +136,8 @@ class FcLOpt(LearnedOptimizer):
         self.exp_mult = exp_mult
         self.step_mult = step_mult
         self.momentum_decays = tuple(float(d) for d in decays)
-        if hidden_layers >= 1 and jax.default_backend() == "cpu":  # see native.prefetch
-            native.prefetch(native_fc_lopt.kernel_module, *self._kernel_sizes())
+        if (sizes := self._kernel_sizes()) is not None:  # see native.prefetch
+            native.prefetch(native_fc_lopt.kernel_module, *sizes)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, JSON-ready (``FcLOpt(**lopt.config())`` rebuilds it)."""
@@ -157,15 +157,19 @@ class FcLOpt(LearnedOptimizer):
     def init(self, key: jax.Array) -> MetaParams:
         return common.init_mlp(key, self.layer_sizes)
 
-    def _kernel_sizes(self) -> tuple[int, int, int, int]:
+    def _kernel_sizes(self) -> tuple[int, int, int, int] | None:
+        """The native kernel's sizes (:func:`native_fc_lopt.kernel_module`) where it is used:
+        at least one hidden layer and a CPU backend (elsewhere XLA runs the matmuls well)."""
+        if self.hidden_layers < 1 or jax.default_backend() != "cpu":
+            return None
         return (len(self.momentum_decays), self.hidden_size, self.hidden_layers,
                 len(common.TIME_SCALES))
 
     def _native(self) -> bool:
-        """Whether tensors are updated by the native CPU kernel: a CPU backend (elsewhere XLA
-        runs the matmuls well) and a kernel that builds (:func:`native_fc_lopt.ready`)."""
-        return (jax.default_backend() == "cpu"
-                and native_fc_lopt.ready(*self._kernel_sizes()))
+        """Whether tensors are updated by the native CPU kernel: where :meth:`_kernel_sizes`
+        allows and the kernel builds (:func:`native_fc_lopt.ready`)."""
+        sizes = self._kernel_sizes()
+        return sizes is not None and native_fc_lopt.ready(*sizes)
 
     def optimizer(self, theta: MetaParams, num_steps: int) -> optax.GradientTransformationExtraArgs:
         decays = jnp.asarray(self.momentum_decays, jnp.float32)

@@ -205,7 +205,7 @@ class TorchFcLOpt(TorchLearnedOptimizer):
         times: dict[int, np.ndarray] = {}
         updates, new_states = [], []
         for p, g, st in zip(params, grads, states, strict=True):
-            n = max(p.numel(), 1)
+            n = p.numel()  # > 0: the base class skips empty tensors
 
             def flat(x, *lead, n=n):  # float32, contiguous, (1, *lead, n) over x's memory
                 return x.detach().to(torch.float32).contiguous().view(1, *lead, n).numpy()
