@@ -4,6 +4,8 @@ optimizer steps, and closeness relative to each tensor's largest value."""
 from __future__ import annotations
 
 import contextlib
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +81,31 @@ def assert_meta_gradient_is_the_xla_paths(lopt_steps, theta, p, scale: float = 1
 
     got, expected = on_both_paths(jax.grad(loss), theta)
     assert_close(got, expected, atol=1e-5)
+
+
+def loop_copies(opt, params, count: int = 3, loss: bool = False) -> tuple[list[str], Any]:
+    """Train ``params`` for ``count`` steps of ``opt`` in one ``lax.scan`` (gradients and
+    ``loss`` as in :func:`steps`): the lines of the compiled loop body that copy a full-size
+    accumulator (an optimizer-state array of ``(k,) + shape`` for a parameter's ``shape`` of
+    rank >= 2), and the final ``(params, state)``."""
+    def body(carry, i):
+        p, s = carry
+        grads = jax.tree.map(lambda x: 0.1 * jnp.sin(x * (i + 1.0)), p)
+        extra = {"loss": 2.0 - i} if loss else {}
+        updates, s = opt.update(grads, s, p, **extra)
+        return (jax.tree.map(jnp.add, p, updates), s), None
+
+    steps_ = jnp.arange(count, dtype=jnp.float32)
+    run = jax.jit(lambda p: jax.lax.scan(body, (p, opt.init(p)), steps_)[0])
+    text = run.lower(params).compile().as_text()
+    shapes = {x.shape for x in jax.tree.leaves(opt.init(params))
+              if any(x.ndim == p.ndim + 1 and x.shape[1:] == p.shape and p.ndim >= 2
+                     for p in jax.tree.leaves(params))}
+    names = {"f32[" + ",".join(map(str, s)) + "]" for s in shapes}
+    assert names, "no full-size accumulator in the state"
+    body_name = re.search(r"while\(.*?body=%?([\w.\-]+)", text).group(1)
+    block = next(b for b in text.split("\n\n") if re.match(rf"\s*%?{re.escape(body_name)} ", b))
+    copies = [line.strip() for line in block.splitlines()
+              if re.search(r"= (f32\[[\d,]*\])\{[^}]*\} (copy|fusion)\(", line)
+              and re.search(r"= (f32\[[\d,]*\])", line).group(1) in names]
+    return copies, run(params)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_checks import kernel, steps
+from kernel_checks import kernel, loop_copies, steps
 
 from learnopt.learned import native
 from learnopt.learned.adafac_mlp import SmallFcLOpt
@@ -359,3 +359,20 @@ def test_thread_settings_are_checked(monkeypatch):
     arrays["g"] = arrays["g"].astype(np.float64)
     with pytest.raises(ValueError, match="kernel operand g must be C-contiguous float32"):
         native.numpy_call(3, 4, 2, 11, dims, arrays)
+
+
+def test_training_loop_updates_the_accumulators_in_place():
+    """In a jitted training loop the kernel writes the new momenta and rms over the loop's own
+    arrays: the compiled loop body copies no full-size accumulator (before the kernel wrote
+    them to new buffers that XLA copied into the loop state on every step), and the loop's
+    result is the XLA path's."""
+    lopt = SmallFcLOpt()
+    opt = lopt.optimizer(_theta(lopt, 7), 100)
+    params = {"w": jax.random.normal(jax.random.PRNGKey(4), (24, 40)),
+              "b": jax.random.normal(jax.random.PRNGKey(5), (40,))}
+    with kernel(True):
+        copies, got = loop_copies(opt, params)
+    assert copies == []
+    with kernel(False):
+        _, want = loop_copies(opt, params)
+    _assert_close(got, want, 2e-5)

@@ -11,6 +11,7 @@ from kernel_checks import (
     assert_close,
     assert_meta_gradient_is_the_xla_paths,
     kernel,
+    loop_copies,
     on_both_paths,
     params,
     steps,
@@ -141,3 +142,17 @@ def test_source_names_its_sizes_and_checks_them():
 def test_default_kernel_builds():
     """The kernel of the paper's sizes builds (a failure would only warn and fall back)."""
     assert native_fc_lopt.ready(6, 32, 2, T) and FcLOpt()._native()
+
+
+def test_training_loop_updates_the_momenta_in_place():
+    """In a jitted training loop the kernel writes the new momenta over the loop's own array:
+    the compiled loop body copies no full-size momentum, and the result is the XLA path's."""
+    lopt = FcLOpt()
+    opt = lopt.optimizer(lopt.init(jax.random.PRNGKey(3)), 100)
+    p = params(4, {"w": (24, 40), "b": (40,)})
+    with kernel(True):
+        copies, got = loop_copies(opt, p)
+    assert copies == []
+    with kernel(False):
+        _, want = loop_copies(opt, p)
+    assert_close(got, want, atol=2e-5)

@@ -11,6 +11,7 @@ from kernel_checks import (
     assert_close,
     assert_meta_gradient_is_the_xla_paths,
     kernel,
+    loop_copies,
     on_both_paths,
     params,
     steps,
@@ -66,3 +67,17 @@ def test_feature_sets():
     assert native.num_full_features(3, "velo") == native.num_full_features(3) + 2 == 18
     with pytest.raises(ValueError, match="features must be one of"):
         native.kernel_source(3, 4, 2, 0, True, "adam")
+
+
+def test_training_loop_updates_the_accumulators_in_place():
+    """In a jitted training loop the kernel writes the new momenta and rms over the loop's own
+    arrays: the compiled loop body copies no full-size accumulator, and the result is the XLA
+    path's."""
+    opt = LOPT.optimizer(_theta(5), 100)
+    p = params(6, {"w": (24, 40), "b": (40,)})
+    with kernel(True):
+        copies, got = loop_copies(opt, p, loss=True)
+    assert copies == []
+    with kernel(False):
+        _, want = loop_copies(opt, p, loss=True)
+    assert_close(got, want, atol=2e-5)

@@ -159,25 +159,34 @@ def kernel_step(nn, time, decays, scales, p, g, m, rms, v_row, v_col, v_full, *,
 
     def call(dims, factored):
         return native.xla_call(k, h, hidden_layers, time.shape[0], dims, arrays,
-                               factored=factored, features=features)
+                               factored=factored, features=features, in_place=in_place)
 
+    # The accumulators are updated in place and passed in their own shapes where their memory
+    # is already the kernel's layout, so that XLA does not copy them (native.batched_call).
+    in_place = ("m", "rms")
     if p.ndim < 2:  # one run over the flat tensor; v_full stands in for the factors
         n = p.size  # > 0: empty tensors take the XLA path
-        arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)),
-                      m=jnp.reshape(m, (1, k, n)), rms=jnp.reshape(rms, (1, 1, n)),
-                      va=jnp.reshape(v_full, (1, k, n)),
-                      vc=jnp.zeros((1, k, 1), jnp.float32), consts=consts(False))
+        in_place += ("va",)
+        arrays.update(p=jnp.reshape(p, (1, n)), g=jnp.reshape(g, (1, n)), m=m, rms=rms,
+                      va=v_full, vc=jnp.zeros((1, k, 1), jnp.float32), consts=consts(False))
         out = call((1, 1, 1, n), False)
-        return (jnp.reshape(out["update"], p.shape), jnp.reshape(out["m_out"], m.shape),
-                jnp.reshape(out["rms_out"], rms.shape), v_row, v_col,
-                jnp.reshape(out["va_out"], v_full.shape))
+        return (jnp.reshape(out["update"], p.shape), out["m_out"], out["rms_out"], v_row,
+                v_col, out["va_out"])
     d1, d0 = common.factored_dims(p.shape)
     lay = native.layout(p.shape, d1, d0)
+    own = lay.perm_full == tuple(range(p.ndim + 1))  # the kernel's layout as it is
+
+    def to_kernel(x):
+        return x if own else _to_kernel(x, lay.perm_full)
+
+    def from_kernel(x, like):
+        return x if own else _from_kernel(x, like, lay.perm_full)
+
     va, vc = (v_row, v_col) if lay.row_lacks_a else (v_col, v_row)
     arrays.update(
         p=_to_kernel(p[None], lay.perm_full)[:, 0],
         g=_to_kernel(g[None], lay.perm_full)[:, 0],
-        m=_to_kernel(m, lay.perm_full), rms=_to_kernel(rms, lay.perm_full),
+        m=to_kernel(m), rms=to_kernel(rms),
         va=_to_kernel(va, lay.perm_lack_a), vc=jnp.reshape(vc, (1, k, -1)),
         consts=consts(lay.row_lacks_a))
     out = call(lay.dims, True)
@@ -185,8 +194,8 @@ def kernel_step(nn, time, decays, scales, p, g, m, rms, v_row, v_col, v_full, *,
     vc = jnp.reshape(out["vc_out"][0], vc.shape)
     v_row, v_col = (va, vc) if lay.row_lacks_a else (vc, va)
     return (_from_kernel(out["update"], p[None], lay.perm_full)[0],
-            _from_kernel(out["m_out"], m, lay.perm_full),
-            _from_kernel(out["rms_out"], rms, lay.perm_full), v_row, v_col, v_full)
+            from_kernel(out["m_out"], m), from_kernel(out["rms_out"], rms), v_row, v_col,
+            v_full)
 
 
 @functools.cache

@@ -91,10 +91,10 @@ def _native_step(hidden_layers: int, exp_mult: float, step_mult: float):
                       [[exp_mult, step_mult, common.NORMALIZER_EPS, 0.0]], jnp.float32),
                   "p": jnp.reshape(jnp.asarray(p, jnp.float32), (1, n)),
                   "g": jnp.reshape(jnp.asarray(g, jnp.float32), (1, n)),
-                  "m": jnp.reshape(m, (1, k, n))}
+                  "m": m}  # in its own shape: updated in place (native.batched_call)
         out = native_fc_lopt.xla_call(k, h, hidden_layers, time.shape[0], arrays)
         update = jnp.reshape(out["update"], jnp.shape(p)).astype(jnp.asarray(p).dtype)
-        return update, jnp.reshape(out["m_out"], m.shape)
+        return update, out["m_out"]
 
     return step
 

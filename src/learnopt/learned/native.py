@@ -1153,44 +1153,64 @@ def register(name: str, module: ModuleType) -> str:
 
 @functools.cache
 def batched_call(target: str, out_shapes: tuple[tuple[int, ...], ...],
-                 dims: tuple[int, ...]):
+                 dims: tuple[int, ...], aliases: tuple[tuple[int, int], ...] = ()):
     """``f(*inputs) -> outputs``: the custom call ``target`` on arrays with one leading batch
     axis (``dims`` after the batch size is its ``dims`` operand; ``out_shapes`` the output
     shapes without the batch axis; all hashable, so that one function serves every trace),
     closed under ``vmap``: a vmapped call folds the new axis into the batch axis and calls
-    itself."""
+    itself.
+
+    ``aliases`` pairs ``(input, output)``: that output is written over that input's buffer
+    (the kernel reads each accumulator element before it writes it) and has the input's
+    shape. The batch size is the first input's leading axis; an aliased input may have any
+    shape of the same row-major memory, ``(batch, ...)`` or the tensor's own shape for a
+    batch of one, and is passed without a reshape. That matters in a loop: XLA updates a
+    loop-carried accumulator in place only when the call's operand is the carried array
+    itself; through a reshape it copied the accumulators before and after every call."""
     import jax
     import jax.numpy as jnp
+
+    out_of = dict(aliases)
 
     @jax.custom_batching.custom_vmap
     def call(*inputs):
         b = inputs[0].shape[0]
         outs = [jax.ShapeDtypeStruct((b,) + s, jnp.float32) for s in out_shapes]
-        return tuple(jax.ffi.ffi_call(target, outs)(jnp.asarray((b,) + dims, jnp.int32),
-                                                    *inputs))
+        for i, o in aliases:
+            outs[o] = jax.ShapeDtypeStruct(inputs[i].shape, jnp.float32)
+        return tuple(jax.ffi.ffi_call(target, outs, input_output_aliases={
+            i + 1: o for i, o in aliases})(jnp.asarray((b,) + dims, jnp.int32), *inputs))
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *inputs):
         flat = []
-        for x, batched in zip(inputs, in_batched, strict=True):
+        for i, (x, batched) in enumerate(zip(inputs, in_batched, strict=True)):
             if not batched:
                 x = jnp.broadcast_to(x, (axis_size,) + x.shape)
-            flat.append(jnp.reshape(x, (axis_size * x.shape[1],) + x.shape[2:]))
+            if i not in out_of:  # an aliased input's memory is already batch-major
+                x = jnp.reshape(x, (axis_size * x.shape[1],) + x.shape[2:])
+            flat.append(x)
         outs = call(*flat)
-        return (tuple(jnp.reshape(o, (axis_size, -1) + o.shape[1:]) for o in outs),
-                (True,) * len(outs))
+        aliased = set(out_of.values())
+        return (tuple(o if j in aliased else jnp.reshape(o, (axis_size, -1) + o.shape[1:])
+                      for j, o in enumerate(outs)), (True,) * len(outs))
 
     return call
 
 
 def xla_call(k: int, h: int, layers: int, num_time: int, dims, arrays: dict,
-             factored: bool = True, features: str = "small_fc_lopt") -> dict:
+             factored: bool = True, features: str = "small_fc_lopt",
+             in_place: Sequence[str] = ()) -> dict:
     """The kernel as one XLA CPU custom call on the named :data:`INPUTS` (each with a leading
-    batch axis); returns the named :data:`OUTPUTS`."""
+    batch axis); returns the named :data:`OUTPUTS`. Each accumulator named in ``in_place``
+    (of ``m``, ``rms``, ``va``, ``vc``) is updated in its input's buffer and returned in that
+    input's shape, which may be any shape of the same memory (:func:`batched_call`)."""
     target = register("learnopt_" + _kernel_name(k, h, layers, num_time, factored, features),
                       kernel_module(k, h, layers, num_time, factored, features))
     dims = tuple(int(d) for d in dims)
     shapes = _out_shapes(k, 1, dims)
-    call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims + (threads(),))
+    aliases = tuple((INPUTS.index(n), OUTPUTS.index(n + "_out")) for n in in_place)
+    call = batched_call(target, tuple(shapes[n][1:] for n in OUTPUTS), dims + (threads(),),
+                        aliases)
     outs = call(*(arrays[name] for name in INPUTS))
     return dict(zip(OUTPUTS, outs, strict=True))

@@ -234,10 +234,14 @@ def numpy_call(k: int, h: int, layers: int, num_time: int, arrays: dict,
 
 def xla_call(k: int, h: int, layers: int, num_time: int, arrays: dict) -> dict:
     """The kernel as one XLA CPU custom call on the named :data:`INPUTS` (each with a leading
-    batch axis; ``p`` and ``g`` ``(B, N)``); returns the named :data:`OUTPUTS`."""
+    batch axis; ``p`` and ``g`` ``(B, N)``); returns the named :data:`OUTPUTS`. ``m`` may have
+    any shape of the same memory (the momenta's own, so that XLA updates a loop-carried state
+    in place: :func:`native.batched_call`); ``m_out`` has its shape."""
     target = native.register(f"learnopt_fc_lopt_k{k}_h{h}_l{layers}_t{num_time}",
                              kernel_module(k, h, layers, num_time))
     n = int(arrays["p"].shape[1])
-    call = native.batched_call(target, ((n,), (k, n)), _dims(n) + (native.threads(),))
+    # the momenta are updated in place (the kernel reads each element before it writes it)
+    call = native.batched_call(target, ((n,), (k, n)), _dims(n) + (native.threads(),),
+                               ((INPUTS.index("m"), OUTPUTS.index("m_out")),))
     outs = call(*(arrays[name] for name in INPUTS))
     return dict(zip(OUTPUTS, outs, strict=True))
