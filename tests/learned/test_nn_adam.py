@@ -327,3 +327,54 @@ def test_bad_input_errors():
         opt.update(QPARAMS, opt.init(QPARAMS))
     with pytest.raises(ValueError, match="no array leaves"):
         opt.init({})
+
+
+def test_progress_features_by_hand():
+    """``progress_features=True``: the LSTM also reads tanh(10 (t / num_steps - s)) at the
+    step count t before each update (VeLO's offsets s). Three steps of the optimizer against
+    the same loop written out with the feature, LSTM and decoding functions; with the 9 new
+    input rows zeroed it is the paper's nn_adam with the same other weights."""
+    from learnopt.learned.velo import FRACTION_OFFSETS
+
+    lopt = NNAdam(progress_features=True, initial_learning_rate=1e-3)
+    assert lopt.num_features == 28 and lopt.num_meta_params() == 6856 + 9 * 128
+    theta = lopt.init(jax.random.PRNGKey(3))
+    theta["out"] = {"w": 0.5 * jax.random.normal(jax.random.PRNGKey(4), (32, 4)),
+                    "b": jnp.zeros(4)}
+    num_steps = 5
+    opt = lopt.optimizer(theta, num_steps)
+    state, params = opt.init(PARAMS), PARAMS
+    names = sorted(PARAMS)  # the leaf order of a dict
+    h = jnp.broadcast_to(theta["initial_state"]["h"], (len(names), 32))
+    c = jnp.broadcast_to(theta["initial_state"]["c"], (len(names), 32))
+    hp = jnp.broadcast_to(theta["initial_hparams"], (len(names), 4))
+    mus = {n: jnp.zeros_like(PARAMS[n]) for n in names}
+    nus = dict(mus)
+    for t in range(3):
+        g = jax.tree.map(lambda a, t=t: a[t], GRADS)
+        updates, state = opt.update(g, state, params)
+        frac = np.tanh(10.0 * (t / num_steps - np.asarray(FRACTION_OFFSETS)))
+        feats = jnp.stack([jnp.concatenate([
+            tensor_features(params[n], g[n], mus[n], nus[n], hp[i]), frac])
+            for i, n in enumerate(names)])
+        out, lstm = nn_adam.lstm_step(theta["lstm"], feats, nn_adam.LSTMState(h, c))
+        h, c = lstm.h, lstm.c
+        hp = nn_adam.clip_hparams(theta["initial_hparams"] + 0.01 * (out @ theta["out"]["w"]))
+        np.testing.assert_allclose(np.asarray(state.hparams), np.asarray(hp), rtol=1e-5,
+                                   atol=1e-6)
+        mus, nus = state.mu, state.nu  # Adam's accumulators: tested above
+        params = optax.apply_updates(params, updates)
+
+    # progress rows zeroed: the paper's nn_adam with the remaining weights
+    w = theta["lstm"]["w"]
+    zeroed = dict(theta, lstm={"w": w.at[19:28].set(0.0), "b": theta["lstm"]["b"]})
+    plain = NNAdam(initial_learning_rate=1e-3)
+    plain_theta = dict(zeroed, lstm={"w": jnp.concatenate([w[:19], w[28:]]),
+                                     "b": theta["lstm"]["b"]})
+    g = jax.tree.map(lambda a: a[0], GRADS)
+    a = lopt.optimizer(zeroed, num_steps)
+    b = plain.optimizer(plain_theta, num_steps)
+    ua, _ = a.update(g, a.init(PARAMS), PARAMS)
+    ub, _ = b.update(g, b.init(PARAMS), PARAMS)
+    for n in names:
+        np.testing.assert_allclose(np.asarray(ua[n]), np.asarray(ub[n]), rtol=1e-6)

@@ -156,7 +156,8 @@ def test_fc_lopt_random_theta():
              lambda ps: lt.TorchFcLOpt(ps, tn, STEPS, **lopt.config()))
 
 
-@pytest.mark.parametrize("config", [{}, {"output_mode": "increment", "step_rule": "released"}])
+@pytest.mark.parametrize("config", [{}, {"output_mode": "increment", "step_rule": "released"},
+                                    {"progress_features": True}])
 def test_nn_adam_random_theta(config):
     lopt = get_learned_optimizer("nn_adam", config)
     theta = lopt.init(jax.random.PRNGKey(11))

@@ -27,14 +27,17 @@ import optax
 
 from learnopt.learned import common
 from learnopt.learned.base import LearnedOptimizer, MetaParams
+from learnopt.learned.velo import FRACTION_OFFSETS, fraction_features
 
 OutputMode = Literal["absolute", "increment"]
 StepRule = Literal["adam", "released"]
 _MODES = ("absolute", "increment")
 _RULES = ("adam", "released")
 
-#: Number of per-tensor input features of nn_adam.
+#: Number of per-tensor input features of nn_adam (without the progress features).
 NUM_FEATURES = 19
+#: Number of progress features (``progress_features=True``): VeLO's training-fraction features.
+NUM_PROGRESS_FEATURES = len(FRACTION_OFFSETS)
 #: Bounds of the scaled hyperparameters (lr, beta1, beta2, eps) (the released code's).
 X_LOW = (0.1 * math.log(1e-8), -1.0, -1.0, 0.1 * math.log(1e-11))
 X_HIGH = (0.1 * math.log(1e3), 0.0, 0.0, 0.1 * math.log(1e4))
@@ -171,7 +174,7 @@ class NNAdamState(NamedTuple):
     debias: jax.Array  # [T, 2] bias corrections c1, c2 = 1 - prod(beta)
     lstm: LSTMState  # [T, lstm_size] each
     iteration: jax.Array  # int32 scalar
-    num_steps: jax.Array  # int32 scalar (stored, unused)
+    num_steps: jax.Array  # int32 scalar (read by the progress features only)
 
 
 class NNAdam(LearnedOptimizer):
@@ -186,6 +189,10 @@ class NNAdam(LearnedOptimizer):
       output_mode: ``"absolute"`` (default, paper) or ``"increment"`` (released code).
       step_rule: ``"adam"`` (default, Adam with bias correction) or ``"released"``.
       grad_clip: gradients are clipped to ``[-grad_clip, grad_clip]`` first (1000).
+      progress_features: also feed the LSTM the fraction of training done, as VeLO's 9
+        features ``tanh(10 (t / num_steps - s))`` (Metz et al. 2022, VeLO, arXiv:2211.09760,
+        App. B.3), so that it can set the hyperparameters by training progress (a learned
+        schedule). Off in the paper's nn_adam (docs/departures.md).
     """
 
     name = "nn_adam"
@@ -201,6 +208,7 @@ class NNAdam(LearnedOptimizer):
         output_mode: OutputMode = "absolute",
         step_rule: StepRule = "adam",
         grad_clip: float = 1000.0,
+        progress_features: bool = False,
     ):
         if output_mode not in _MODES:
             raise ValueError(f"output_mode must be one of {_MODES}; got {output_mode!r}")
@@ -221,6 +229,12 @@ class NNAdam(LearnedOptimizer):
         self.initial_beta1 = initial_beta1
         self.initial_beta2 = initial_beta2
         self.initial_epsilon = initial_epsilon
+        self.progress_features = bool(progress_features)
+
+    @property
+    def num_features(self) -> int:
+        """The LSTM's inputs per tensor: 19, and 9 more with ``progress_features``."""
+        return NUM_FEATURES + (NUM_PROGRESS_FEATURES if self.progress_features else 0)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments, JSON-ready (``NNAdam(**lopt.config())`` rebuilds it)."""
@@ -228,12 +242,12 @@ class NNAdam(LearnedOptimizer):
                 "initial_beta1": self.initial_beta1, "initial_beta2": self.initial_beta2,
                 "initial_epsilon": self.initial_epsilon, "output_scale": self.output_scale,
                 "output_mode": self.output_mode, "step_rule": self.step_rule,
-                "grad_clip": self.grad_clip}
+                "grad_clip": self.grad_clip, "progress_features": self.progress_features}
 
     def init(self, key: jax.Array) -> MetaParams:
         h = self.lstm_size
         return {
-            "lstm": lstm_init(key, NUM_FEATURES, h),
+            "lstm": lstm_init(key, self.num_features, h),
             "out": {"w": jnp.zeros((h, 4), jnp.float32), "b": jnp.zeros((4,), jnp.float32)},
             "initial_hparams": jnp.asarray(self.initial_hparams),
             "initial_state": {"h": jnp.zeros((h,), jnp.float32),
@@ -278,6 +292,10 @@ class NNAdam(LearnedOptimizer):
             feats = jnp.stack([tensor_features(p, g, m, v, state.hparams[i])
                                for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs,
                                                                     strict=True))])
+            if self.progress_features:  # the same for every tensor
+                progress = fraction_features(state.iteration, state.num_steps)
+                feats = jnp.concatenate(
+                    [feats, jnp.broadcast_to(progress, (feats.shape[0],) + progress.shape)], 1)
             out, lstm_state = lstm_step(theta["lstm"], feats, state.lstm)
             delta = self.output_scale * (
                 jnp.matmul(out, theta["out"]["w"], precision=jax.lax.Precision.HIGHEST)

@@ -32,6 +32,8 @@ from learnopt.torch.base import (
 )
 
 NUM_FEATURES = 19
+#: Offsets ``s`` of the progress features ``tanh(10 (t / num_steps - s))`` (VeLO's, App. B.3).
+FRACTION_OFFSETS = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 X_LOW = (0.1 * math.log(1e-8), -1.0, -1.0, 0.1 * math.log(1e-11))
 X_HIGH = (0.1 * math.log(1e3), 0.0, 0.0, 0.1 * math.log(1e4))
 
@@ -54,7 +56,8 @@ class TorchNNAdam(TorchLearnedOptimizer):
         as the JAX ``TorchNNAdam.init`` returns.
       num_steps: the training horizon (stored; must be >= 1).
       guard: ``None``/``False`` (bare), ``True`` or a dict of guard settings.
-      lstm_size, output_scale, output_mode, step_rule, grad_clip: as the JAX class's; the
+      lstm_size, output_scale, output_mode, step_rule, grad_clip, progress_features: as the
+        JAX class's; the
         ``initial_*`` hyperparameters are accepted for config compatibility (theta's
         ``initial_hparams`` holds them).
     """
@@ -77,6 +80,7 @@ class TorchNNAdam(TorchLearnedOptimizer):
         output_mode: str = "absolute",
         step_rule: str = "adam",
         grad_clip: float = 1000.0,
+        progress_features: bool = False,
     ):
         if output_mode not in ("absolute", "increment"):
             raise ValueError(f"output_mode must be 'absolute' or 'increment'; got {output_mode!r}")
@@ -87,7 +91,9 @@ class TorchNNAdam(TorchLearnedOptimizer):
         del initial_learning_rate, initial_beta1, initial_beta2, initial_epsilon
         h = lstm_size
         theta = to_tensor_tree(theta)
-        check_theta(theta, {"lstm": {"w": (NUM_FEATURES + h, 4 * h), "b": (4 * h,)},
+        self.progress_features = bool(progress_features)
+        n_in = NUM_FEATURES + (len(FRACTION_OFFSETS) if self.progress_features else 0)
+        check_theta(theta, {"lstm": {"w": (n_in + h, 4 * h), "b": (4 * h,)},
                             "out": {"w": (h, 4), "b": (4,)}, "initial_hparams": (4,),
                             "initial_state": {"h": (h,), "c": (h,)}}, self.name)
         self.theta = theta
@@ -103,7 +109,8 @@ class TorchNNAdam(TorchLearnedOptimizer):
             th = self._theta_on(device)
             self._device_theta[key] = dict(
                 th, low=torch.tensor(X_LOW, dtype=torch.float32, device=device),
-                high=torch.tensor(X_HIGH, dtype=torch.float32, device=device))
+                high=torch.tensor(X_HIGH, dtype=torch.float32, device=device),
+                offsets=torch.tensor(FRACTION_OFFSETS, dtype=torch.float32, device=device))
         return self._device_theta[key]
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,6 +131,9 @@ class TorchNNAdam(TorchLearnedOptimizer):
             x, flat = self._features_batched(params, grads, states, device)
         else:
             x, gs = self._features_reference(params, grads, states, device)
+        if self.progress_features:  # each tensor's steps so far over the horizon
+            frac = torch.stack([st["step"] for st in states]) / float(self.num_steps)
+            x = torch.cat([x, torch.tanh(10.0 * (frac[:, None] - c["offsets"]))], 1)
         h_prev = torch.stack([st["h"] for st in states])
         c_prev = torch.stack([st["c"] for st in states])
         z = torch.addmm(c["lstm"]["b"], torch.cat([x, h_prev], -1), c["lstm"]["w"])
